@@ -1,0 +1,66 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The collection's one exception type and its stable error codes.
+
+This module is private to the vmbackup.libvirt collection; it is not a public API.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+# Every code a module can return in ``error_code``. docs/error-codes.md documents each one;
+# tests/unit checks that the two lists agree.
+ERROR_CODES: dict[str, str] = {
+    "MISSING_DEPENDENCY": "a Python library or a command the module needs is not installed",
+    "LIBVIRT_UNAVAILABLE": "the libvirt daemon at `uri` cannot be reached or refused the call",
+    "VM_NOT_FOUND": "no domain has the given name or UUID",
+    "VM_LOCKED": "another run holds the VM's lock in this repository past `lock_timeout`",
+    "INVALID_NAME": "a name, UUID, disk target, period or set id is malformed",
+    "INVALID_ARGUMENT": "an option value is out of range or options contradict each other",
+    "PATH_ESCAPE": "a path is relative or contains `..`",
+    "UNSAFE_TARGET": "the repository is a symlink, is group/world writable, or is not a repository",
+    "TARGET_NOT_ACCESSIBLE": "QEMU (user libvirt-qemu) cannot reach the repository to write a live backup",
+    "TARGET_NO_SPACE": "the repository's file system has less free space than the backup needs",
+    "DISK_NOT_FOUND": "a disk named in `disks`/`exclude_disks` is not a disk of the VM",
+    "NO_DISKS": "after selection, the VM has no disk that can be backed up",
+    "BACKUP_JOB_ACTIVE": "a block job that is not ours runs on the VM",
+    "BACKUP_FAILED": "the hypervisor or qemu-img reported a failure while copying data",
+    "PARENT_CHECKPOINT_INVALID": "`mode: incremental` was asked for but no valid parent exists",
+    "TOPOLOGY_CHANGED": "`mode: incremental` was asked for but the VM's disks changed since the parent",
+    "VM_STOPPED_DURING_BACKUP": "the VM stopped while its backup job ran",
+    "QUIESCE_FAILED": "the guest agent could not freeze the guest's file systems",
+    "CHECKSUM_MISMATCH": "a file's sha256 differs from its manifest",
+    "SIZE_MISMATCH": "a file's size differs from its manifest",
+    "CHAIN_BROKEN": "a set's parent is missing or its manifest hash differs from what the child recorded",
+    "SET_NOT_FOUND": "no committed set matches",
+    "TARGET_VM_EXISTS": "a restore target domain already exists",
+    "TARGET_PATH_EXISTS": "a restore target file already exists",
+    "RETENTION_POLICY_EMPTY": "a retention policy would keep nothing",
+    "REPOSITORY_FORMAT": "the repository or a manifest has an unknown or unreadable format",
+    "IO_ERROR": "reading or writing the repository failed (disk full, permissions, I/O error)",
+}
+
+
+class VmBackupError(Exception):
+    """An expected failure: carries a stable ``error_code`` and a message for the operator.
+
+    ``details`` is merged into the module result, so a failure can still say what it found
+    (the set, the disk, the phase) in machine-readable form.
+    """
+
+    def __init__(self, error_code: str, msg: str, **details: t.Any) -> None:
+        if error_code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {error_code!r}")
+        super().__init__(msg)
+        self.error_code = error_code
+        self.msg = msg
+        self.details = details
+
+    def to_result(self) -> dict[str, t.Any]:
+        result = dict(self.details)
+        result.update(msg=self.msg, error_code=self.error_code)
+        return result

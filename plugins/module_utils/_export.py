@@ -1,0 +1,589 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The export backend: decide what backup to take (plan), then take and commit it (execute).
+
+This module is private to the vmbackup.libvirt collection; it is not a public API.
+
+``Exporter.run()`` observes (VM, disks, repository, parent), decides (type and reason), and
+only then acts, under one check-mode gate. Every side effect of a failed run is undone before
+the error propagates; a run killed outright leaves staging data and a checkpoint that the next
+run recognises (``run.json`` in the staging directory) and removes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import time
+import typing as t
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner
+
+COLLECTION_VERSION = "0.1.0"
+MIB = 1024 * 1024
+# Room kept free beyond the estimate: qcow2 metadata, side files, and the file system's own needs.
+SPACE_HEADROOM = 16 * MIB
+SPACE_FACTOR = 1.05
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass
+class ExportParams:
+    repository: str
+    name: str | None = None
+    uuid: str | None = None
+    mode: str = "auto"
+    uri: str = "qemu:///system"
+    disks: list[str] | None = None
+    exclude_disks: list[str] | None = None
+    period: str | None = None
+    lock_timeout: float = 60.0
+    allow_unsafe_permissions: bool = False
+    workers: int | None = None
+
+
+@dataclasses.dataclass
+class PlannedDisk:
+    disk: lv.Disk
+    method: str  # full | incremental | copy
+    virtual_size: int
+    allocated_bytes: int
+    estimated_bytes: int
+
+    def public(self) -> dict[str, t.Any]:
+        return {
+            "target": self.disk.target,
+            "source": self.disk.source,
+            "format": self.disk.driver_type,
+            "method": self.method,
+            "virtual_size": self.virtual_size,
+            "allocated_bytes": self.allocated_bytes,
+            "estimated_bytes": self.estimated_bytes,
+        }
+
+
+@dataclasses.dataclass
+class Plan:
+    set_type: str
+    reason: str
+    chain_id: str | None
+    seq: int
+    parent: dict[str, t.Any] | None  # set_id, manifest_sha256, checkpoint
+    checkpoint: str | None
+    disks: list[PlannedDisk]
+    skipped: list[dict[str, t.Any]]
+    all_targets: list[str]
+    estimated_bytes: int
+    vm_state: str
+
+    def public(self) -> dict[str, t.Any]:
+        return {
+            "type": self.set_type,
+            "reason": self.reason,
+            "chain_id": self.chain_id,
+            "parent": self.parent["set_id"] if self.parent else None,
+            "checkpoint": self.checkpoint,
+            "disks": [d.public() for d in self.disks],
+            "skipped_disks": self.skipped,
+            "estimated_bytes": self.estimated_bytes,
+        }
+
+
+def validate_params(p: ExportParams) -> str:
+    """Checks that need no I/O; returns the normalised repository path."""
+    path = repo_mod.validate_repository_path(p.repository)
+    if (p.name is None) == (p.uuid is None):
+        raise VmBackupError("INVALID_ARGUMENT", "give exactly one of name or uuid")
+    if p.name is not None and (not p.name or "\x00" in p.name):
+        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
+    if p.uuid is not None:
+        p.uuid = _manifest.normalize_uuid(p.uuid)
+    if p.mode not in ("auto", "full", "incremental"):
+        raise VmBackupError("INVALID_ARGUMENT", f"mode {p.mode!r} is not one of auto, full, incremental")
+    for target in (p.disks or []) + (p.exclude_disks or []):
+        _manifest.validate_target(target)
+    _manifest.validate_period(p.period)
+    if p.lock_timeout < 0:
+        raise VmBackupError("INVALID_ARGUMENT", "lock_timeout must be 0 or more seconds")
+    if p.workers is not None and p.workers < 1:
+        raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
+    return path
+
+
+class Exporter:
+    def __init__(self, params: ExportParams, run: Runner, qemu_img_path: str, check_mode: bool) -> None:
+        self.p = params
+        self.qemu_img = QemuImg(run, qemu_img_path)
+        self.check_mode = check_mode
+        self.warnings: list[str] = []
+        self.cleaned: list[str] = []
+
+    # ------------------------------------------------------------------ entry point
+    def run(self) -> dict[str, t.Any]:
+        started_mono = time.monotonic()
+        repo_path = validate_params(self.p)
+        conn = lv.connect(self.p.uri)
+        try:
+            dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
+            vm = {"name": dom.name(), "uuid": dom.UUIDString()}
+            repo_state = repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions)
+            repo = repo_mod.Repository(repo_path)
+
+            # Observe and decide before anything is written: bad input fails here, untouched.
+            done = self._period_match(repo, vm["uuid"])
+            if done is not None:
+                return self._unchanged_result(repo, vm, done, started_mono)
+            plan = self._plan(dom, repo, vm["uuid"])
+            self._check_space(plan, repo_state)
+            if plan.vm_state != "shutoff":
+                self._check_qemu_access(repo_path)
+            if self.check_mode:
+                return self._check_mode_result(repo, vm, plan, repo_state, started_mono)
+
+            # The one gate: everything below changes state.
+            repo.initialise()
+            repo.prepare_vm(vm["uuid"])
+            with VmLock(repo.lock_path(vm["uuid"]), self.p.lock_timeout, f"export {vm['uuid']}"):
+                self._clean_leftovers(dom, repo, vm["uuid"])
+                done = self._period_match(repo, vm["uuid"])
+                if done is not None:
+                    return self._unchanged_result(repo, vm, done, started_mono)
+                # Re-decide under the lock: another run may have committed a set meanwhile.
+                plan = self._plan(dom, repo, vm["uuid"])
+                self._check_space(plan, repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions))
+                if plan.vm_state != "shutoff":
+                    self._check_no_foreign_job(dom)
+                result = self._execute(dom, repo, vm, plan, started_mono)
+                self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
+            return result
+        finally:
+            try:
+                conn.close()
+            except Exception:  # pylint: disable=broad-except
+                pass
+
+    # ------------------------------------------------------------------ decide
+    def _period_match(self, repo: repo_mod.Repository, vm_uuid: str) -> dict[str, t.Any] | None:
+        if self.p.period is None:
+            return None
+        for set_id in reversed(repo.set_ids(vm_uuid)):
+            manifest, _sha = repo.read_manifest(vm_uuid, set_id)
+            if manifest.get("period") == self.p.period:
+                return manifest
+        return None
+
+    def _select_disks(self, disks: list[lv.Disk]) -> tuple[list[lv.Disk], list[dict[str, t.Any]]]:
+        by_target = {d.target: d for d in disks}
+        for target in (self.p.disks or []) + (self.p.exclude_disks or []):
+            if target not in by_target:
+                raise VmBackupError(
+                    "DISK_NOT_FOUND", f"disk {target!r} is not a disk of the VM (it has: {', '.join(sorted(by_target))})"
+                )
+        selected, skipped = [], []
+        for disk in disks:
+            reason = disk.skip_reason()
+            if reason is None and self.p.disks and disk.target not in self.p.disks:
+                reason = "not in disks"
+            if reason is None and disk.target in (self.p.exclude_disks or []):
+                reason = "in exclude_disks"
+            if reason is None:
+                lv_target = _manifest.validate_target(disk.target)
+                selected.append(by_target[lv_target])
+            else:
+                skipped.append({"target": disk.target, "device": disk.device, "source": disk.source, "reason": reason})
+        if not selected:
+            raise VmBackupError("NO_DISKS", "the VM has no disk to back up after selection", skipped_disks=skipped)
+        return selected, skipped
+
+    def _plan(self, dom, repo: repo_mod.Repository, vm_uuid: str) -> Plan:
+        active = lv.is_active(dom)
+        state = lv.domain_state(dom)
+        disks = lv.parse_disks(lv.domain_xml(dom, inactive=not active))
+        selected, skipped = self._select_disks(disks)
+        sizes = {}
+        for disk in selected:
+            chain = self.qemu_img.info_chain(disk.source, disk.driver_type, force_share=active)
+            sizes[disk.target] = (int(chain[0]["virtual-size"]), sum(int(i.get("actual-size", 0)) for i in chain))
+
+        def planned(disk: lv.Disk, method: str, dirty: dict[str, int] | None = None) -> PlannedDisk:
+            virtual, allocated = sizes[disk.target]
+            estimate = dirty.get(disk.target, allocated) if (dirty is not None and method == "incremental") else allocated
+            return PlannedDisk(disk, method, virtual, allocated, estimate)
+
+        def finish(set_type, reason, chain_id, seq, parent, pdisks) -> Plan:
+            checkpoint = _manifest.checkpoint_name(chain_id, seq) if chain_id else None
+            return Plan(
+                set_type=set_type, reason=reason, chain_id=chain_id, seq=seq, parent=parent, checkpoint=checkpoint,
+                disks=pdisks, skipped=skipped, all_targets=[d.target for d in disks],
+                estimated_bytes=sum(d.estimated_bytes for d in pdisks), vm_state=state,
+            )
+
+        if not active:
+            if self.p.mode == "incremental":
+                raise VmBackupError(
+                    "PARENT_CHECKPOINT_INVALID",
+                    "mode=incremental needs a running VM (libvirt keeps no dirty bitmap for a shut-off VM); "
+                    "use mode=auto or full to take a copy",
+                )
+            return finish("copy", "the VM is shut off: a full copy without checkpoint", None, 0, None,
+                          [planned(d, "copy") for d in selected])
+
+        checkpointable = [d for d in selected if d.checkpointable]
+        if not checkpointable:
+            # Nothing can carry a bitmap (all raw): every run is a full without checkpoint chain.
+            if self.p.mode == "incremental":
+                raise VmBackupError("PARENT_CHECKPOINT_INVALID", "no selected disk is qcow2, so no incremental backup is possible")
+            return finish("full", "no selected disk is qcow2: full data every run", None, 0, None,
+                          [planned(d, "full") for d in selected])
+
+        parent, why_not = (None, "mode=full was requested") if self.p.mode == "full" else self._find_parent(dom, repo, vm_uuid, selected, sizes)
+        if parent is None:
+            if self.p.mode == "incremental":
+                code = "TOPOLOGY_CHANGED" if why_not.startswith("the disks changed") else "PARENT_CHECKPOINT_INVALID"
+                raise VmBackupError(code, f"mode=incremental but no valid parent: {why_not}")
+            chain_id = _manifest.new_chain_id()
+            reason = "full: " + why_not
+            return finish("full", reason, chain_id, 0, None, [planned(d, "full") for d in selected])
+
+        dirty = lv.checkpoint_dirty_bytes(dom, parent["checkpoint"])
+        pdisks = [planned(d, "incremental" if d.checkpointable else "full", dirty) for d in selected]
+        reason = f"incremental: valid parent {parent['set_id']} (checkpoint {parent['checkpoint']})"
+        return finish("incremental", reason, parent["chain_id"], parent["seq"] + 1,
+                      {k: parent[k] for k in ("set_id", "manifest_sha256", "checkpoint")}, pdisks)
+
+    def _find_parent(self, dom, repo, vm_uuid, selected, sizes) -> tuple[dict[str, t.Any] | None, str]:
+        """The newest committed set if it can be this run's parent, else (None, why not)."""
+        ids = repo.set_ids(vm_uuid)
+        if not ids:
+            return None, "no committed set of this VM in the repository"
+        set_id = ids[-1]
+        manifest, sha = repo.read_manifest(vm_uuid, set_id)
+        if manifest["type"] == "copy" or not manifest.get("checkpoint"):
+            return None, f"the last set {set_id} is a {manifest['type']} without checkpoint"
+        sidecar = repo.read_verify_sidecar(vm_uuid, set_id)
+        if sidecar is not None and sidecar.get("outcome") != "ok":
+            return None, f"the last verify of set {set_id} did not pass ({sidecar.get('outcome')})"
+        checkpoint = manifest["checkpoint"]
+        parsed = _manifest.parse_checkpoint_name(checkpoint)
+        if parsed is None:
+            return None, f"set {set_id} names no checkpoint of this collection"
+        old = {d["target"]: d for d in manifest["disks"]}
+        new = {d.target: d for d in selected}
+        if set(old) != set(new):
+            return None, f"the disks changed since set {set_id} ({sorted(old)} -> {sorted(new)})"
+        for target, disk in new.items():
+            if old[target].get("virtual_size") != sizes[target][0]:
+                return None, f"the disks changed since set {set_id}: {target} was resized"
+            if (old[target]["method"] == "incremental" or disk.checkpointable) and old[target].get("format") != disk.driver_type:
+                return None, f"the disks changed since set {set_id}: {target} format changed"
+        if lv.lookup_checkpoint(dom, checkpoint) is None:
+            xml_path = os.path.join(repo.set_dir(vm_uuid, set_id), "checkpoint.xml")
+            restored = False
+            if os.path.isfile(xml_path) and not self.check_mode:
+                with open(xml_path, encoding="utf-8") as fh:
+                    restored = lv.redefine_checkpoint(dom, fh.read())
+                if restored:
+                    self.warnings.append(f"checkpoint {checkpoint} was missing from libvirt and was redefined from set {set_id}")
+            if not restored and not (self.check_mode and os.path.isfile(xml_path)):
+                return None, f"checkpoint {checkpoint} of set {set_id} no longer exists in libvirt"
+        else:
+            bitmaps = lv.checkpoint_bitmap_disks(dom, checkpoint) or set()
+            wanted = {d.target for d in selected if d.checkpointable}
+            if bitmaps != wanted:
+                return None, f"the disks changed since set {set_id}: checkpoint covers {sorted(bitmaps)}, now {sorted(wanted)}"
+        return {
+            "set_id": set_id,
+            "manifest_sha256": sha,
+            "checkpoint": checkpoint,
+            "chain_id": manifest["chain_id"],
+            "seq": parsed[1],
+        }, ""
+
+    def _check_space(self, plan: Plan, repo_state: repo_mod.RepoState) -> None:
+        need = int(plan.estimated_bytes * SPACE_FACTOR) + SPACE_HEADROOM
+        if repo_state.free_bytes < need:
+            raise VmBackupError(
+                "TARGET_NO_SPACE",
+                f"repository {repo_state.path} has {repo_state.free_bytes // MIB} MiB free, the backup needs about "
+                f"{need // MIB} MiB ({plan.set_type}, {plan.estimated_bytes} bytes allocated)",
+                free_bytes=repo_state.free_bytes,
+                needed_bytes=need,
+            )
+
+    def _check_qemu_access(self, repo_path: str) -> None:
+        blocked = repo_mod.qemu_can_traverse(repo_path)
+        if blocked:
+            raise VmBackupError(
+                "TARGET_NOT_ACCESSIBLE",
+                f"{blocked} is not traversable by others (no o+x), so QEMU (libvirt-qemu) cannot write the live "
+                "backup into the repository; chmod o+x that directory or choose another repository",
+            )
+
+    def _check_no_foreign_job(self, dom) -> None:
+        job = lv.active_job(dom)
+        if job is not None:
+            raise VmBackupError(
+                "BACKUP_JOB_ACTIVE",
+                "another job (not this repository's) is running on the VM; retry when it has finished",
+                job={k: v for k, v in job.items() if isinstance(v, (int, str))},
+            )
+
+    # ------------------------------------------------------------------ clean up earlier runs
+    def _clean_leftovers(self, dom, repo: repo_mod.Repository, vm_uuid: str) -> None:
+        """Undo what an interrupted run left: its job, its checkpoint, its staging directory."""
+        leftovers = repo.leftovers(vm_uuid)
+        if not leftovers:
+            return
+        staging_root = repo.staging_root(vm_uuid) + "/"
+        targets = lv.backup_targets(dom) if lv.is_active(dom) else None
+        if targets and all(path.startswith(staging_root) for path in targets):
+            lv.abort_job(dom)
+            self.cleaned.append("aborted the backup job of an interrupted run")
+        for path in leftovers:
+            run_file = os.path.join(path, RUN_FILE)
+            try:
+                with open(run_file, encoding="utf-8") as fh:
+                    checkpoint = json.load(fh).get("checkpoint")
+            except (OSError, ValueError):
+                checkpoint = None
+            if checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint):
+                error = lv.delete_checkpoint(dom, checkpoint)
+                if error:
+                    self.warnings.append(f"could not delete checkpoint {checkpoint} of an interrupted run: {error}")
+                else:
+                    self.cleaned.append(f"deleted checkpoint {checkpoint} of an interrupted run")
+        for path in repo.remove_leftovers(vm_uuid):
+            self.cleaned.append(f"removed incomplete set {path}")
+
+    def _retire_checkpoints(self, dom, repo: repo_mod.Repository, vm_uuid: str, keep: str | None) -> None:
+        """Delete this repository's checkpoints that no future run can use: each is a live
+        dirty bitmap QEMU updates on every guest write. Other repositories' and foreign
+        checkpoints (other chain ids or names) are never touched."""
+        ours = set()
+        for set_id in repo.set_ids(vm_uuid):
+            try:
+                manifest, _sha = repo.read_manifest(vm_uuid, set_id)
+            except VmBackupError:
+                continue
+            if manifest.get("chain_id"):
+                ours.add(manifest["chain_id"])
+        for name in lv.checkpoint_names(dom):
+            parsed = _manifest.parse_checkpoint_name(name)
+            if parsed is None or parsed[0] not in ours or name == keep:
+                continue
+            error = lv.delete_checkpoint(dom, name)
+            if error:
+                self.warnings.append(f"could not delete old checkpoint {name}: {error}")
+
+    # ------------------------------------------------------------------ act
+    def _execute(self, dom, repo: repo_mod.Repository, vm: dict[str, str], plan: Plan, started_mono: float) -> dict[str, t.Any]:
+        started = _manifest.utcnow()
+        set_id = _manifest.new_set_id(started, repo.all_ids(vm["uuid"]))
+        staging = repo.create_staging(vm["uuid"], set_id)
+        job_started = False
+        try:
+            repo_mod.write_file_atomic(
+                os.path.join(staging, RUN_FILE),
+                _manifest.dumps({"set_id": set_id, "checkpoint": plan.checkpoint, "pid": os.getpid(), "started": _manifest.iso(started)}),
+            )
+            files: dict[str, str] = {}  # relative path -> role
+            per_disk_file = {d.disk.target: f"disks/{d.disk.target}.qcow2" for d in plan.disks}
+            copy_started = time.monotonic()
+            if plan.set_type == "copy":
+                for pd in plan.disks:
+                    self.qemu_img.convert(pd.disk.source, pd.disk.driver_type, os.path.join(staging, per_disk_file[pd.disk.target]))
+                job_stats: dict[str, t.Any] = {}
+            else:
+                targets = {pd.disk.target: os.path.join(staging, per_disk_file[pd.disk.target]) for pd in plan.disks}
+                skip = [tg for tg in plan.all_targets if tg not in targets and tg in self._disk_targets(plan)]
+                cxml = None
+                if plan.checkpoint:
+                    cxml = lv.checkpoint_xml(plan.checkpoint, [pd.disk.target for pd in plan.disks if pd.disk.checkpointable],
+                                             list(targets) + skip)
+                bxml = lv.backup_xml(targets, skip, plan.parent["checkpoint"] if plan.parent else None,
+                                     [pd.disk.target for pd in plan.disks if pd.method == "full"])
+                job_started = True
+                lv.begin_backup(dom, bxml, cxml)
+                job_stats = lv.wait_backup(dom)
+                job_started = False
+                for pd in plan.disks:
+                    if pd.method == "incremental":
+                        self.qemu_img.drop_backing_reference(targets[pd.disk.target])
+                if plan.checkpoint:
+                    cp = lv.lookup_checkpoint(dom, plan.checkpoint)
+                    if cp is None:
+                        raise VmBackupError("BACKUP_FAILED", f"checkpoint {plan.checkpoint} vanished after the backup job")
+                    self._write_side(staging, "checkpoint.xml", cp.getXMLDesc(0).encode("utf-8"))
+                    files["checkpoint.xml"] = "checkpoint_xml"
+            copy_seconds = time.monotonic() - copy_started
+            self._write_side(staging, "domain.xml", lv.domain_xml(dom, inactive=True).encode("utf-8"))
+            files["domain.xml"] = "domain_xml"
+            if lv.is_active(dom):
+                self._write_side(staging, "domain-live.xml", lv.domain_xml(dom, inactive=False).encode("utf-8"))
+                files["domain-live.xml"] = "domain_live_xml"
+            files.update(self._copy_firmware(dom, staging, vm["uuid"]))
+            for rel in per_disk_file.values():
+                files[rel] = "disk"
+            hashes = self._hash_all(staging, list(files))
+            completed = _manifest.utcnow()
+            duration = time.monotonic() - started_mono
+            data_bytes = sum(hashes[per_disk_file[pd.disk.target]][1] for pd in plan.disks)
+            total_bytes = sum(size for _sha, size in hashes.values())
+            disks_out = []
+            for pd in plan.disks:
+                rel = per_disk_file[pd.disk.target]
+                entry = pd.public()
+                entry.pop("estimated_bytes")
+                entry.update(file=rel, size=hashes[rel][1], sha256=hashes[rel][0])
+                disks_out.append(entry)
+            manifest = _manifest.build_manifest(
+                set_id=set_id, vm_uuid=vm["uuid"], vm_name=vm["name"], host=socket.gethostname(),
+                started=started, completed=completed, set_type=plan.set_type, chain_id=plan.chain_id,
+                parent={"set_id": plan.parent["set_id"], "manifest_sha256": plan.parent["manifest_sha256"]} if plan.parent else None,
+                checkpoint=plan.checkpoint, consistency="crash", period=self.p.period, disks=disks_out,
+                skipped_disks=plan.skipped,
+                files={rel: {"size": hashes[rel][1], "sha256": hashes[rel][0], "role": role} for rel, role in files.items()},
+                tool={"name": "vmbackup.libvirt", "version": COLLECTION_VERSION, "qemu_img": self.qemu_img.version()},
+                stats={"duration_s": round(duration, 3), "copy_s": round(copy_seconds, 3), "bytes_written": total_bytes,
+                       "data_bytes": data_bytes, "job_data_processed": int(job_stats.get("data_processed", 0) or 0)},
+            )
+            os.unlink(os.path.join(staging, RUN_FILE))
+            final = repo.commit(vm["uuid"], set_id, staging, manifest)
+        except BaseException:
+            # Undo this run (failure contract): job, checkpoint, staging data. Then re-raise.
+            if job_started or lv.backup_targets(dom):
+                lv.abort_job(dom)
+            if plan.checkpoint:
+                error = lv.delete_checkpoint(dom, plan.checkpoint)
+                if error:
+                    self.warnings.append(f"could not delete checkpoint {plan.checkpoint} of the failed run: {error}")
+            if os.path.isdir(staging):
+                repo_mod.remove_tree(staging)
+            raise
+        duration = time.monotonic() - started_mono
+        return {
+            "changed": True,
+            "msg": f"{plan.set_type} backup {set_id} of {vm['name']} committed: {total_bytes} bytes in {duration:.1f}s",
+            "set_id": set_id,
+            "type": plan.set_type,
+            "reason": plan.reason,
+            "chain_id": plan.chain_id,
+            "parent": plan.parent["set_id"] if plan.parent else None,
+            "checkpoint": plan.checkpoint,
+            "disks": [{k: d[k] for k in ("target", "method", "format", "virtual_size", "allocated_bytes", "file", "size")} | {"bytes": d["size"]} for d in disks_out],
+            "skipped_disks": plan.skipped,
+            "bytes_written": total_bytes,
+            "data_bytes": data_bytes,
+            "duration_s": round(duration, 3),
+            "throughput_mib_s": round(data_bytes / MIB / copy_seconds, 1) if copy_seconds > 0 else None,
+            "repository_path": final,
+            "vm": dict(vm, state=plan.vm_state),
+            "period": self.p.period,
+            "cleaned_up": self.cleaned,
+        }
+
+    @staticmethod
+    def _disk_targets(plan: Plan) -> set[str]:
+        # Only real disks may be named in <domainbackup>; cdroms and empty drives may not.
+        return {s["target"] for s in plan.skipped if s["device"] in ("disk", "lun") and s["source"]}
+
+    @staticmethod
+    def _write_side(staging: str, rel: str, data: bytes) -> None:
+        repo_mod.write_file_atomic(os.path.join(staging, rel), data)
+
+    def _copy_firmware(self, dom, staging: str, vm_uuid: str) -> dict[str, str]:
+        files = {}
+        xml = lv.domain_xml(dom, inactive=True)
+        nvram = lv.nvram_path(xml)
+        if nvram and os.path.isfile(nvram):
+            dst = os.path.join(staging, "nvram.fd")
+            shutil.copyfile(nvram, dst)
+            os.chmod(dst, repo_mod.FILE_MODE)
+            files["nvram.fd"] = "nvram"
+        tpm_dir = f"/var/lib/libvirt/swtpm/{vm_uuid}"
+        if lv.has_tpm(xml) and os.path.isdir(tpm_dir):
+            for root, _dirs, names in os.walk(tpm_dir):
+                for name in names:
+                    src = os.path.join(root, name)
+                    rel = os.path.join("tpm", os.path.relpath(src, tpm_dir))
+                    os.makedirs(os.path.dirname(os.path.join(staging, rel)), repo_mod.DIR_MODE_PRIVATE, exist_ok=True)
+                    shutil.copyfile(src, os.path.join(staging, rel))
+                    files[rel] = "tpm"
+        return files
+
+    def _hash_all(self, staging: str, rels: list[str]) -> dict[str, tuple[str, int]]:
+        """fsync and sha256 every file of the set, disks in parallel (hashlib drops the GIL)."""
+        workers = self.p.workers or os.cpu_count() or 1
+
+        def one(rel: str) -> tuple[str, tuple[str, int]]:
+            path = os.path.join(staging, rel)
+            os.chmod(path, repo_mod.FILE_MODE)
+            repo_mod.fsync_file(path)
+            return rel, repo_mod.sha256_file(path)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            return dict(pool.map(one, rels))
+
+    # ------------------------------------------------------------------ results without a new set
+    def _unchanged_result(self, repo, vm, manifest: dict[str, t.Any], started_mono: float) -> dict[str, t.Any]:
+        set_id = manifest["set_id"]
+        return {
+            "changed": False,
+            "msg": f"set {set_id} of period {self.p.period} already exists; nothing to do",
+            "set_id": set_id,
+            "type": manifest["type"],
+            "reason": f"a committed set of period {self.p.period} exists",
+            "chain_id": manifest.get("chain_id"),
+            "parent": (manifest.get("parent") or {}).get("set_id"),
+            "checkpoint": manifest.get("checkpoint"),
+            "disks": [{"target": d["target"], "method": d["method"], "format": d.get("format"), "virtual_size": d.get("virtual_size"),
+                       "allocated_bytes": d.get("allocated_bytes"), "file": d["file"], "size": d["size"], "bytes": d["size"]}
+                      for d in manifest["disks"]],
+            "skipped_disks": manifest.get("skipped_disks", []),
+            "bytes_written": 0,
+            "data_bytes": 0,
+            "duration_s": round(time.monotonic() - started_mono, 3),
+            "throughput_mib_s": None,
+            "repository_path": repo.set_dir(vm["uuid"], set_id),
+            "vm": vm,
+            "period": self.p.period,
+            "cleaned_up": self.cleaned,
+        }
+
+    def _check_mode_result(self, repo, vm, plan: Plan, repo_state, started_mono: float) -> dict[str, t.Any]:
+        leftovers = repo.leftovers(vm["uuid"]) if repo_state.exists else []
+        would = plan.public()
+        return {
+            "changed": True,
+            "msg": f"would take a {plan.set_type} backup of {vm['name']} ({plan.estimated_bytes} bytes estimated): {plan.reason}",
+            "set_id": None,
+            "type": plan.set_type,
+            "reason": plan.reason,
+            "chain_id": plan.chain_id,
+            "parent": would["parent"],
+            "checkpoint": plan.checkpoint,
+            "disks": [dict(d, bytes=d["estimated_bytes"]) for d in would["disks"]],
+            "skipped_disks": plan.skipped,
+            "estimated_bytes": plan.estimated_bytes,
+            "bytes_written": 0,
+            "data_bytes": 0,
+            "duration_s": round(time.monotonic() - started_mono, 3),
+            "throughput_mib_s": None,
+            "repository_path": None,
+            "vm": dict(vm, state=plan.vm_state),
+            "period": self.p.period,
+            "cleaned_up": [],
+            "would_clean_up": leftovers,
+        }

@@ -1,0 +1,305 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""libvirt access: connection, domain lookup, disk inventory, backup jobs and checkpoints.
+
+This module is private to the vmbackup.libvirt collection; it is not a public API.
+Only the libvirt API is used (never virsh), and a VM's name is only ever passed to libvirt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing as t
+import xml.etree.ElementTree as ET
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+
+# libvirt constants by value, so this module imports without the binding (unit tests, docs).
+DOMAIN_RUNNING_STATES = {1, 2, 3, 7}  # running, blocked, paused, pmsuspended
+STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed", 7: "pmsuspended"}
+JOB_NONE, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED = 0, 3, 4, 5
+JOB_OPERATION_BACKUP = 9
+
+
+@dataclasses.dataclass
+class Disk:
+    """One <disk> of a domain, as this collection sees it."""
+
+    target: str
+    device: str  # disk | cdrom | floppy | lun
+    source_type: str  # file | block | network | volume | ...
+    source: str | None
+    driver_type: str | None  # qcow2 | raw | ...
+    readonly: bool
+    alias: str | None
+
+    @property
+    def checkpointable(self) -> bool:
+        # Dirty bitmaps live inside qcow2 images; raw disks cannot carry a checkpoint.
+        return self.driver_type == "qcow2"
+
+    def skip_reason(self) -> str | None:
+        """Why this disk is never backed up, or None when it is a candidate."""
+        if self.device in ("cdrom", "floppy"):
+            return f"{self.device} device"
+        if self.readonly:
+            return "read-only disk"
+        if self.source is None:
+            return "no source (empty drive)"
+        if self.source_type not in ("file", "block"):
+            return f"source type {self.source_type!r} is not supported yet"
+        return None
+
+
+def connect(uri: str):
+    """Open a libvirt connection or raise LIBVIRT_UNAVAILABLE."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("LIBVIRT_UNAVAILABLE", f"cannot connect to libvirt at {uri}: {exc.get_error_message()}", uri=uri) from None
+    if conn is None:  # pragma: no cover - old bindings returned None
+        raise VmBackupError("LIBVIRT_UNAVAILABLE", f"cannot connect to libvirt at {uri}", uri=uri)
+    return conn
+
+
+def lookup_domain(conn, name: str | None = None, vm_uuid: str | None = None):
+    """Find a domain by exact name or UUID. The name is passed to libvirt only, never to a path."""
+    try:
+        if vm_uuid is not None:
+            return conn.lookupByUUIDString(_manifest.normalize_uuid(vm_uuid))
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            what = f"UUID {vm_uuid}" if vm_uuid is not None else f"name {name!r}"
+            raise VmBackupError("VM_NOT_FOUND", f"no VM with {what} on {conn.getURI()}") from None
+        raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed to look up the VM: {exc.get_error_message()}") from None
+
+
+def domain_state(dom) -> str:
+    state, _reason = dom.state()
+    return STATE_NAMES.get(state, str(state))
+
+
+def is_active(dom) -> bool:
+    return bool(dom.isActive())
+
+
+def domain_xml(dom, inactive: bool) -> str:
+    flags = libvirt.VIR_DOMAIN_XML_SECURE
+    if inactive:
+        flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
+    return dom.XMLDesc(flags)
+
+
+def parse_disks(xml: str) -> list[Disk]:
+    root = ET.fromstring(xml)
+    disks = []
+    for el in root.findall("./devices/disk"):
+        target_el = el.find("target")
+        if target_el is None or not target_el.get("dev"):
+            continue
+        source_el = el.find("source")
+        source = None
+        if source_el is not None:
+            source = source_el.get("file") or source_el.get("dev") or source_el.get("name") or source_el.get("volume")
+        driver_el = el.find("driver")
+        alias_el = el.find("alias")
+        disks.append(
+            Disk(
+                target=target_el.get("dev"),
+                device=el.get("device", "disk"),
+                source_type=el.get("type", "file"),
+                source=source,
+                driver_type=driver_el.get("type") if driver_el is not None else None,
+                readonly=el.find("readonly") is not None,
+                alias=alias_el.get("name") if alias_el is not None else None,
+            )
+        )
+    return disks
+
+
+def nvram_path(xml: str) -> str | None:
+    el = ET.fromstring(xml).find("./os/nvram")
+    if el is not None and el.text and el.text.strip():
+        return el.text.strip()
+    return None
+
+
+def has_tpm(xml: str) -> bool:
+    return ET.fromstring(xml).find("./devices/tpm") is not None
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_names(dom) -> list[str]:
+    return [cp.getName() for cp in dom.listAllCheckpoints(0)]
+
+
+def lookup_checkpoint(dom, name: str):
+    try:
+        return dom.checkpointLookupByName(name, 0)
+    except libvirt.libvirtError:
+        return None
+
+
+def checkpoint_dirty_bytes(dom, name: str) -> dict[str, int] | None:
+    """Bytes changed per disk since checkpoint ``name`` (libvirt's size report), None if unknown."""
+    cp = lookup_checkpoint(dom, name)
+    if cp is None:
+        return None
+    try:
+        xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+    except libvirt.libvirtError:
+        return None
+    sizes = {}
+    for el in ET.fromstring(xml).findall("./disks/disk"):
+        if el.get("checkpoint") == "bitmap" and el.get("size") is not None:
+            sizes[el.get("name")] = int(el.get("size"))
+    return sizes
+
+
+def checkpoint_bitmap_disks(dom, name: str) -> set[str] | None:
+    cp = lookup_checkpoint(dom, name)
+    if cp is None:
+        return None
+    xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+    return {el.get("name") for el in ET.fromstring(xml).findall("./disks/disk") if el.get("checkpoint") == "bitmap"}
+
+
+def redefine_checkpoint(dom, xml: str) -> bool:
+    """Give libvirt back a checkpoint it lost (its bitmap must still be in the image)."""
+    flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+    try:
+        dom.checkpointCreateXML(xml, flags)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def delete_checkpoint(dom, name: str) -> str | None:
+    """Delete one of our checkpoints; return an error text instead of raising."""
+    cp = lookup_checkpoint(dom, name)
+    if cp is None:
+        return None
+    flags = 0 if is_active(dom) else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+    try:
+        cp.delete(flags)
+    except libvirt.libvirtError as exc:
+        return exc.get_error_message()
+    return None
+
+
+# -- backup jobs ------------------------------------------------------------------------------
+
+
+def checkpoint_xml(name: str, bitmap_targets: t.Iterable[str], all_targets: t.Iterable[str]) -> str:
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "description").text = "vmbackup.libvirt backup checkpoint"
+    disks = ET.SubElement(root, "disks")
+    bitmap = set(bitmap_targets)
+    for target in all_targets:
+        ET.SubElement(disks, "disk", name=target, checkpoint="bitmap" if target in bitmap else "no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def backup_xml(targets: dict[str, str], skip: t.Iterable[str], incremental: str | None, full_targets: t.Iterable[str] = ()) -> str:
+    """A push-mode <domainbackup>: ``targets`` maps disk target -> output file.
+
+    ``full_targets`` are disks copied in full even in an incremental job (raw disks).
+    """
+    root = ET.Element("domainbackup", mode="push")
+    if incremental:
+        ET.SubElement(root, "incremental").text = incremental
+    disks = ET.SubElement(root, "disks")
+    full = set(full_targets)
+    for target, path in targets.items():
+        attrs = {"name": target, "backup": "yes", "type": "file"}
+        if incremental and target in full:
+            attrs["backupmode"] = "full"
+        el = ET.SubElement(disks, "disk", **attrs)
+        ET.SubElement(el, "target", file=path)
+        ET.SubElement(el, "driver", type="qcow2")
+    for target in skip:
+        ET.SubElement(disks, "disk", name=target, backup="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def active_job(dom) -> dict[str, t.Any] | None:
+    """Stats of the domain's running job, or None."""
+    try:
+        stats = dom.jobStats(0)
+    except libvirt.libvirtError:
+        return None
+    if not stats or stats.get("type", JOB_NONE) == JOB_NONE:
+        return None
+    return stats
+
+
+def backup_targets(dom) -> list[str] | None:
+    """Target files of the running backup job, or None when none runs."""
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        return None
+    return [el.get("file") for el in ET.fromstring(xml).findall("./disks/disk/target") if el.get("file")]
+
+
+def begin_backup(dom, bxml: str, cxml: str | None) -> None:
+    try:
+        dom.backupBegin(bxml, cxml, 0)
+    except libvirt.libvirtError as exc:
+        code = "VM_STOPPED_DURING_BACKUP" if not is_active(dom) else "BACKUP_FAILED"
+        raise VmBackupError(code, f"libvirt refused to start the backup job: {exc.get_error_message()}", phase="backup-begin") from None
+
+
+def wait_backup(dom, poll: float = 0.2) -> dict[str, t.Any]:
+    """Wait for the domain's backup job to end; return libvirt's completed-job statistics."""
+    while True:
+        try:
+            stats = dom.jobStats(0)
+        except libvirt.libvirtError as exc:
+            if not _alive(dom):
+                raise VmBackupError("VM_STOPPED_DURING_BACKUP", "the VM stopped while its backup job ran", phase="backup") from None
+            raise VmBackupError("BACKUP_FAILED", f"cannot read the backup job's state: {exc.get_error_message()}", phase="backup") from None
+        if not stats or stats.get("type", JOB_NONE) == JOB_NONE:
+            break
+        time.sleep(poll)
+    try:
+        done = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        done = {}
+    if not _alive(dom):
+        raise VmBackupError("VM_STOPPED_DURING_BACKUP", "the VM stopped while its backup job ran", phase="backup")
+    if done.get("type") != JOB_COMPLETED:
+        detail = done.get("errmsg") or "no completed-job statistics"
+        raise VmBackupError("BACKUP_FAILED", f"the backup job did not complete: {detail}", phase="backup", job=_plain(done))
+    return done
+
+
+def abort_job(dom, timeout: float = 30.0) -> None:
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError:
+        pass
+    deadline = time.monotonic() + timeout
+    while active_job(dom) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _alive(dom) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _plain(stats: dict[str, t.Any]) -> dict[str, t.Any]:
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}

@@ -1,0 +1,93 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Per-VM repository lock (flock): released by the kernel when the holder dies.
+
+This module is private to the vmbackup.libvirt collection; it is not a public API.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+import typing as t
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+
+
+class VmLock:
+    """An exclusive flock on ``<repo>/vms/<uuid>/lock``.
+
+    The lock file is never deleted: removing it would let two runs lock two different inodes.
+    The holder's pid, host and purpose are written inside, so VM_LOCKED can name the holder.
+    """
+
+    def __init__(self, path: str, timeout: float, purpose: str) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    def _holder(self) -> dict[str, t.Any] | None:
+        try:
+            with open(self.path, "rb") as fh:
+                return json.loads(fh.read().decode("utf-8") or "null")
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    holder = self._holder()
+                    raise VmBackupError(
+                        "VM_LOCKED",
+                        f"the VM is locked in this repository by another run ({_describe(holder)}); "
+                        f"waited {self.timeout:g}s (lock_timeout)",
+                        lock_path=self.path,
+                        lock_holder=holder,
+                    ) from None
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": int(time.time()), "purpose": self.purpose}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "VmLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: t.Any) -> None:
+        self.release()
+
+
+def _describe(holder: dict[str, t.Any] | None) -> str:
+    if not isinstance(holder, dict):
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, {holder.get('purpose')}"

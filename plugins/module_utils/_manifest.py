@@ -1,0 +1,231 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The backup set manifest (format version 1): names, ids, serialisation and validation.
+
+Pure logic, no I/O beyond hashing bytes. This module is private to the vmbackup.libvirt
+collection; it is not a public API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import typing as t
+import uuid
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+
+MANIFEST_FORMAT = "vmbackup.libvirt/set"
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+SET_TYPES = ("full", "incremental", "copy")
+# full: data of a disk on its own (chain base); incremental: changed clusters over the same
+# disk of the parent set; copy: a shut-off VM's disk copied with qemu-img (full, no checkpoint).
+DISK_METHODS = ("full", "incremental", "copy")
+
+_SET_ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-(\d{3})$")
+_CHAIN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+_CHECKPOINT_RE = re.compile(r"^vmbackup-([0-9a-f]{12})-(\d+)$")
+# Disk targets become file names; libvirt's own targets (vda, sdb, hdc, xvdaa, ...) fit this.
+_TARGET_RE = re.compile(r"^[a-z]{1,4}[a-z0-9]{0,12}$")
+_PERIOD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}$")
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(ts: dt.datetime) -> str:
+    """An ISO 8601 UTC timestamp with second precision, e.g. 2026-11-25T07:35:12Z."""
+    return ts.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def new_set_id(now: dt.datetime, existing: t.Iterable[str]) -> str:
+    """A set id for ``now`` that sorts after every id in ``existing`` and is unique among them.
+
+    Ids are ``YYYYMMDDTHHMMSSZ-NNN``: UTC time plus a sequence for runs in the same second.
+    If the clock went backwards, the id still sorts last, so "newest" never depends on mtimes.
+    """
+    stamp = now.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    existing = sorted(existing)
+    last = existing[-1] if existing else None
+    if last is not None and last[:16] >= stamp:
+        seq = int(last[17:]) + 1
+        if seq > 999:
+            raise VmBackupError("INVALID_ARGUMENT", "more than 999 sets in one second")
+        return f"{last[:16]}-{seq:03d}"
+    return f"{stamp}-001"
+
+
+def is_set_id(text: str) -> bool:
+    return bool(_SET_ID_RE.match(text or ""))
+
+
+def new_chain_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def checkpoint_name(chain_id: str, seq: int) -> str:
+    """Our checkpoints carry the collection prefix and the chain, so foreign ones are never touched."""
+    if not _CHAIN_ID_RE.match(chain_id) or seq < 0:
+        raise ValueError(f"bad chain id {chain_id!r} or sequence {seq!r}")
+    return f"vmbackup-{chain_id}-{seq}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[str, int] | None:
+    """(chain_id, seq) for a checkpoint of this collection, None for any other name."""
+    match = _CHECKPOINT_RE.match(name or "")
+    if not match:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def validate_target(target: str) -> str:
+    if not isinstance(target, str) or not _TARGET_RE.match(target):
+        raise VmBackupError("INVALID_NAME", f"disk target {target!r} is not a valid disk target name (like vda, sdb)")
+    return target
+
+
+def validate_period(period: str | None) -> str | None:
+    if period is None:
+        return None
+    if not isinstance(period, str) or not _PERIOD_RE.match(period):
+        raise VmBackupError(
+            "INVALID_NAME",
+            f"period {period!r} is not valid: 1-64 characters of letters, digits and . _ : + -, such as 2026-W48",
+        )
+    return period
+
+
+def normalize_uuid(text: str) -> str:
+    if not isinstance(text, str) or not _UUID_RE.match(text.strip()):
+        raise VmBackupError("INVALID_NAME", f"{text!r} is not a UUID")
+    return str(uuid.UUID(text.strip()))
+
+
+def dumps(data: dict[str, t.Any]) -> bytes:
+    """Canonical JSON bytes: sorted keys, so equal content hashes equally."""
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_manifest(
+    *,
+    set_id: str,
+    vm_uuid: str,
+    vm_name: str,
+    host: str,
+    started: dt.datetime,
+    completed: dt.datetime,
+    set_type: str,
+    chain_id: str | None,
+    parent: dict[str, str] | None,
+    checkpoint: str | None,
+    consistency: str,
+    period: str | None,
+    disks: list[dict[str, t.Any]],
+    skipped_disks: list[dict[str, t.Any]],
+    files: dict[str, dict[str, t.Any]],
+    tool: dict[str, t.Any],
+    stats: dict[str, t.Any],
+) -> dict[str, t.Any]:
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "set_id": set_id,
+        "vm": {"uuid": vm_uuid, "name": vm_name},
+        "host": host,
+        "started": iso(started),
+        "completed": iso(completed),
+        "type": set_type,
+        "chain_id": chain_id,
+        "parent": parent,
+        "checkpoint": checkpoint,
+        "consistency": consistency,
+        "period": period,
+        "disks": disks,
+        "skipped_disks": skipped_disks,
+        "files": files,
+        "tool": tool,
+        "stats": stats,
+    }
+    validate_manifest(manifest)
+    return manifest
+
+
+def _require(cond: bool, what: str, set_id: str | None) -> None:
+    if not cond:
+        where = f" of set {set_id}" if set_id else ""
+        raise VmBackupError("REPOSITORY_FORMAT", f"manifest{where} is invalid: {what}", set_id=set_id)
+
+
+def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str, t.Any]:
+    """Check the structure of a parsed manifest; raise REPOSITORY_FORMAT naming the first fault."""
+    sid = expected_set_id
+    _require(isinstance(m, dict), "not a JSON object", sid)
+    _require(m.get("format") == MANIFEST_FORMAT, f"format is {m.get('format')!r}", sid)
+    _require(
+        m.get("format_version") == MANIFEST_VERSION,
+        f"format_version {m.get('format_version')!r} is not supported (this collection reads {MANIFEST_VERSION})",
+        sid,
+    )
+    _require(is_set_id(m.get("set_id", "")), "set_id is malformed", sid)
+    if expected_set_id is not None:
+        _require(m["set_id"] == expected_set_id, f"set_id {m['set_id']!r} does not match its directory", sid)
+    _require(m.get("type") in SET_TYPES, f"type {m.get('type')!r} is unknown", sid)
+    _require(isinstance(m.get("vm"), dict) and "uuid" in m["vm"], "vm.uuid is missing", sid)
+    files = m.get("files")
+    _require(isinstance(files, dict), "files is not a mapping", sid)
+    for rel, entry in files.items():
+        _require(_is_safe_relpath(rel), f"file path {rel!r} escapes the set", sid)
+        _require(
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64,
+            f"file {rel!r} has no size or sha256",
+            sid,
+        )
+    disks = m.get("disks")
+    _require(isinstance(disks, list) and disks, "disks is empty", sid)
+    for disk in disks:
+        _require(isinstance(disk, dict) and disk.get("method") in DISK_METHODS, "a disk has no valid method", sid)
+        _require(disk.get("file") in files, f"disk {disk.get('target')!r} references a file without a checksum", sid)
+    if m["type"] == "incremental":
+        parent = m.get("parent")
+        _require(
+            isinstance(parent, dict) and is_set_id(parent.get("set_id", "")) and len(parent.get("manifest_sha256", "")) == 64,
+            "an incremental set has no parent reference",
+            sid,
+        )
+    return m
+
+
+def _is_safe_relpath(rel: t.Any) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def loads(data: bytes, expected_set_id: str | None = None) -> dict[str, t.Any]:
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VmBackupError(
+            "REPOSITORY_FORMAT", f"manifest of set {expected_set_id} is not valid JSON: {exc}", set_id=expected_set_id
+        ) from None
+    return validate_manifest(parsed, expected_set_id)

@@ -1,0 +1,79 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""qemu-img, run through the module's ``run_command`` with an argv list (never a shell).
+
+This module is private to the vmbackup.libvirt collection; it is not a public API.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+
+# run(argv) -> (rc, stdout, stderr); the module passes AnsibleModule.run_command.
+Runner = t.Callable[[list[str]], t.Tuple[int, str, str]]
+
+
+class QemuImg:
+    def __init__(self, run: Runner, binary: str) -> None:
+        self._run = run
+        self.binary = binary
+
+    def _call(self, args: list[str], what: str, code: str = "BACKUP_FAILED") -> str:
+        rc, out, err = self._run([self.binary] + args)
+        if rc != 0:
+            raise VmBackupError(code, f"qemu-img {what} failed (rc={rc}): {err.strip() or out.strip()}")
+        return out
+
+    def version(self) -> str:
+        out = self._call(["--version"], "--version")
+        first = out.splitlines()[0] if out else ""
+        return first.replace("qemu-img version ", "").strip()
+
+    def info_chain(self, path: str, fmt: str | None, force_share: bool) -> list[dict[str, t.Any]]:
+        """``qemu-img info --backing-chain`` as a list of dicts, top image first."""
+        args = ["info", "--output=json", "--backing-chain"]
+        if force_share:
+            args.append("-U")
+        if fmt:
+            args += ["-f", fmt]
+        data = json.loads(self._call(args + [path], f"info of {path}", code="BACKUP_FAILED"))
+        return data if isinstance(data, list) else [data]
+
+    def allocated_bytes(self, path: str, fmt: str | None, force_share: bool) -> int:
+        """Host bytes the whole backing chain occupies: an upper bound of the data to copy."""
+        return sum(int(img.get("actual-size", 0)) for img in self.info_chain(path, fmt, force_share))
+
+    def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str = "qcow2") -> None:
+        """A sparse copy (zero clusters are not written) with out-of-order parallel writes."""
+        args = ["convert", "-q", "-W", "-m", "8", "-O", dst_fmt]
+        if src_fmt:
+            args += ["-f", src_fmt]
+        self._call(args + [src, dst], f"convert of {src}")
+
+    def drop_backing_reference(self, path: str) -> None:
+        """Remove the backing-file name from an image header without touching its data.
+
+        libvirt writes incremental push-mode targets with the live disk as their backing file;
+        a backup must never read through to the live disk, so the chain is always given
+        explicitly (see chain_spec) and the header keeps no reference.
+        """
+        self._call(["rebase", "-u", "-f", "qcow2", "-b", "", path], f"rebase -u of {path}")
+
+
+def chain_spec(files: list[str]) -> str:
+    """A ``json:`` image spec that reads ``files`` (base first) as one backing chain.
+
+    Committed files are never rewritten: the chain exists only in this spec.
+    """
+    node: dict[str, t.Any] | None = None
+    for path in files:
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": path}, "backing": node}
+    if node is None:
+        raise ValueError("empty chain")
+    return "json:" + json.dumps(node, separators=(",", ":"))

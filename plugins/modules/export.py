@@ -1,0 +1,271 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: export
+short_description: Back up one libvirt VM into a backup repository
+version_added: 0.1.0
+author:
+  - vmbackup.libvirt contributors
+description:
+  - Takes one backup of one VM and commits it as a backup set in a repository (see the repository format in the collection docs).
+  - A running (or paused) VM is backed up with a libvirt push-mode backup job that creates a checkpoint at the same
+    instant. The first backup of a chain is C(full); later ones are C(incremental) and hold only the clusters
+    changed since the parent set's checkpoint.
+  - A shut-off VM is backed up as a C(copy) with C(qemu-img convert): full data, sparse, no checkpoint, no chain.
+  - All disks of the VM go into one set at one point in time. CD-ROM, floppy, read-only and empty drives are skipped and
+    recorded. Raw disks cannot carry a dirty bitmap, so they are copied in full in every set (method C(full)).
+  - The domain XML (inactive and live), the checkpoint XML, and NVRAM and TPM state when present are saved in the set.
+  - Every file is checksummed (sha256) in the manifest, which is written last; the set becomes visible only when its
+    staging directory is renamed into C(sets/). A failed run deletes its checkpoint and staging data; a run that was
+    killed leaves them for the next run, which removes them and reports it in RV(cleaned_up).
+  - Directories are named after the VM's UUID and the set id, never after the VM's name.
+extends_documentation_fragment:
+  - vmbackup.libvirt._connection
+  - vmbackup.libvirt._repository
+  - vmbackup.libvirt._attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Reports the backup it would take (type, reason, disks, estimated bytes) and changes nothing
+        (no checkpoint, file, directory or lock). A chain id it reports for a new chain is not the one a real run draws.
+  diff_mode:
+    support: none
+  idempotent:
+    support: partial
+    details:
+      - With O(period), a second run in the same period returns the existing set with C(changed=false).
+      - Without O(period) every run takes a new backup, which is the point of a backup run.
+options:
+  name:
+    description:
+      - The VM's libvirt name. Exactly one of O(name) and O(uuid) is required.
+      - The name is only passed to libvirt, never used in a path or a command line, so any name is safe.
+    type: str
+  uuid:
+    description:
+      - The VM's UUID. Exactly one of O(name) and O(uuid) is required.
+    type: str
+  mode:
+    description:
+      - C(auto) takes an incremental when the newest committed set of the VM in this repository is a valid parent,
+        and a full otherwise; RV(reason) says why.
+      - C(full) starts a new chain. C(incremental) fails with C(PARENT_CHECKPOINT_INVALID) or C(TOPOLOGY_CHANGED)
+        when no valid parent exists.
+      - A parent is valid when its checkpoint still exists in libvirt (or could be redefined from the set), the VM has the same
+        disks with the same sizes, and its last verify, if any, passed.
+      - A shut-off VM is always backed up as a C(copy); O(mode=incremental) then fails.
+    type: str
+    choices: [auto, full, incremental]
+    default: auto
+  disks:
+    description:
+      - Disk targets (such as C(vda)) to back up. By default all disks that can be backed up.
+    type: list
+    elements: str
+  exclude_disks:
+    description:
+      - Disk targets not to back up.
+    type: list
+    elements: str
+  period:
+    description:
+      - A key for the backup period, such as C(2026-W48) or C(2026-11).
+      - When a committed set of the VM with this period exists in the repository, the module returns it with C(changed=false).
+    type: str
+  workers:
+    description:
+      - Threads that checksum the set's files. Defaults to the number of CPUs of the managed host.
+    type: int
+notes:
+  - QEMU runs as an unprivileged user and writes a live backup into the repository itself, so every directory above the
+    repository must be traversable by others (C(o+x)); the module checks this first (C(TARGET_NOT_ACCESSIBLE)).
+  - Free space is checked before anything is written, from the allocated size of the disks (full) or from the size
+    libvirt reports for the changed blocks (incremental).
+seealso:
+  - name: libvirt backup API
+    description: Push-mode backups and checkpoints.
+    link: https://libvirt.org/kbase/incremental-backup.html
+"""
+
+EXAMPLES = r"""
+- name: Back up a VM (full the first time, incremental afterwards)
+  vmbackup.libvirt.export:
+    name: web01
+    repository: /srv/vmbackup
+
+- name: At most one backup per ISO week, only the system disk
+  vmbackup.libvirt.export:
+    name: db01
+    repository: /srv/vmbackup
+    period: "{{ '%G-W%V' | strftime }}"
+    disks: [vda]
+
+- name: Start a new chain
+  vmbackup.libvirt.export:
+    uuid: 2b9e5512-bd7e-46a8-afbf-89c9c8e8cdbc
+    repository: /srv/vmbackup
+    mode: full
+  register: backup
+
+- name: Show what was written
+  ansible.builtin.debug:
+    msg: "{{ backup.set_id }}: {{ backup.type }}, {{ backup.bytes_written }} bytes at {{ backup.throughput_mib_s }} MiB/s"
+"""
+
+RETURN = r"""
+set_id:
+  description: The committed set (or, with C(changed=false), the existing set of the period). None in check mode.
+  returned: success
+  type: str
+  sample: 20261125T073512Z-001
+type:
+  description: C(full), C(incremental) or C(copy).
+  returned: success
+  type: str
+reason:
+  description: Why this type was chosen (for example why no incremental was possible).
+  returned: success
+  type: str
+  sample: "full: no committed set of this VM in the repository"
+chain_id:
+  description: The chain the set belongs to; None for a copy.
+  returned: success
+  type: str
+parent:
+  description: The parent set id of an incremental; None otherwise.
+  returned: success
+  type: str
+checkpoint:
+  description: The libvirt checkpoint created with the set; the next incremental starts from it.
+  returned: success
+  type: str
+disks:
+  description: Per backed-up disk.
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    target:
+      description: Disk target.
+      type: str
+    method:
+      description: C(full), C(incremental) or C(copy).
+      type: str
+    format:
+      description: Source format.
+      type: str
+    virtual_size:
+      description: Virtual size of the disk in bytes.
+      type: int
+    allocated_bytes:
+      description: Host bytes allocated by the disk's image chain when the backup started.
+      type: int
+    bytes:
+      description: Bytes of the backup file (in check mode the estimate).
+      type: int
+skipped_disks:
+  description: Disks not backed up, with the reason.
+  returned: success
+  type: list
+  elements: dict
+estimated_bytes:
+  description: Bytes the backup is expected to write.
+  returned: check mode
+  type: int
+bytes_written:
+  description: Bytes of all files of the new set (0 when nothing was written).
+  returned: success
+  type: int
+data_bytes:
+  description: Bytes of the disk images of the new set.
+  returned: success
+  type: int
+duration_s:
+  description: Seconds the whole run took.
+  returned: success
+  type: float
+throughput_mib_s:
+  description: Disk data written per second of copying, in MiB/s.
+  returned: success
+  type: float
+repository_path:
+  description: Directory of the committed set.
+  returned: success
+  type: str
+vm:
+  description: The VM's name, UUID and run state.
+  returned: success
+  type: dict
+cleaned_up:
+  description: What an interrupted earlier run had left and this run removed (job, checkpoint, staging directories).
+  returned: success
+  type: list
+  elements: str
+would_clean_up:
+  description: Staging directories of interrupted runs that a real run would remove.
+  returned: check mode
+  type: list
+  elements: str
+error_code:
+  description: A stable code for the failure; see the collection's error code table.
+  returned: failure
+  type: str
+  sample: VM_NOT_FOUND
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._args import CONNECTION_ARGSPEC, REPOSITORY_ARGSPEC
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import ensure_libvirt
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._export import Exporter, ExportParams
+
+
+def main() -> None:
+    argument_spec = dict(
+        name=dict(type="str"),
+        uuid=dict(type="str"),
+        mode=dict(type="str", choices=["auto", "full", "incremental"], default="auto"),
+        disks=dict(type="list", elements="str"),
+        exclude_disks=dict(type="list", elements="str"),
+        period=dict(type="str"),
+        workers=dict(type="int"),
+    )
+    argument_spec.update(CONNECTION_ARGSPEC)
+    argument_spec.update(REPOSITORY_ARGSPEC)
+    module = AnsibleModule(
+        argument_spec=argument_spec,
+        mutually_exclusive=[("name", "uuid")],
+        required_one_of=[("name", "uuid")],
+        supports_check_mode=True,
+    )
+    ensure_libvirt(module)
+    qemu_img = module.get_bin_path("qemu-img")
+    if qemu_img is None:
+        module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
+
+    params = ExportParams(**{key: module.params[key] for key in ExportParams.__dataclass_fields__})
+    exporter = Exporter(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)
+    try:
+        result = exporter.run()
+    except VmBackupError as exc:
+        result = exc.to_result()
+        failed = True
+    else:
+        failed = False
+    for warning in exporter.warnings:
+        module.warn(warning)
+    if failed:
+        module.fail_json(cleaned_up=exporter.cleaned, **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
