@@ -14,7 +14,7 @@ options:
   uri:
     description:
       - The libvirt connection URI of the hypervisor, as seen from the managed host.
-      - Set it once for all modules of this collection with O(module_defaults) and the
+      - Set it once for all modules of this collection with C(module_defaults) and the
         C(group/vmbackup.libvirt.libvirt) action group.
     type: str
     default: qemu:///system

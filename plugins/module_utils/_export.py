@@ -101,6 +101,12 @@ class Plan:
         }
 
 
+def _disk_result(disk: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A manifest disk entry as the module returns it."""
+    keys = ("target", "method", "format", "virtual_size", "allocated_bytes", "file", "size")
+    return dict({k: disk.get(k) for k in keys}, bytes=disk["size"])
+
+
 def validate_params(p: ExportParams) -> str:
     """Checks that need no I/O; returns the normalised repository path."""
     path = repo_mod.validate_repository_path(p.repository)
@@ -145,7 +151,7 @@ class Exporter:
             done = self._period_match(repo, vm["uuid"])
             if done is not None:
                 return self._unchanged_result(repo, vm, done, started_mono)
-            plan = self._plan(dom, repo, vm["uuid"])
+            plan = self._plan(dom, repo, vm["uuid"], dry=True)
             self._check_space(plan, repo_state)
             if plan.vm_state != "shutoff":
                 self._check_qemu_access(repo_path)
@@ -207,7 +213,8 @@ class Exporter:
             raise VmBackupError("NO_DISKS", "the VM has no disk to back up after selection", skipped_disks=skipped)
         return selected, skipped
 
-    def _plan(self, dom, repo: repo_mod.Repository, vm_uuid: str) -> Plan:
+    def _plan(self, dom, repo: repo_mod.Repository, vm_uuid: str, dry: bool = False) -> Plan:
+        """Decide the backup. ``dry`` plans change nothing in libvirt (check mode, pre-lock preflight)."""
         active = lv.is_active(dom)
         state = lv.domain_state(dom)
         disks = lv.parse_disks(lv.domain_xml(dom, inactive=not active))
@@ -248,7 +255,7 @@ class Exporter:
             return finish("full", "no selected disk is qcow2: full data every run", None, 0, None,
                           [planned(d, "full") for d in selected])
 
-        parent, why_not = (None, "mode=full was requested") if self.p.mode == "full" else self._find_parent(dom, repo, vm_uuid, selected, sizes)
+        parent, why_not = (None, "mode=full was requested") if self.p.mode == "full" else self._find_parent(dom, repo, vm_uuid, selected, sizes, dry)
         if parent is None:
             if self.p.mode == "incremental":
                 code = "TOPOLOGY_CHANGED" if why_not.startswith("the disks changed") else "PARENT_CHECKPOINT_INVALID"
@@ -259,11 +266,12 @@ class Exporter:
 
         dirty = lv.checkpoint_dirty_bytes(dom, parent["checkpoint"])
         pdisks = [planned(d, "incremental" if d.checkpointable else "full", dirty) for d in selected]
-        reason = f"incremental: valid parent {parent['set_id']} (checkpoint {parent['checkpoint']})"
+        reason = f"incremental: valid parent {parent['set_id']} (checkpoint {parent['checkpoint']}"
+        reason += ", redefined in libvirt from the set)" if parent["redefined"] else ")"
         return finish("incremental", reason, parent["chain_id"], parent["seq"] + 1,
                       {k: parent[k] for k in ("set_id", "manifest_sha256", "checkpoint")}, pdisks)
 
-    def _find_parent(self, dom, repo, vm_uuid, selected, sizes) -> tuple[dict[str, t.Any] | None, str]:
+    def _find_parent(self, dom, repo, vm_uuid, selected, sizes, dry) -> tuple[dict[str, t.Any] | None, str]:
         """The newest committed set if it can be this run's parent, else (None, why not)."""
         ids = repo.set_ids(vm_uuid)
         if not ids:
@@ -288,15 +296,19 @@ class Exporter:
                 return None, f"the disks changed since set {set_id}: {target} was resized"
             if (old[target]["method"] == "incremental" or disk.checkpointable) and old[target].get("format") != disk.driver_type:
                 return None, f"the disks changed since set {set_id}: {target} format changed"
+        redefined = False
         if lv.lookup_checkpoint(dom, checkpoint) is None:
             xml_path = os.path.join(repo.set_dir(vm_uuid, set_id), "checkpoint.xml")
             restored = False
-            if os.path.isfile(xml_path) and not self.check_mode:
+            if os.path.isfile(xml_path) and not dry:
                 with open(xml_path, encoding="utf-8") as fh:
                     restored = lv.redefine_checkpoint(dom, fh.read())
                 if restored:
                     self.warnings.append(f"checkpoint {checkpoint} was missing from libvirt and was redefined from set {set_id}")
-            if not restored and not (self.check_mode and os.path.isfile(xml_path)):
+                    redefined = True
+            if dry and os.path.isfile(xml_path):
+                redefined = True  # a real run will try to redefine it
+            elif not restored:
                 return None, f"checkpoint {checkpoint} of set {set_id} no longer exists in libvirt"
         else:
             bitmaps = lv.checkpoint_bitmap_disks(dom, checkpoint) or set()
@@ -309,6 +321,7 @@ class Exporter:
             "checkpoint": checkpoint,
             "chain_id": manifest["chain_id"],
             "seq": parsed[1],
+            "redefined": redefined,
         }, ""
 
     def _check_space(self, plan: Plan, repo_state: repo_mod.RepoState) -> None:
@@ -482,7 +495,7 @@ class Exporter:
             "chain_id": plan.chain_id,
             "parent": plan.parent["set_id"] if plan.parent else None,
             "checkpoint": plan.checkpoint,
-            "disks": [{k: d[k] for k in ("target", "method", "format", "virtual_size", "allocated_bytes", "file", "size")} | {"bytes": d["size"]} for d in disks_out],
+            "disks": [_disk_result(d) for d in disks_out],
             "skipped_disks": plan.skipped,
             "bytes_written": total_bytes,
             "data_bytes": data_bytes,
@@ -548,9 +561,7 @@ class Exporter:
             "chain_id": manifest.get("chain_id"),
             "parent": (manifest.get("parent") or {}).get("set_id"),
             "checkpoint": manifest.get("checkpoint"),
-            "disks": [{"target": d["target"], "method": d["method"], "format": d.get("format"), "virtual_size": d.get("virtual_size"),
-                       "allocated_bytes": d.get("allocated_bytes"), "file": d["file"], "size": d["size"], "bytes": d["size"]}
-                      for d in manifest["disks"]],
+            "disks": [_disk_result(d) for d in manifest["disks"]],
             "skipped_disks": manifest.get("skipped_disks", []),
             "bytes_written": 0,
             "data_bytes": 0,

@@ -262,13 +262,19 @@ def begin_backup(dom, bxml: str, cxml: str | None) -> None:
 
 def wait_backup(dom, poll: float = 0.2) -> dict[str, t.Any]:
     """Wait for the domain's backup job to end; return libvirt's completed-job statistics."""
+    errors = 0
     while True:
         try:
             stats = dom.jobStats(0)
         except libvirt.libvirtError as exc:
             if not _alive(dom):
                 raise VmBackupError("VM_STOPPED_DURING_BACKUP", "the VM stopped while its backup job ran", phase="backup") from None
-            raise VmBackupError("BACKUP_FAILED", f"cannot read the backup job's state: {exc.get_error_message()}", phase="backup") from None
+            # libvirt answers "backup job data missing" for a moment while a job starts or ends.
+            errors += 1
+            if errors > 50:
+                raise VmBackupError("BACKUP_FAILED", f"cannot read the backup job's state: {exc.get_error_message()}", phase="backup") from None
+            time.sleep(poll)
+            continue
         if not stats or stats.get("type", JOB_NONE) == JOB_NONE:
             break
         time.sleep(poll)

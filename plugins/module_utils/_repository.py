@@ -98,7 +98,7 @@ def inspect_repository(path: str, allow_unsafe_permissions: bool = False) -> Rep
         marker = os.path.join(path, REPO_MARKER)
         if os.path.lexists(marker):
             repo_id = read_marker(path)["repo_id"]
-        elif any(True for _ in os.scandir(path)):
+        elif _not_empty(path):
             raise VmBackupError(
                 "UNSAFE_TARGET",
                 f"{path} is not empty and is not a vmbackup repository (no {REPO_MARKER}); "
@@ -106,6 +106,11 @@ def inspect_repository(path: str, allow_unsafe_permissions: bool = False) -> Rep
             )
     vfs = os.statvfs(probe)
     return RepoState(path=path, exists=exists, repo_id=repo_id, free_bytes=vfs.f_bavail * vfs.f_frsize, warnings=warnings)
+
+
+def _not_empty(path: str) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is not None
 
 
 def _check_mode(path: str, st: os.stat_result, allow_unsafe_permissions: bool) -> None:

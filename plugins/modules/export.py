@@ -11,13 +11,13 @@ module: export
 short_description: Back up one libvirt VM into a backup repository
 version_added: 0.1.0
 author:
-  - vmbackup.libvirt contributors
+  - vmbackup.libvirt contributors (@vmbackup)
 description:
   - Takes one backup of one VM and commits it as a backup set in a repository (see the repository format in the collection docs).
   - A running (or paused) VM is backed up with a libvirt push-mode backup job that creates a checkpoint at the same
     instant. The first backup of a chain is C(full); later ones are C(incremental) and hold only the clusters
     changed since the parent set's checkpoint.
-  - A shut-off VM is backed up as a C(copy) with C(qemu-img convert): full data, sparse, no checkpoint, no chain.
+  - A shut-off VM is backed up as a C(copy) with C(qemu-img convert) - full data, sparse, no checkpoint, no chain.
   - All disks of the VM go into one set at one point in time. CD-ROM, floppy, read-only and empty drives are skipped and
     recorded. Raw disks cannot carry a dirty bitmap, so they are copied in full in every set (method C(full)).
   - The domain XML (inactive and live), the checkpoint XML, and NVRAM and TPM state when present are saved in the set.
@@ -31,13 +31,16 @@ extends_documentation_fragment:
   - vmbackup.libvirt._attributes
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Reports the backup it would take (type, reason, disks, estimated bytes) and changes nothing
         (no checkpoint, file, directory or lock). A chain id it reports for a new chain is not the one a real run draws.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
+    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: partial
     details:
       - With O(period), a second run in the same period returns the existing set with C(changed=false).

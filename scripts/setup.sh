@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Prepare this Debian host for the demo and the test suite. Idempotent; run as root.
+#  - apt packages: libvirt daemon, QEMU, qemu-img, libvirt-dev + pkg-config (to build the binding)
+#  - a virtualenv at .venv with the pinned tool chain (requirements/test.txt)
+#  - virtlogd and libvirtd running (started with -d when there is no systemd; a running one is left alone)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VMBACKUP_VENV:-$here/.venv}
+log() { printf '[setup] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh must run as root (it installs packages and starts libvirtd)" >&2
+  exit 1
+fi
+
+packages=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients
+          libvirt-dev pkg-config python3-venv python3-dev gcc rsync git)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Package scripts try to start services; without systemd that fails harmlessly, so tell them not to.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
+fi
+
+python=${VMBACKUP_PYTHON:-python3}
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum "$here/requirements/test.txt" | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "creating virtualenv $venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r "$here/requirements/test.txt"
+  echo "$want" > "$stamp"
+fi
+"$venv/bin/python" -c 'import libvirt, ansible, jmespath' || { echo "virtualenv $venv is broken" >&2; exit 1; }
+
+# /dev/kvm without udev is root:root 0600; udev would make it root:kvm 0660 (libvirt-qemu is in kvm).
+if [ -c /dev/kvm ] && [ "$(stat -c %G /dev/kvm)" = root ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl start virtlogd.socket libvirtd.service
+  else
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
+  fi
+  for _ in $(seq 1 60); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+fi
+virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
+log "ready: $(virsh -c qemu:///system version | awk '/Running hypervisor/ {print $3, $4}'), $("$venv/bin/ansible" --version | head -1)"

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import uuid
+
+import libvirt
+import pytest
+
+from harness import AnsibleRunner, VmFactory, build_and_install, pick_domain_type  # noqa: E402  (rootdir import)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Repositories live where QEMU (libvirt-qemu) can traverse; pytest's tmp_path is 0700.
+REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
+
+
+@pytest.fixture(scope="session")
+def conn():
+    c = libvirt.open("qemu:///system")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def domain_type(conn) -> str:
+    return pick_domain_type(conn)
+
+
+@pytest.fixture(scope="session")
+def ansible(tmp_path_factory) -> AnsibleRunner:
+    workdir = tmp_path_factory.mktemp("collection")
+    env = build_and_install(ROOT, workdir)
+    import sys
+    return AnsibleRunner(env=env, ansible=str(pathlib.Path(sys.executable).parent / "ansible"))
+
+
+@pytest.fixture
+def vms(conn, domain_type):
+    factory = VmFactory(conn, domain_type)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture
+def repo_root():
+    """A fresh directory for repositories; removed afterwards."""
+    REPO_BASE.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(REPO_BASE, 0o711)
+    path = REPO_BASE / uuid.uuid4().hex[:10]
+    path.mkdir(mode=0o711)
+    os.chmod(path, 0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def repo(repo_root) -> pathlib.Path:
+    """Path of a repository that does not exist yet (the module creates it)."""
+    return repo_root / "repo"
+
+
+@pytest.fixture
+def scratch(repo_root) -> pathlib.Path:
+    path = repo_root / "scratch"
+    path.mkdir()
+    return path
