@@ -20,7 +20,7 @@
 #     ansible-test builds one virtualenv per test (cached in ~/.ansible/test/venv) and pip
 #     installs its pinned requirements from PyPI.
 #   * To bootstrap pip in those venvs ansible-test runs ~/.ansible/test/cache/get_pip_<ver>.py
-#     and, if absent, downloads it from ci-files.testing.ansible.com (unreachable here).
+#     and, if absent, downloads it from the ansible-test CI file server (unreachable here).
 #     A small stand-in is written there (only if no real get-pip script is present) that
 #     uses ensurepip and then `pip install`s the requested pip version.
 #   * ansible-test's results stay in the scratch copy (<copy>/tests/output); nothing is
@@ -72,7 +72,7 @@ if [[ ! -e $GET_PIP ]] || { grep -q 'vmbackup-sanity get-pip stand-in' "$GET_PIP
     tmp=$(mktemp "$GET_PIP.XXXXXX")
     cat >"$tmp" <<EOF
 # $STANDIN_MARKER (written by scripts/sanity.sh of ${NAMESPACE}.${NAME}).
-# Replaces https://ci-files.testing.ansible.com/ansible-test/get-pip-${PIP_VERSION}.py, which
+# Replaces the get-pip-${PIP_VERSION}.py of the ansible-test CI file server, which
 # cannot be downloaded here: bootstrap pip with ensurepip, then pip-install the arguments
 # ansible-test passes (e.g. pip==${PIP_VERSION}). get-pip-only options are dropped.
 import subprocess

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine (run as root): set-up, ansible-test sanity,
+# then unit and integration tests (pytest; the integration tests use the real libvirtd and QEMU).
+#   bash scripts/test.sh [extra pytest args]
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+bash scripts/setup.sh
+venv=${VMBACKUP_VENV:-$here/.venv}
+
+echo "== ansible-test sanity"
+VENV=$venv bash scripts/sanity.sh
+
+echo "== ansible-galaxy collection build"
+"$venv/bin/ansible-galaxy" collection build --force --output-path "$(mktemp -d)" . 
+
+echo "== pytest (unit + integration)"
+exec "$venv/bin/python" -m pytest "$@"
