@@ -155,6 +155,7 @@ class Exporter:
             self._check_space(plan, repo_state)
             if plan.vm_state != "shutoff":
                 self._check_qemu_access(repo_path)
+                self._check_no_foreign_job(dom, repo.staging_root(vm["uuid"]))
             if self.check_mode:
                 return self._check_mode_result(repo, vm, plan, repo_state, started_mono)
 
@@ -170,7 +171,7 @@ class Exporter:
                 plan = self._plan(dom, repo, vm["uuid"])
                 self._check_space(plan, repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions))
                 if plan.vm_state != "shutoff":
-                    self._check_no_foreign_job(dom)
+                    self._check_no_foreign_job(dom, None)
                 result = self._execute(dom, repo, vm, plan, started_mono)
                 self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
             return result
@@ -344,8 +345,14 @@ class Exporter:
                 "backup into the repository; chmod o+x that directory or choose another repository",
             )
 
-    def _check_no_foreign_job(self, dom) -> None:
+    def _check_no_foreign_job(self, dom, ours: str | None) -> None:
+        """Fail when a job runs on the VM, unless it is an interrupted run's backup into ``ours``
+        (the staging root), which the run removes once it holds the lock."""
         job = lv.active_job(dom)
+        if job is not None and ours is not None:
+            targets = lv.backup_targets(dom) or []
+            if targets and all(path.startswith(ours + "/") for path in targets):
+                return
         if job is not None:
             raise VmBackupError(
                 "BACKUP_JOB_ACTIVE",

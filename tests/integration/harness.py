@@ -56,8 +56,22 @@ class AnsibleRunner:
                               check=False)
         return parse_result(proc.stdout, proc.stderr)
 
+    def popen_result(self, module: str, args: dict[str, t.Any]) -> "Pending":
+        """Start a module run in the background; .result() waits for and parses it."""
+        proc = subprocess.Popen(self.argv(module, args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return Pending(proc)
+
     def popen(self, module: str, args: dict[str, t.Any]) -> subprocess.Popen:
         return subprocess.Popen(self.argv(module, args), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@dataclasses.dataclass
+class Pending:
+    proc: subprocess.Popen
+
+    def result(self, timeout: float) -> dict[str, t.Any]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return parse_result(out, err)
 
 
 _RESULT_RE = re.compile(r"^localhost \| (SUCCESS|CHANGED|FAILED!?) => (\{.*)", re.S | re.M)

@@ -372,3 +372,40 @@ def test_killed_run_leaves_no_set_and_the_next_run_cleans_up(ansible, vms, repo,
     assert len(sets_of(repo, vm)) == 1
     assert vm.checkpoints() == [result["checkpoint"]]
     assert images_equal(str(vm.disks["vda"]), str(pathlib.Path(result["repository_path"]) / "disks/vda.qcow2"))[0]
+
+
+def test_foreign_backup_job_is_refused_and_left_alone(ansible, vms, repo, scratch):
+    vm = vms.create([DiskSpec("2G", fill=[(0xE1, "0", "1536M")])])
+    target = scratch / "foreign.qcow2"
+    vm.dom.backupBegin(
+        f"<domainbackup mode='push'><disks><disk name='vda' type='file'><target file='{target}'/>"
+        "<driver type='qcow2'/></disk></disks></domainbackup>", None, 0)
+    try:
+        result = ansible("export", {"name": vm.name, "repository": str(repo)})
+        foreign_still_running = job_running(vm.dom)
+    finally:
+        try:
+            vm.dom.abortJob()
+        except libvirt.libvirtError:
+            pass
+    assert result["failed"] and result["error_code"] == "BACKUP_JOB_ACTIVE", result
+    assert foreign_still_running, "the module must not abort another tool's job"
+    assert not repo.exists() and vm.checkpoints() == []
+
+
+def test_vm_stopping_during_backup_rolls_the_run_back(ansible, vms, repo):
+    vm = vms.create([DiskSpec("2G", fill=[(0xF1, "0", "1536M")])])
+    args = {"name": vm.name, "repository": str(repo)}
+    staging = repo / "vms" / vm.uuid / ".incomplete"
+    proc = ansible.popen_result("export", args)
+    wait_for(lambda: staging.is_dir() and any(staging.iterdir()) and job_running(vm.dom), timeout=120,
+             what="the backup job to start")
+    vm.dom.destroy()
+    result = proc.result(timeout=300)
+    assert result["failed"] and result["error_code"] in ("VM_STOPPED_DURING_BACKUP", "BACKUP_FAILED"), result
+    assert sets_of(repo, vm) == []
+    assert list(staging.iterdir()) == []
+    assert vm.checkpoints() == []
+    # The VM is as the test left it (shut off); the next run takes a copy.
+    again = ansible("export", args)
+    assert again["changed"] and again["type"] == "copy", again
