@@ -379,7 +379,7 @@ class Exporter:
             except (OSError, ValueError):
                 checkpoint = None
             if checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint):
-                error = lv.delete_checkpoint(dom, checkpoint)
+                error = self._delete_checkpoint(dom, checkpoint)
                 if error:
                     self.warnings.append(f"could not delete checkpoint {checkpoint} of an interrupted run: {error}")
                 else:
@@ -403,9 +403,26 @@ class Exporter:
             parsed = _manifest.parse_checkpoint_name(name)
             if parsed is None or parsed[0] not in ours or name == keep:
                 continue
-            error = lv.delete_checkpoint(dom, name)
+            error = self._delete_checkpoint(dom, name)
             if error:
                 self.warnings.append(f"could not delete old checkpoint {name}: {error}")
+
+    def _delete_checkpoint(self, dom, name: str) -> str | None:
+        """Delete one of our checkpoints. libvirt cannot delete the bitmaps of a shut-off VM,
+        so then its metadata goes and qemu-img removes the bitmap from each image."""
+        active = lv.is_active(dom)
+        disks = [] if active else [d for d in lv.parse_disks(lv.domain_xml(dom, inactive=True))
+                                   if d.checkpointable and d.source_type == "file" and d.source]
+        error = lv.delete_checkpoint(dom, name)
+        if error or active:
+            return error
+        for disk in disks:
+            try:
+                if name in self.qemu_img.bitmaps(disk.source):
+                    self.qemu_img.remove_bitmap(disk.source, name)
+            except VmBackupError as exc:
+                return exc.msg
+        return None
 
     # ------------------------------------------------------------------ act
     def _execute(self, dom, repo: repo_mod.Repository, vm: dict[str, str], plan: Plan, started_mono: float) -> dict[str, t.Any]:
@@ -486,7 +503,7 @@ class Exporter:
             if job_started or lv.backup_targets(dom):
                 lv.abort_job(dom)
             if plan.checkpoint:
-                error = lv.delete_checkpoint(dom, plan.checkpoint)
+                error = self._delete_checkpoint(dom, plan.checkpoint)
                 if error:
                     self.warnings.append(f"could not delete checkpoint {plan.checkpoint} of the failed run: {error}")
             if os.path.isdir(staging):

@@ -69,7 +69,7 @@ def new_set_id(now: dt.datetime, existing: t.Iterable[str]) -> str:
 
 
 def is_set_id(text: str) -> bool:
-    return bool(_SET_ID_RE.match(text or ""))
+    return bool(isinstance(text, str) and _SET_ID_RE.fullmatch(text))
 
 
 def new_chain_id() -> str:
@@ -78,21 +78,21 @@ def new_chain_id() -> str:
 
 def checkpoint_name(chain_id: str, seq: int) -> str:
     """Our checkpoints carry the collection prefix and the chain, so foreign ones are never touched."""
-    if not _CHAIN_ID_RE.match(chain_id) or seq < 0:
+    if not _CHAIN_ID_RE.fullmatch(chain_id) or seq < 0:
         raise ValueError(f"bad chain id {chain_id!r} or sequence {seq!r}")
     return f"vmbackup-{chain_id}-{seq}"
 
 
 def parse_checkpoint_name(name: str) -> tuple[str, int] | None:
     """(chain_id, seq) for a checkpoint of this collection, None for any other name."""
-    match = _CHECKPOINT_RE.match(name or "")
+    match = _CHECKPOINT_RE.fullmatch(name) if isinstance(name, str) else None
     if not match:
         return None
     return match.group(1), int(match.group(2))
 
 
 def validate_target(target: str) -> str:
-    if not isinstance(target, str) or not _TARGET_RE.match(target):
+    if not isinstance(target, str) or not _TARGET_RE.fullmatch(target):
         raise VmBackupError("INVALID_NAME", f"disk target {target!r} is not a valid disk target name (like vda, sdb)")
     return target
 
@@ -100,7 +100,7 @@ def validate_target(target: str) -> str:
 def validate_period(period: str | None) -> str | None:
     if period is None:
         return None
-    if not isinstance(period, str) or not _PERIOD_RE.match(period):
+    if not isinstance(period, str) or not _PERIOD_RE.fullmatch(period):
         raise VmBackupError(
             "INVALID_NAME",
             f"period {period!r} is not valid: 1-64 characters of letters, digits and . _ : + -, such as 2026-W48",
@@ -109,7 +109,7 @@ def validate_period(period: str | None) -> str | None:
 
 
 def normalize_uuid(text: str) -> str:
-    if not isinstance(text, str) or not _UUID_RE.match(text.strip()):
+    if not isinstance(text, str) or not _UUID_RE.fullmatch(text.strip()):
         raise VmBackupError("INVALID_NAME", f"{text!r} is not a UUID")
     return str(uuid.UUID(text.strip()))
 
@@ -183,7 +183,7 @@ def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str,
         f"format_version {m.get('format_version')!r} is not supported (this collection reads {MANIFEST_VERSION})",
         sid,
     )
-    _require(is_set_id(m.get("set_id", "")), "set_id is malformed", sid)
+    _require(is_set_id(m.get("set_id")), "set_id is malformed", sid)
     if expected_set_id is not None:
         _require(m["set_id"] == expected_set_id, f"set_id {m['set_id']!r} does not match its directory", sid)
     _require(m.get("type") in SET_TYPES, f"type {m.get('type')!r} is unknown", sid)
@@ -204,11 +204,18 @@ def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str,
     _require(isinstance(disks, list) and disks, "disks is empty", sid)
     for disk in disks:
         _require(isinstance(disk, dict) and disk.get("method") in DISK_METHODS, "a disk has no valid method", sid)
-        _require(disk.get("file") in files, f"disk {disk.get('target')!r} references a file without a checksum", sid)
+        _require(
+            isinstance(disk.get("file"), str) and disk["file"] in files,
+            f"disk {disk.get('target')!r} references a file without a checksum",
+            sid,
+        )
     if m["type"] == "incremental":
         parent = m.get("parent")
         _require(
-            isinstance(parent, dict) and is_set_id(parent.get("set_id", "")) and len(parent.get("manifest_sha256", "")) == 64,
+            isinstance(parent, dict)
+            and is_set_id(parent.get("set_id"))
+            and isinstance(parent.get("manifest_sha256"), str)
+            and len(parent["manifest_sha256"]) == 64,
             "an incremental set has no parent reference",
             sid,
         )

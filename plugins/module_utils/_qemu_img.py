@@ -42,7 +42,11 @@ class QemuImg:
             args.append("-U")
         if fmt:
             args += ["-f", fmt]
-        data = json.loads(self._call(args + [path], f"info of {path}", code="BACKUP_FAILED"))
+        out = self._call(args + [path], f"info of {path}", code="BACKUP_FAILED")
+        try:
+            data = json.loads(out)
+        except ValueError:
+            raise VmBackupError("BACKUP_FAILED", f"qemu-img info of {path} printed no JSON: {out[:200]!r}") from None
         return data if isinstance(data, list) else [data]
 
     def allocated_bytes(self, path: str, fmt: str | None, force_share: bool) -> int:
@@ -55,6 +59,15 @@ class QemuImg:
         if src_fmt:
             args += ["-f", src_fmt]
         self._call(args + [src, dst], f"convert of {src}")
+
+    def bitmaps(self, path: str) -> list[str]:
+        """Names of the persistent dirty bitmaps in a qcow2 image (image not in use)."""
+        info = self.info_chain(path, "qcow2", force_share=False)[0]
+        data = (info.get("format-specific") or {}).get("data") or {}
+        return [b["name"] for b in data.get("bitmaps", [])]
+
+    def remove_bitmap(self, path: str, name: str) -> None:
+        self._call(["bitmap", "--remove", "-f", "qcow2", path, name], f"bitmap --remove {name} of {path}")
 
     def drop_backing_reference(self, path: str) -> None:
         """Remove the backing-file name from an image header without touching its data.

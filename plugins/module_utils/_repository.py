@@ -55,7 +55,8 @@ def validate_repository_path(path: t.Any) -> str:
     parts = path.split("/")
     if ".." in parts:
         raise VmBackupError("PATH_ESCAPE", f"repository {path!r} contains '..'")
-    norm = os.path.normpath(path)
+    # normpath keeps a leading "//" (POSIX allows it a special meaning); Linux does not.
+    norm = "/" + os.path.normpath(path).lstrip("/")
     if norm == "/":
         raise VmBackupError("PATH_ESCAPE", "repository cannot be the root directory")
     return norm
@@ -81,12 +82,13 @@ def inspect_repository(path: str, allow_unsafe_permissions: bool = False) -> Rep
     warnings: list[str] = []
     if os.path.islink(path):
         raise VmBackupError("UNSAFE_TARGET", f"repository {path} is a symbolic link; give the real path")
-    real = os.path.realpath(path)
-    if os.path.lexists(path) and real != path:
-        raise VmBackupError(
-            "UNSAFE_TARGET", f"repository {path} passes through a symbolic link (resolves to {real}); give the real path"
-        )
+    # Check the nearest existing ancestor too: a new repository must not be created through a link.
     probe = _nearest_existing(path)
+    real = os.path.realpath(probe)
+    if real != probe:
+        raise VmBackupError(
+            "UNSAFE_TARGET", f"repository {path} passes through a symbolic link ({probe} resolves to {real}); give the real path"
+        )
     st = os.stat(probe)
     if not stat.S_ISDIR(st.st_mode):
         raise VmBackupError("UNSAFE_TARGET", f"{probe} exists and is not a directory")
@@ -132,6 +134,8 @@ def read_marker(path: str) -> dict[str, t.Any]:
         raise VmBackupError("REPOSITORY_FORMAT", f"cannot read {marker}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != REPO_FORMAT:
         raise VmBackupError("REPOSITORY_FORMAT", f"{marker} is not a vmbackup.libvirt repository marker")
+    if not isinstance(data.get("repo_id"), str):
+        raise VmBackupError("REPOSITORY_FORMAT", f"{marker} has no repo_id")
     if data.get("format_version") != REPO_VERSION:
         raise VmBackupError(
             "REPOSITORY_FORMAT",
@@ -237,10 +241,16 @@ class Repository:
 
     # -- creation -----------------------------------------------------------
     def initialise(self) -> bool:
-        """Create the repository (and missing parents, 0700) with its marker; True if created."""
+        """Create the repository (and missing parents, 0711 whatever the umask) with its marker;
+        True if anything was created."""
         created = False
-        if not os.path.isdir(self.path):
-            os.makedirs(self.path, DIR_MODE_TRAVERSE)
+        missing = []
+        probe = self.path
+        while not os.path.isdir(probe):
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        for path in reversed(missing):
+            makedir(path, DIR_MODE_TRAVERSE)
             created = True
         os.chmod(self.path, DIR_MODE_TRAVERSE)
         marker = os.path.join(self.path, REPO_MARKER)

@@ -406,6 +406,9 @@ def test_vm_stopping_during_backup_rolls_the_run_back(ansible, vms, repo):
     assert sets_of(repo, vm) == []
     assert list(staging.iterdir()) == []
     assert vm.checkpoints() == []
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vm.disks["vda"])],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert not info["format-specific"]["data"].get("bitmaps"), "the failed run's bitmap must not stay in the image"
     # The VM is as the test left it (shut off); the next run takes a copy.
     again = ansible("export", args)
     assert again["changed"] and again["type"] == "copy", again

@@ -125,10 +125,8 @@ def test_is_set_id(text, expected):
 
 # Set ids, targets, periods and checkpoint names become path components; Python's "$" also
 # matches before a trailing newline, so each of these currently accepts "<valid>\n".
-_TRAILING_NEWLINE_BUG = "module_utils/_manifest.py: regexes end in '$', which matches before a trailing newline; use re.fullmatch or '\\Z'"
 
 
-@pytest.mark.xfail(strict=True, reason=_TRAILING_NEWLINE_BUG)
 def test_is_set_id_rejects_trailing_newline():
     assert _manifest.is_set_id(f"{S0}-001\n") is False
 
@@ -199,7 +197,6 @@ def test_parse_checkpoint_name_ignores_foreign_names(name):
     assert _manifest.parse_checkpoint_name(name) is None
 
 
-@pytest.mark.xfail(strict=True, reason=_TRAILING_NEWLINE_BUG)
 def test_parse_checkpoint_name_rejects_trailing_newline():
     assert _manifest.parse_checkpoint_name("vmbackup-0123456789ab-1\n") is None
 
@@ -240,7 +237,6 @@ def test_validate_target_rejects(target):
     assert "disk target" in err.msg
 
 
-@pytest.mark.xfail(strict=True, reason=_TRAILING_NEWLINE_BUG)
 def test_validate_target_rejects_trailing_newline():
     _raises("INVALID_NAME", _manifest.validate_target, "vda\n")
 
@@ -266,7 +262,6 @@ def test_validate_period_rejects(period):
     assert "period" in err.msg
 
 
-@pytest.mark.xfail(strict=True, reason=_TRAILING_NEWLINE_BUG)
 def test_validate_period_rejects_trailing_newline():
     _raises("INVALID_NAME", _manifest.validate_period, "2026-W48\n")
 
@@ -540,12 +535,6 @@ def test_validate_manifest_set_id_must_match_directory(manifest, directory):
 
 # A manifest is read from disk, so any JSON value may sit in any field; the contract is
 # REPOSITORY_FORMAT, never a TypeError traceback.
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="module_utils/_manifest.py validate_manifest: non-str set_id / manifest_sha256 or an unhashable disk "
-    "'file' raise TypeError instead of REPOSITORY_FORMAT",
-)
 @pytest.mark.parametrize(
     "mutate",
     [

@@ -1,0 +1,291 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Unit tests for the pure XML helpers of plugins/module_utils/_libvirt.py (no libvirt daemon)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
+
+DOMAIN_XML = """\
+<domain type='kvm' id='3'>
+  <name>web-01</name>
+  <uuid>2f1c7d6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f</uuid>
+  <metadata>
+    <disk><target dev='vdz'/></disk>
+  </metadata>
+  <os>
+    <type arch='x86_64' machine='pc-q35-8.2'>hvm</type>
+    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/web-01_VARS.fd</nvram>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/var/lib/libvirt/images/web-01.qcow2' index='2'/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+    </disk>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none' io='native'/>
+      <source dev='/dev/vg0/web-01-data' index='1'/>
+      <target dev='vdb' bus='virtio'/>
+      <alias name='virtio-disk1'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+      <alias name='sata0-0-0'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file='/srv/iso/debian.iso'/>
+      <target dev='sdb' bus='sata'/>
+      <readonly/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/srv/shared/tools.qcow2'/>
+      <target dev='vdc' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source protocol='rbd' name='pool/web-01-scratch'>
+        <host name='mon1.example.org' port='6789'/>
+      </source>
+      <target dev='vdd' bus='virtio'/>
+    </disk>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='default' volume='web-01-logs.qcow2'/>
+      <target dev='vde' bus='virtio'/>
+    </disk>
+    <disk type='file' device='floppy'>
+      <source file='/srv/floppy.img'/>
+      <target dev='fda'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <target dev='vdf' bus='virtio'/>
+    </disk>
+    <disk>
+      <source file='/srv/defaults.img'/>
+      <target dev='hdc'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <source file='/srv/no-target.qcow2'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <source file='/srv/empty-target.qcow2'/>
+      <target dev=''/>
+    </disk>
+    <interface type='network'><source network='default'/></interface>
+  </devices>
+</domain>
+"""
+
+# target: (device, source_type, source, driver_type, readonly, alias, checkpointable, skip_reason)
+EXPECTED_DISKS = {
+    "vda": ("disk", "file", "/var/lib/libvirt/images/web-01.qcow2", "qcow2", False, "virtio-disk0", True, None),
+    "vdb": ("disk", "block", "/dev/vg0/web-01-data", "raw", False, "virtio-disk1", False, None),
+    "sda": ("cdrom", "file", None, "raw", True, "sata0-0-0", False, "cdrom device"),
+    "sdb": ("cdrom", "file", "/srv/iso/debian.iso", "raw", True, None, False, "cdrom device"),
+    "vdc": ("disk", "file", "/srv/shared/tools.qcow2", "qcow2", True, None, True, "read-only disk"),
+    "vdd": ("disk", "network", "pool/web-01-scratch", "raw", False, None, False, "source type 'network' is not supported yet"),
+    "vde": ("disk", "volume", "web-01-logs.qcow2", "qcow2", False, None, True, "source type 'volume' is not supported yet"),
+    "fda": ("floppy", "file", "/srv/floppy.img", None, False, None, False, "floppy device"),
+    "vdf": ("disk", "file", None, "qcow2", False, None, True, "no source (empty drive)"),
+    "hdc": ("disk", "file", "/srv/defaults.img", None, False, None, False, None),
+}
+
+
+@pytest.fixture(scope="module")
+def disks() -> dict[str, lv.Disk]:
+    return {d.target: d for d in lv.parse_disks(DOMAIN_XML)}
+
+
+def test_parse_disks_order_and_selection():
+    targets = [d.target for d in lv.parse_disks(DOMAIN_XML)]
+    # Document order; disks without a target are left out, <metadata> is not a device list.
+    assert targets == ["vda", "vdb", "sda", "sdb", "vdc", "vdd", "vde", "fda", "vdf", "hdc"]
+
+
+@pytest.mark.parametrize("target", sorted(EXPECTED_DISKS))
+def test_parse_disks_fields(disks, target):
+    device, source_type, source, driver_type, readonly, alias, checkpointable, skip = EXPECTED_DISKS[target]
+    disk = disks[target]
+    assert disk == lv.Disk(
+        target=target, device=device, source_type=source_type, source=source, driver_type=driver_type, readonly=readonly, alias=alias
+    )
+    assert disk.checkpointable is checkpointable
+    assert disk.skip_reason() == skip
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        "<domain><name>x</name></domain>",
+        "<domain><devices/></domain>",
+        "<domain><devices><interface type='network'/></devices></domain>",
+    ],
+)
+def test_parse_disks_none(xml):
+    assert lv.parse_disks(xml) == []
+
+
+def test_parse_disks_rejects_malformed_xml():
+    with pytest.raises(ET.ParseError):
+        lv.parse_disks("<domain><devices>")
+
+
+def _disk(**over) -> lv.Disk:
+    fields = dict(target="vda", device="disk", source_type="file", source="/x.qcow2", driver_type="qcow2", readonly=False, alias=None)
+    fields.update(over)
+    return lv.Disk(**fields)
+
+
+@pytest.mark.parametrize(
+    "driver_type, expected",
+    [("qcow2", True), ("raw", False), (None, False), ("vmdk", False), ("qed", False), ("", False)],
+)
+def test_checkpointable(driver_type, expected):
+    assert _disk(driver_type=driver_type).checkpointable is expected
+
+
+@pytest.mark.parametrize(
+    "over, reason",
+    [
+        ({}, None),
+        ({"source_type": "block", "source": "/dev/sdb"}, None),
+        ({"driver_type": "raw"}, None),
+        ({"device": "lun"}, None),
+        ({"device": "cdrom"}, "cdrom device"),
+        ({"device": "cdrom", "readonly": True, "source": None}, "cdrom device"),
+        ({"device": "floppy", "source": None}, "floppy device"),
+        ({"readonly": True}, "read-only disk"),
+        ({"readonly": True, "source": None}, "read-only disk"),
+        ({"source": None}, "no source (empty drive)"),
+        ({"source": None, "source_type": "network"}, "no source (empty drive)"),
+        ({"source_type": "network"}, "source type 'network' is not supported yet"),
+        ({"source_type": "nvme"}, "source type 'nvme' is not supported yet"),
+        ({"source_type": "dir"}, "source type 'dir' is not supported yet"),
+    ],
+)
+def test_skip_reason_precedence(over, reason):
+    assert _disk(**over).skip_reason() == reason
+
+
+# --------------------------------------------------------------------------- nvram / tpm
+
+
+@pytest.mark.parametrize(
+    "xml, expected",
+    [
+        (DOMAIN_XML, "/var/lib/libvirt/qemu/nvram/web-01_VARS.fd"),
+        ("<domain><os><nvram>\n   /var/nvram/x.fd  \n</nvram></os></domain>", "/var/nvram/x.fd"),
+        ("<domain><os><nvram template='/usr/share/OVMF/VARS.fd'/></os></domain>", None),
+        ("<domain><os><nvram>   </nvram></os></domain>", None),
+        ("<domain><os><type>hvm</type></os></domain>", None),
+        ("<domain><nvram>/not/under/os.fd</nvram></domain>", None),
+        ("<domain/>", None),
+    ],
+)
+def test_nvram_path(xml, expected):
+    assert lv.nvram_path(xml) == expected
+
+
+@pytest.mark.parametrize(
+    "xml, expected",
+    [
+        ("<domain><devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>", True),
+        ("<domain><devices><disk/></devices></domain>", False),
+        ("<domain><tpm/></domain>", False),
+    ],
+)
+def test_has_tpm(xml, expected):
+    assert lv.has_tpm(xml) is expected
+
+
+# --------------------------------------------------------------------------- checkpoint XML
+
+
+@pytest.mark.parametrize(
+    "bitmap, all_targets",
+    [
+        pytest.param(["vda", "vdb"], ["vda", "vdb", "vdc"], id="some-raw"),
+        pytest.param([], ["vda"], id="no-bitmap"),
+        pytest.param(iter(["vdb"]), ["vdb", "vda"], id="iterables-keep-all-targets-order"),
+        pytest.param(["vda", "vdx"], ["vda"], id="bitmap-target-not-in-all-is-ignored"),
+    ],
+)
+def test_checkpoint_xml(bitmap, all_targets):
+    bitmap = list(bitmap)
+    root = ET.fromstring(lv.checkpoint_xml("vmbackup-0123456789ab-3", iter(bitmap), all_targets))
+    assert root.tag == "domaincheckpoint"
+    assert root.findtext("name") == "vmbackup-0123456789ab-3"
+    assert root.findtext("description")
+    disks = root.findall("./disks/disk")
+    assert [d.get("name") for d in disks] == list(all_targets)
+    for d in disks:
+        assert d.get("checkpoint") == ("bitmap" if d.get("name") in bitmap else "no")
+        assert set(d.attrib) == {"name", "checkpoint"}
+
+
+def test_checkpoint_xml_escapes_text():
+    root = ET.fromstring(lv.checkpoint_xml("a<b>&'\"c", [], ["vda"]))
+    assert root.findtext("name") == "a<b>&'\"c"
+
+
+# --------------------------------------------------------------------------- backup XML
+
+TARGETS = {"vda": "/repo/vms/u/.incomplete/s/disks/vda.qcow2", "vdb": "/repo/vms/u/.incomplete/s/disks/vdb.qcow2"}
+
+
+@pytest.mark.parametrize(
+    "incremental, full_targets, skip, expected_backupmode",
+    [
+        pytest.param(None, (), ["sda"], {"vda": None, "vdb": None}, id="full-job"),
+        pytest.param(None, ["vdb"], ["sda"], {"vda": None, "vdb": None}, id="full-job-ignores-full-targets"),
+        pytest.param("vmbackup-0123456789ab-1", (), [], {"vda": None, "vdb": None}, id="incremental-all-bitmaps"),
+        pytest.param("vmbackup-0123456789ab-1", ["vdb"], ["sda", "vdc"], {"vda": None, "vdb": "full"}, id="incremental-raw-disk-full"),
+        pytest.param("vmbackup-0123456789ab-1", iter(["vda", "vdb"]), [], {"vda": "full", "vdb": "full"}, id="incremental-all-full"),
+        pytest.param("", ["vdb"], [], {"vda": None, "vdb": None}, id="empty-incremental-is-full"),
+    ],
+)
+def test_backup_xml(incremental, full_targets, skip, expected_backupmode):
+    root = ET.fromstring(lv.backup_xml(TARGETS, iter(skip), incremental, full_targets))
+    assert root.tag == "domainbackup"
+    assert root.get("mode") == "push"
+    inc = root.findall("incremental")
+    if incremental:
+        assert len(inc) == 1 and inc[0].text == incremental
+    else:
+        assert inc == []
+    disks = root.findall("./disks/disk")
+    assert [d.get("name") for d in disks] == list(TARGETS) + list(skip)
+    for d in disks[: len(TARGETS)]:
+        name = d.get("name")
+        assert d.get("backup") == "yes"
+        assert d.get("type") == "file"
+        assert d.get("backupmode") == expected_backupmode[name]
+        assert [t.get("file") for t in d.findall("target")] == [TARGETS[name]]
+        assert [t.get("type") for t in d.findall("driver")] == ["qcow2"]
+    for d in disks[len(TARGETS):]:
+        assert d.attrib == {"name": d.get("name"), "backup": "no"}
+        assert list(d) == [], "a skipped disk has no target"
+
+
+def test_backup_xml_escapes_paths():
+    path = "/repo/a b&c<d>'\"/vda.qcow2"
+    root = ET.fromstring(lv.backup_xml({"vda": path}, [], None))
+    assert root.find("./disks/disk/target").get("file") == path

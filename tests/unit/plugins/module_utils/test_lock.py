@@ -1,0 +1,153 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Unit tests for plugins/module_utils/_lock.py.
+
+flock locks belong to an open file description, so two VmLock objects in one process
+(each opens the file itself) conflict exactly as two processes would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
+
+
+@pytest.fixture
+def lock_path(tmp_path) -> str:
+    return str(tmp_path / "lock")
+
+
+def _content(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def test_acquire_writes_holder_and_release_clears_it(lock_path):
+    lock = VmLock(lock_path, timeout=1, purpose="export 2f1c7d6e")
+    lock.acquire()
+    try:
+        holder = json.loads(_content(lock_path))
+        assert holder["pid"] == os.getpid()
+        assert holder["host"] == socket.gethostname()
+        assert holder["purpose"] == "export 2f1c7d6e"
+        assert abs(holder["since"] - time.time()) < 60
+        assert stat.S_IMODE(os.stat(lock_path).st_mode) & 0o077 == 0, "the lock file must be private"
+    finally:
+        lock.release()
+    assert os.path.exists(lock_path), "the lock file is never deleted"
+    assert _content(lock_path) == b""
+    lock.release()  # a second release is harmless
+
+
+@pytest.mark.parametrize("timeout", [0, 0.2])
+def test_second_lock_in_the_same_process_is_refused(lock_path, timeout):
+    with VmLock(lock_path, timeout=5, purpose="export first"):
+        second = VmLock(lock_path, timeout=timeout, purpose="export second")
+        started = time.monotonic()
+        with pytest.raises(VmBackupError) as info:
+            second.acquire()
+        waited = time.monotonic() - started
+        err = info.value
+        assert err.error_code == "VM_LOCKED"
+        assert f"pid {os.getpid()}" in err.msg
+        assert "export first" in err.msg
+        assert f"waited {timeout:g}s" in err.msg
+        assert err.details["lock_path"] == lock_path
+        assert err.details["lock_holder"]["pid"] == os.getpid()
+        assert err.details["lock_holder"]["purpose"] == "export first"
+        assert timeout <= waited < timeout + 2
+        # The refused attempt did not disturb the holder's record.
+        assert json.loads(_content(lock_path))["purpose"] == "export first"
+    # Released: a new lock gets it at once, and records itself.
+    with VmLock(lock_path, timeout=0, purpose="export third"):
+        assert json.loads(_content(lock_path))["purpose"] == "export third"
+
+
+def test_lock_is_released_when_the_body_raises(lock_path):
+    with pytest.raises(RuntimeError):
+        with VmLock(lock_path, timeout=0, purpose="first") as lock:
+            assert isinstance(lock, VmLock)
+            raise RuntimeError("boom")
+    with VmLock(lock_path, timeout=0, purpose="second"):
+        pass
+
+
+def test_waits_for_the_holder_to_release(lock_path):
+    first = VmLock(lock_path, timeout=0, purpose="first")
+    first.acquire()
+    timer = threading.Timer(0.3, first.release)
+    timer.start()
+    try:
+        started = time.monotonic()
+        with VmLock(lock_path, timeout=10, purpose="second"):
+            waited = time.monotonic() - started
+            assert json.loads(_content(lock_path))["purpose"] == "second"
+    finally:
+        timer.join()
+    assert 0.25 <= waited < 5
+
+
+def test_holder_in_another_process(lock_path):
+    """The holder's record names the other process, not this one."""
+    script = (
+        "import fcntl, json, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'other-host', 'purpose': 'restore x'}).encode())\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, lock_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(VmBackupError) as info:
+            VmLock(lock_path, timeout=0.2, purpose="export").acquire()
+        assert info.value.error_code == "VM_LOCKED"
+        assert f"pid {child.pid} on other-host, restore x" in info.value.msg
+        assert info.value.details["lock_holder"]["pid"] == child.pid
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    # The holder died (its flock went with it): the lock is free again.
+    with VmLock(lock_path, timeout=0, purpose="export"):
+        assert json.loads(_content(lock_path))["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [pytest.param(b"", id="empty"), pytest.param(b"{garbage", id="not-json"), pytest.param(b"[1, 2]", id="not-a-mapping")],
+)
+def test_unknown_holder(lock_path, content):
+    with open(lock_path, "wb") as fh:
+        fh.write(content)
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(VmBackupError) as info:
+            VmLock(lock_path, timeout=0, purpose="export").acquire()
+        assert info.value.error_code == "VM_LOCKED"
+        assert "holder unknown" in info.value.msg
+    finally:
+        os.close(fd)
+
+
+def test_lock_file_in_missing_directory_is_an_oserror(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        VmLock(str(tmp_path / "missing" / "lock"), timeout=0, purpose="export").acquire()

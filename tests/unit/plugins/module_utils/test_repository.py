@@ -1,0 +1,653 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Unit tests for plugins/module_utils/_repository.py on temporary directories."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import tempfile
+import uuid
+
+import pytest
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+
+VM = "2f1c7d6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
+
+
+def _raises(code: str, func, *args, **kwargs) -> VmBackupError:
+    with pytest.raises(VmBackupError) as info:
+        func(*args, **kwargs)
+    assert info.value.error_code == code, info.value.msg
+    return info.value
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture
+def base(tmp_path) -> str:
+    """A real (symlink-free) directory path, as validate_repository_path would hand over."""
+    return os.path.realpath(tmp_path)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def owner_write_semantics(monkeypatch):
+    """Make unlink/rmdir honour a read-only parent directory even when the tests run as root.
+
+    A non-root user cannot remove an entry from a directory without write permission; root can.
+    This reproduces the non-root behaviour so that remove_tree's recovery path is exercised.
+    """
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+
+    def guard(real):
+        def wrapper(path, *, dir_fd=None):
+            if dir_fd is not None and not os.path.isabs(path):
+                parent_mode = os.fstat(dir_fd).st_mode
+            else:
+                parent_mode = os.stat(os.path.dirname(os.path.abspath(path))).st_mode
+            if not parent_mode & stat.S_IWUSR:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return real(path, dir_fd=dir_fd)
+
+        return wrapper
+
+    monkeypatch.setattr(os, "unlink", guard(real_unlink))
+    monkeypatch.setattr(os, "rmdir", guard(real_rmdir))
+
+
+# --------------------------------------------------------------------------- validate_repository_path
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/srv/backups", "/srv/backups"),
+        ("/srv/backups/", "/srv/backups"),
+        ("/srv//backups", "/srv/backups"),
+        ("/srv/./backups/.", "/srv/backups"),
+        ("///srv/backups", "/srv/backups"),
+        ("/a", "/a"),
+        ("/srv/back ups/vm…", "/srv/back ups/vm…"),
+    ],
+)
+def test_validate_repository_path_normalises(path, expected):
+    assert repo_mod.validate_repository_path(path) == expected
+
+
+# os.path.normpath keeps exactly two leading slashes (POSIX leaves "//" implementation-defined).
+
+
+@pytest.mark.parametrize("path, expected", [("//a/b/", "/a/b"), ("//srv/backups", "/srv/backups")])
+def test_validate_repository_path_collapses_leading_double_slash(path, expected):
+    assert repo_mod.validate_repository_path(path) == expected
+
+
+@pytest.mark.parametrize("path", ["//", "//."])
+def test_validate_repository_path_rejects_double_slash_root(path):
+    _raises("PATH_ESCAPE", repo_mod.validate_repository_path, path)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("", "absolute"),
+        (None, "absolute"),
+        (42, "absolute"),
+        (b"/srv/backups", "absolute"),
+        ("srv/backups", "relative"),
+        ("./backups", "relative"),
+        ("backups", "relative"),
+        ("~/backups", "relative"),
+        ("..", "relative"),
+        ("/srv/../etc", "'..'"),
+        ("/srv/backups/..", "'..'"),
+        ("/..", "'..'"),
+        ("/srv/backups/../../x", "'..'"),
+        ("/", "root"),
+        ("/.", "root"),
+        ("/./", "root"),
+        ("///", "root"),
+        ("/srv/back\x00ups", "NUL"),
+        ("/srv/back\nups", "newline"),
+    ],
+)
+def test_validate_repository_path_rejects(path, message):
+    err = _raises("PATH_ESCAPE", repo_mod.validate_repository_path, path)
+    assert message in err.msg
+
+
+def test_validate_repository_path_keeps_dotdot_lookalikes():
+    assert repo_mod.validate_repository_path("/srv/..backups/a..b") == "/srv/..backups/a..b"
+
+
+# --------------------------------------------------------------------------- inspect_repository
+
+
+def test_inspect_missing_directory_creates_nothing(base):
+    path = os.path.join(base, "a", "b", "repo")
+    state = repo_mod.inspect_repository(path)
+    assert state.exists is False
+    assert state.repo_id is None
+    assert state.path == path
+    assert state.free_bytes > 0
+    assert os.listdir(base) == []
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o711, 0o755, 0o750, 0o705])
+def test_inspect_empty_directory(base, mode):
+    path = os.path.join(base, "repo")
+    os.mkdir(path)
+    os.chmod(path, mode)
+    state = repo_mod.inspect_repository(path)
+    assert (state.exists, state.repo_id) == (True, None)
+    assert os.listdir(path) == []
+    assert _mode(path) == mode
+
+
+def test_inspect_symlink_to_directory(base):
+    os.mkdir(os.path.join(base, "real"))
+    os.symlink(os.path.join(base, "real"), os.path.join(base, "repo"))
+    err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, os.path.join(base, "repo"))
+    assert "symbolic link" in err.msg
+
+
+def test_inspect_dangling_symlink(base):
+    os.symlink(os.path.join(base, "nowhere"), os.path.join(base, "repo"))
+    err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, os.path.join(base, "repo"))
+    assert "symbolic link" in err.msg
+    assert not os.path.exists(os.path.join(base, "nowhere"))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_inspect_path_through_symlinked_parent(base, depth):
+    real = os.path.join(base, "real")
+    os.makedirs(os.path.join(real, "x", "repo"))
+    os.symlink(real, os.path.join(base, "link"))
+    path = os.path.join(base, "link", "x", "repo") if depth == 2 else os.path.join(base, "link", "x")
+    err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, path)
+    assert "passes through a symbolic link" in err.msg
+
+
+def test_inspect_missing_directory_under_symlinked_parent(base):
+    os.mkdir(os.path.join(base, "real"))
+    os.symlink(os.path.join(base, "real"), os.path.join(base, "link"))
+    _raises("UNSAFE_TARGET", repo_mod.inspect_repository, os.path.join(base, "link", "new", "repo"))
+
+
+@pytest.mark.parametrize(
+    "mode, who",
+    [
+        (0o777, "world"),
+        (0o1777, "world"),
+        (0o702, "world"),
+        (0o757, "world"),
+        (0o770, "group"),
+        (0o720, "group"),
+        (0o775, "group"),
+        (0o776, "world"),  # both: world wins in the message
+    ],
+)
+def test_inspect_writable_by_others(base, mode, who):
+    path = os.path.join(base, "repo")
+    os.mkdir(path)
+    os.chmod(path, mode)
+    err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, path)
+    assert f"{who}-writable" in err.msg
+    assert f"{stat.S_IMODE(mode):04o}" in err.msg
+    state = repo_mod.inspect_repository(path, allow_unsafe_permissions=True)
+    assert state.exists is True
+
+
+def test_inspect_checks_only_the_repository_mode_not_a_missing_one(base):
+    # A missing repository has no mode yet; its writable parent is not the repository.
+    os.chmod(base, 0o777)
+    try:
+        assert repo_mod.inspect_repository(os.path.join(base, "repo")).exists is False
+    finally:
+        os.chmod(base, 0o700)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param({"file": "notes.txt"}, id="a-file"),
+        pytest.param({"file": ".hidden"}, id="a-dotfile"),
+        pytest.param({"dir": "vms"}, id="a-directory-without-marker"),
+        pytest.param({"file": "vmbackup-repo.json.bak"}, id="a-marker-lookalike"),
+    ],
+)
+def test_inspect_non_empty_directory_that_is_not_a_repository(base, content):
+    path = os.path.join(base, "repo")
+    os.mkdir(path)
+    if "file" in content:
+        with open(os.path.join(path, content["file"]), "w", encoding="utf-8") as fh:
+            fh.write("x")
+    else:
+        os.mkdir(os.path.join(path, content["dir"]))
+    err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, path)
+    assert "not empty" in err.msg
+
+
+@pytest.mark.parametrize("relative", ["repo", "repo/sub/deeper"])
+def test_inspect_file_instead_of_directory(base, relative):
+    with open(os.path.join(base, "repo"), "w", encoding="utf-8") as fh:
+        fh.write("x")
+    err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, os.path.join(base, relative))
+    assert "is not a directory" in err.msg
+
+
+def test_inspect_initialised_repository(base):
+    path = os.path.join(base, "repo")
+    repo_mod.Repository(path).initialise()
+    marker = repo_mod.read_marker(path)
+    state = repo_mod.inspect_repository(path)
+    assert state.exists is True
+    assert state.repo_id == marker["repo_id"]
+
+
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        pytest.param(b"", "cannot read", id="empty"),
+        pytest.param(b"{not json", "cannot read", id="not-json"),
+        pytest.param(b"\xff", "cannot read", id="not-utf8"),
+        pytest.param(b"[]", "not a vmbackup.libvirt repository marker", id="array"),
+        pytest.param(b'{"format": "vmbackup.libvirt/set", "format_version": 1, "repo_id": "x"}', "not a vmbackup", id="wrong-format"),
+        pytest.param(b'{"format": "vmbackup.libvirt/repository", "format_version": 2, "repo_id": "x"}', "version 2", id="version-2"),
+        pytest.param(b'{"format": "vmbackup.libvirt/repository", "repo_id": "x"}', "version None", id="no-version"),
+    ],
+)
+def test_inspect_bad_marker(base, marker, message):
+    path = os.path.join(base, "repo")
+    os.mkdir(path)
+    with open(os.path.join(path, repo_mod.REPO_MARKER), "wb") as fh:
+        fh.write(marker)
+    err = _raises("REPOSITORY_FORMAT", repo_mod.inspect_repository, path)
+    assert message in err.msg
+
+
+def test_inspect_marker_without_repo_id(base):
+    path = os.path.join(base, "repo")
+    os.mkdir(path)
+    with open(os.path.join(path, repo_mod.REPO_MARKER), "wb") as fh:
+        fh.write(b'{"format": "vmbackup.libvirt/repository", "format_version": 1}')
+    _raises("REPOSITORY_FORMAT", repo_mod.inspect_repository, path)
+
+
+# --------------------------------------------------------------------------- Repository
+
+
+@pytest.mark.parametrize("relative", ["repo", "a/b/repo"])
+def test_initialise(base, relative, umask_022):
+    path = os.path.join(base, relative)
+    repo = repo_mod.Repository(path)
+    assert repo.initialise() is True
+    marker = repo_mod.read_marker(path)
+    assert marker["format"] == "vmbackup.libvirt/repository"
+    assert marker["format_version"] == 1
+    assert str(uuid.UUID(marker["repo_id"])) == marker["repo_id"]
+    _manifest.parse_iso(marker["created"])
+    assert _mode(path) == 0o711
+    assert _mode(os.path.join(path, "vms")) == 0o711
+    assert _mode(os.path.join(path, repo_mod.REPO_MARKER)) == 0o644
+    assert sorted(os.listdir(path)) == ["vmbackup-repo.json", "vms"]
+    # A second run changes nothing and keeps the identity.
+    assert repo.initialise() is False
+    assert repo_mod.read_marker(path)["repo_id"] == marker["repo_id"]
+    assert repo_mod.inspect_repository(path).repo_id == marker["repo_id"]
+
+
+def test_initialise_existing_empty_directory_fixes_mode(base):
+    path = os.path.join(base, "repo")
+    os.mkdir(path, 0o700)
+    assert repo_mod.Repository(path).initialise() is True
+    assert _mode(path) == 0o711
+    assert os.path.isfile(os.path.join(path, repo_mod.REPO_MARKER))
+
+
+def _mkset(root: str, name: str, manifest: bool) -> None:
+    os.makedirs(os.path.join(root, name))
+    if manifest:
+        with open(os.path.join(root, name, _manifest.MANIFEST_NAME), "wb") as fh:
+            fh.write(b"{}")
+
+
+def test_set_ids_and_all_ids(base):
+    repo = repo_mod.Repository(os.path.join(base, "repo"))
+    repo.initialise()
+    repo.prepare_vm(VM)
+    sets, staging = repo.sets_dir(VM), repo.staging_root(VM)
+    # Created out of order on purpose: the listing must be sorted, not in directory order.
+    _mkset(sets, "20261125T073512Z-002", manifest=True)
+    _mkset(sets, "20261124T000000Z-001", manifest=True)
+    _mkset(sets, "20261125T073512Z-001", manifest=True)
+    _mkset(sets, "20261126T000000Z-001", manifest=False)  # renamed in but never committed
+    _mkset(sets, "not-a-set-id", manifest=True)
+    _mkset(staging, "20261127T000000Z-001", manifest=True)  # staging never counts as committed
+    with open(os.path.join(sets, "20261124T000000Z-001.verify.json"), "w", encoding="utf-8") as fh:
+        fh.write("{}")
+    with open(os.path.join(sets, "20261128T000000Z-001"), "w", encoding="utf-8") as fh:
+        fh.write("a file, not a set")
+    os.symlink(os.path.join(sets, "20261124T000000Z-001"), os.path.join(sets, "20261129T000000Z-001"))
+
+    assert repo.set_ids(VM) == ["20261124T000000Z-001", "20261125T073512Z-001", "20261125T073512Z-002"]
+    assert repo.all_ids(VM) == [
+        "20261124T000000Z-001",
+        "20261125T073512Z-001",
+        "20261125T073512Z-002",
+        "20261126T000000Z-001",
+        "20261127T000000Z-001",
+        "20261128T000000Z-001",
+        "20261129T000000Z-001",
+    ]
+    # A new id for "now" sorts after everything in use, staged or committed.
+    new = _manifest.new_set_id(dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), repo.all_ids(VM))
+    assert new == "20261129T000000Z-002"
+
+
+def test_set_ids_of_unknown_vm_creates_nothing(base):
+    path = os.path.join(base, "repo")
+    repo = repo_mod.Repository(path)
+    assert repo.set_ids(VM) == []
+    assert repo.all_ids(VM) == []
+    assert repo.leftovers(VM) == []
+    assert not os.path.lexists(path)
+
+
+def test_prepare_vm_modes(base):
+    repo = repo_mod.Repository(os.path.join(base, "repo"))
+    repo.initialise()
+    repo.prepare_vm(VM)
+    assert _mode(repo.vm_dir(VM)) == 0o711
+    assert _mode(repo.sets_dir(VM)) == 0o700
+    assert _mode(repo.staging_root(VM)) == 0o711
+    assert repo.lock_path(VM) == os.path.join(base, "repo", "vms", VM, "lock")
+
+
+def test_staging_commit_and_read_manifest(base):
+    repo = repo_mod.Repository(os.path.join(base, "repo"))
+    repo.initialise()
+    repo.prepare_vm(VM)
+    set_id = "20261125T073512Z-001"
+    staging = repo.create_staging(VM, set_id)
+    assert _mode(staging) == 0o711
+    data = b"disk data"
+    repo_mod.write_file_atomic(os.path.join(staging, "disks", "vda.qcow2"), data)
+    assert repo.set_ids(VM) == []
+    assert repo.all_ids(VM) == [set_id]
+    assert repo.leftovers(VM) == [staging]
+    manifest = _manifest.build_manifest(
+        set_id=set_id,
+        vm_uuid=VM,
+        vm_name="web-01",
+        host="hv1",
+        started=dt.datetime(2026, 11, 25, 7, 35, 12, tzinfo=dt.timezone.utc),
+        completed=dt.datetime(2026, 11, 25, 7, 36, 0, tzinfo=dt.timezone.utc),
+        set_type="copy",
+        chain_id=None,
+        parent=None,
+        checkpoint=None,
+        consistency="shutoff",
+        period=None,
+        disks=[{"target": "vda", "method": "copy", "file": "disks/vda.qcow2"}],
+        skipped_disks=[],
+        files={"disks/vda.qcow2": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
+        tool={},
+        stats={},
+    )
+    final = repo.commit(VM, set_id, staging, manifest)
+    assert final == repo.set_dir(VM, set_id)
+    assert not os.path.exists(staging)
+    assert repo.leftovers(VM) == []
+    assert repo.set_ids(VM) == [set_id]
+    assert _mode(final) == 0o700
+    assert _mode(os.path.join(final, "disks")) == 0o700
+    assert _mode(os.path.join(final, "disks", "vda.qcow2")) == 0o400
+    assert _mode(os.path.join(final, _manifest.MANIFEST_NAME)) == 0o400
+    loaded, sha = repo.read_manifest(VM, set_id)
+    assert loaded == manifest
+    assert sha == hashlib.sha256(_manifest.dumps(manifest)).hexdigest()
+    _raises("SET_NOT_FOUND", repo.read_manifest, VM, "20261125T073512Z-002")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, None),
+        (b'{"outcome": "ok"}', {"outcome": "ok"}),
+        (b"{broken", {"outcome": "unreadable"}),
+        (b"[1]", {"outcome": "unreadable"}),
+    ],
+)
+def test_read_verify_sidecar(base, content, expected):
+    repo = repo_mod.Repository(os.path.join(base, "repo"))
+    repo.initialise()
+    repo.prepare_vm(VM)
+    if content is not None:
+        with open(os.path.join(repo.sets_dir(VM), "20261125T073512Z-001.verify.json"), "wb") as fh:
+            fh.write(content)
+    assert repo.read_verify_sidecar(VM, "20261125T073512Z-001") == expected
+
+
+# --------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize(
+    "data, mode",
+    [
+        pytest.param(b"", 0o600, id="empty"),
+        pytest.param(b"hello\n", 0o600, id="private"),
+        pytest.param(b"read only", 0o400, id="read-only"),
+        pytest.param(b"shared marker", 0o644, id="world-readable"),
+        pytest.param(bytes(range(256)) * 4096, 0o600, id="1MiB"),
+    ],
+)
+def test_write_file_atomic(base, umask_022, data, mode):
+    path = os.path.join(base, "file.json")
+    repo_mod.write_file_atomic(path, data, mode)
+    with open(path, "rb") as fh:
+        assert fh.read() == data
+    assert _mode(path) == mode
+    assert os.listdir(base) == ["file.json"], "no temporary file may be left behind"
+
+
+def test_write_file_atomic_default_mode(base, umask_022):
+    path = os.path.join(base, "f")
+    repo_mod.write_file_atomic(path, b"x")
+    assert _mode(path) == 0o600
+
+
+def test_write_file_atomic_replaces_by_rename(base):
+    path = os.path.join(base, "manifest.json")
+    with open(path, "wb") as fh:
+        fh.write(b"old content that is longer than the new one")
+    os.link(path, os.path.join(base, "old-link"))
+    repo_mod.write_file_atomic(path, b"new")
+    with open(path, "rb") as fh:
+        assert fh.read() == b"new"
+    # The old inode was never written to: a reader holding it saw a whole file, never a half one.
+    with open(os.path.join(base, "old-link"), "rb") as fh:
+        assert fh.read() == b"old content that is longer than the new one"
+    assert sorted(os.listdir(base)) == ["manifest.json", "old-link"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 128, 1000])
+def test_sha256_file_chunk_boundaries(base, monkeypatch, size):
+    monkeypatch.setattr(repo_mod, "_HASH_CHUNK", 64)
+    data = random.Random(size).randbytes(size)
+    path = os.path.join(base, "blob")
+    with open(path, "wb") as fh:
+        fh.write(data)
+    assert repo_mod.sha256_file(path) == (hashlib.sha256(data).hexdigest(), size)
+
+
+def test_sha256_file_real_chunk_size(base):
+    data = random.Random(1).randbytes(repo_mod._HASH_CHUNK + 17)
+    path = os.path.join(base, "blob")
+    with open(path, "wb") as fh:
+        fh.write(data)
+    assert repo_mod.sha256_file(path) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_sha256_file_missing_raises_oserror(base):
+    with pytest.raises(FileNotFoundError):
+        repo_mod.sha256_file(os.path.join(base, "missing"))
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644, 0o700, 0o400, 0o711, 0o000])
+def test_makedir_exact_mode(base, mode):
+    old = os.umask(0o077)
+    try:
+        path = os.path.join(base, "d")
+        assert repo_mod.makedir(path, mode) is True
+        assert _mode(path) == mode
+        os.chmod(path, 0o755)
+        assert repo_mod.makedir(path, mode) is False
+        assert _mode(path) == mode
+    finally:
+        os.umask(old)
+        os.chmod(os.path.join(base, "d"), 0o700)
+
+
+def _read_only_tree(root: str) -> None:
+    """A committed-looking set: 0400 files, and directories made read-only (0500) bottom-up."""
+    os.makedirs(os.path.join(root, "disks"))
+    os.makedirs(os.path.join(root, "sub", "deeper"))
+    for rel in ("manifest.json", "disks/vda.qcow2", "sub/deeper/f"):
+        with open(os.path.join(root, rel), "wb") as fh:
+            fh.write(b"x")
+        os.chmod(os.path.join(root, rel), 0o400)
+    for rel in ("sub/deeper", "sub", "disks", ""):
+        os.chmod(os.path.join(root, rel), 0o500)
+
+
+def test_read_only_tree_defeats_plain_rmtree(base, owner_write_semantics):
+    """Control for the next test: without remove_tree's recovery, such a tree cannot be removed."""
+    root = os.path.join(base, "set")
+    _read_only_tree(root)
+    with pytest.raises(PermissionError):
+        shutil.rmtree(root)
+    assert os.path.isdir(root)
+
+
+def test_remove_tree_read_only(base, owner_write_semantics):
+    root = os.path.join(base, "set")
+    _read_only_tree(root)
+    with open(os.path.join(base, "sibling"), "wb") as fh:
+        fh.write(b"keep")
+    repo_mod.remove_tree(root)
+    assert os.listdir(base) == ["sibling"]
+
+
+def test_remove_tree_symlink_removes_only_the_link(base):
+    target = os.path.join(base, "target")
+    os.makedirs(os.path.join(target, "inner"))
+    os.symlink(target, os.path.join(base, "link"))
+    repo_mod.remove_tree(os.path.join(base, "link"))
+    assert not os.path.lexists(os.path.join(base, "link"))
+    assert os.path.isdir(os.path.join(target, "inner"))
+
+
+def test_remove_tree_plain_file(base):
+    path = os.path.join(base, "f")
+    with open(path, "wb") as fh:
+        fh.write(b"x")
+    os.chmod(path, 0o400)
+    repo_mod.remove_tree(path)
+    assert os.listdir(base) == []
+
+
+def test_remove_leftovers(base, owner_write_semantics):
+    repo = repo_mod.Repository(os.path.join(base, "repo"))
+    repo.initialise()
+    repo.prepare_vm(VM)
+    first = repo.create_staging(VM, "20261125T073512Z-001")
+    _read_only_tree(os.path.join(repo.staging_root(VM), "20261125T073512Z-002"))
+    with open(os.path.join(first, "disks", "vda.qcow2"), "wb") as fh:
+        fh.write(b"partial")
+    removed = repo.remove_leftovers(VM)
+    assert removed == [first, os.path.join(repo.staging_root(VM), "20261125T073512Z-002")]
+    assert os.listdir(repo.staging_root(VM)) == []
+    assert repo.remove_leftovers(VM) == []
+
+
+# --------------------------------------------------------------------------- qemu_can_traverse
+
+
+def _others_can_traverse(path: str) -> bool:
+    current = "/"
+    for part in [p for p in path.split("/") if p]:
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+@pytest.fixture
+def open_base():
+    """A directory every ancestor of which others can traverse (pytest's tmp_path is 0700)."""
+    path = os.path.realpath(tempfile.mkdtemp(prefix="vmbackup-unit-"))
+    os.chmod(path, 0o711)
+    if not _others_can_traverse(path):
+        shutil.rmtree(path)
+        pytest.skip(f"the temporary directory {path} is not traversable by others on this host")
+    yield path
+    for root, dirs, _files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize(
+    "modes, path, blocked",
+    [
+        pytest.param({"a": 0o711, "a/b": 0o711, "a/b/c": 0o711}, "a/b/c", None, id="all-traversable"),
+        pytest.param({"a": 0o701, "a/b": 0o755}, "a/b", None, id="only-o+x-is-needed"),
+        pytest.param({"a": 0o700, "a/b": 0o711}, "a/b", "a", id="first-blocked"),
+        pytest.param({"a": 0o711, "a/b": 0o700, "a/b/c": 0o700}, "a/b/c", "a/b", id="first-of-two-blocked"),
+        pytest.param({"a": 0o711, "a/b": 0o750}, "a/b", "a/b", id="group-x-is-not-enough"),
+        pytest.param({"a": 0o711, "a/b": 0o744}, "a/b", "a/b", id="o+r-without-o+x"),
+        pytest.param({"a": 0o711}, "a/missing/deeper", None, id="missing-tail-will-be-created"),
+        pytest.param({"a": 0o700}, "a/missing", "a", id="missing-tail-under-blocked"),
+    ],
+)
+def test_qemu_can_traverse(open_base, modes, path, blocked):
+    for rel in sorted(modes):
+        os.mkdir(os.path.join(open_base, rel))
+    for rel in sorted(modes, reverse=True):
+        os.chmod(os.path.join(open_base, rel), modes[rel])
+    expected = os.path.join(open_base, blocked) if blocked else None
+    assert repo_mod.qemu_can_traverse(os.path.join(open_base, path)) == expected
+
+
+def test_qemu_can_traverse_reports_pytest_tmp_path(tmp_path):
+    # pytest makes its base temporary directory 0700, so a repository below it is out of QEMU's reach.
+    path = os.path.realpath(tmp_path)
+    blocked = repo_mod.qemu_can_traverse(os.path.join(path, "repo"))
+    if _others_can_traverse(path):
+        assert blocked is None
+    else:
+        assert blocked is not None
+        assert path.startswith(blocked)
+        assert not os.stat(blocked).st_mode & stat.S_IXOTH
