@@ -175,6 +175,10 @@ class Exporter:
                 result = self._execute(dom, repo, vm, plan, started_mono)
                 self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
             return result
+        except OSError as exc:
+            # Rolled back already (see _execute); report it like any expected failure.
+            raise VmBackupError("IO_ERROR", f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}",
+                                path=exc.filename) from None
         finally:
             try:
                 conn.close()
