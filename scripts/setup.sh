@@ -62,4 +62,4 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   done
 fi
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
-log "ready: $(virsh -c qemu:///system version | awk '/Running hypervisor/ {print $3, $4}'), $("$venv/bin/ansible" --version | head -1)"
+log "ready: $(virsh -c qemu:///system version | awk '/Running hypervisor/ {print $3, $4}'), $("$venv/bin/ansible" --version | sed -n 1p)"
