@@ -47,7 +47,7 @@ def test_code_shape(code):
 @pytest.mark.parametrize("code", ["", "NOT_A_CODE", "vm_locked", "VM_LOCKED ", " VM_LOCKED", "Vm_Locked", None])
 def test_unknown_code_is_a_programming_error(code):
     with pytest.raises(ValueError, match="unknown error code"):
-        VmBackupError(code, "message")
+        raise VmBackupError(code, "message")
 
 
 @pytest.mark.parametrize(
