@@ -175,6 +175,8 @@ class Exporter:
                 result = self._execute(dom, repo, vm, plan, started_mono)
                 self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
             return result
+        except lv.LibvirtError as exc:
+            raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed: {exc.get_error_message()}") from None
         except OSError as exc:
             # Rolled back already (see _execute); report it like any expected failure.
             raise VmBackupError("IO_ERROR", f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}",
@@ -210,8 +212,8 @@ class Exporter:
             if reason is None and disk.target in (self.p.exclude_disks or []):
                 reason = "in exclude_disks"
             if reason is None:
-                lv_target = _manifest.validate_target(disk.target)
-                selected.append(by_target[lv_target])
+                _manifest.validate_target(disk.target)  # it becomes a file name
+                selected.append(disk)
             else:
                 skipped.append({"target": disk.target, "device": disk.device, "source": disk.source, "reason": reason})
         if not selected:

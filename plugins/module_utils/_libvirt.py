@@ -20,6 +20,9 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 
+# What the binding raises; a stand-in when it is missing, so that except clauses still work.
+LibvirtError = libvirt.libvirtError if libvirt is not None else type("LibvirtError", (Exception,), {})
+
 # libvirt constants by value, so this module imports without the binding (unit tests, docs).
 DOMAIN_RUNNING_STATES = {1, 2, 3, 7}  # running, blocked, paused, pmsuspended
 STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed", 7: "pmsuspended"}
