@@ -76,6 +76,9 @@ def main() -> int:
             out.unlink()
         peer = []
         if shutil.which("virtnbdbackup"):
+            # virtnbdbackup refuses a full while other checkpoints exist: remove export's.
+            for cp in vm.dom.listAllCheckpoints(0):
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
             vm.dom.create()
             for i in range(args.repeat):
                 out = work / f"peer{i}"

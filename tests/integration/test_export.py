@@ -175,8 +175,11 @@ def test_check_mode_changes_nothing_on_an_existing_repository(ansible, vms, repo
 def test_period_makes_reruns_idempotent(ansible, vms, repo):
     vm = vms.create([DiskSpec("64M", fill=[(0x51, "0", "2M")])])
     args = {"name": vm.name, "repository": str(repo), "period": "2026-W48"}
+    # The canonical sequence: check, real, check, real.
+    predicted = ansible("export", args, check=True)
+    assert predicted["changed"] and predicted["type"] == "full" and not repo.exists()
     first = ansible("export", args)
-    assert first["changed"]
+    assert first["changed"] and (first["type"], first["reason"]) == (predicted["type"], predicted["reason"])
     state = tree_state(repo)
     again = ansible("export", args)
     assert not again["changed"] and again["set_id"] == first["set_id"] and again["bytes_written"] == 0
