@@ -33,6 +33,12 @@ def job_running(dom) -> bool:
         return False
 
 
+def wait_for_backup_job(vm, staging: pathlib.Path) -> None:
+    """Until a run is mid-copy: its staging set exists and libvirt runs its backup job."""
+    wait_for(lambda: staging.is_dir() and any(staging.iterdir()) and job_running(vm.dom), timeout=120,
+             what="the backup job to start")
+
+
 def sets_of(repo: pathlib.Path, vm) -> list[pathlib.Path]:
     sets = repo / "vms" / vm.uuid / "sets"
     return sorted(p for p in sets.iterdir() if p.is_dir()) if sets.is_dir() else []
@@ -362,9 +368,8 @@ def test_killed_run_leaves_no_set_and_the_next_run_cleans_up(ansible, vms, repo,
     staging = repo / "vms" / vm.uuid / ".incomplete"
 
     proc = ansible.popen("export", args)
-    # Kill while the backup job copies data: the staging set exists and libvirt runs the job.
-    wait_for(lambda: staging.is_dir() and any(staging.iterdir()) and job_running(vm.dom), timeout=120,
-             what="the backup job to start")
+    # Kill while the backup job copies data.
+    wait_for_backup_job(vm, staging)
     kill_tree(proc)
     assert sets_of(repo, vm) == []
 
@@ -401,8 +406,7 @@ def test_vm_stopping_during_backup_rolls_the_run_back(ansible, vms, repo):
     args = {"name": vm.name, "repository": str(repo)}
     staging = repo / "vms" / vm.uuid / ".incomplete"
     proc = ansible.popen_result("export", args)
-    wait_for(lambda: staging.is_dir() and any(staging.iterdir()) and job_running(vm.dom), timeout=120,
-             what="the backup job to start")
+    wait_for_backup_job(vm, staging)
     vm.dom.destroy()
     result = proc.result(timeout=300)
     assert result["failed"] and result["error_code"] in ("VM_STOPPED_DURING_BACKUP", "BACKUP_FAILED"), result
