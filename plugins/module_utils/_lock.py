@@ -26,12 +26,17 @@ class VmLock:
 
     The lock file is never deleted: removing it would let two runs lock two different inodes.
     The holder's pid, host and purpose are written inside, so VM_LOCKED can name the holder.
+
+    ``shared=True`` takes a shared lock (readers: verify, restore): readers run side by side,
+    and a writer (export, prune) waits for them and they for it. A shared holder writes nothing,
+    so a reader also works on a repository it may not write (a read-only mount).
     """
 
-    def __init__(self, path: str, timeout: float, purpose: str) -> None:
+    def __init__(self, path: str, timeout: float, purpose: str, shared: bool = False) -> None:
         self.path = path
         self.timeout = timeout
         self.purpose = purpose
+        self.shared = shared
         self._fd: int | None = None
 
     def _holder(self) -> dict[str, t.Any] | None:
@@ -42,11 +47,14 @@ class VmLock:
             return None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self.shared and os.path.exists(self.path):
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
@@ -63,18 +71,21 @@ class VmLock:
                         lock_holder=holder,
                     ) from None
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        self._fd = fd
+        if self.shared:
+            return
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": int(time.time()), "purpose": self.purpose}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
-            os.ftruncate(self._fd, 0)
-        except OSError:
-            pass
+        if not self.shared:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

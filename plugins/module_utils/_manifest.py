@@ -167,10 +167,10 @@ def build_manifest(
     return manifest
 
 
-def _require(cond: bool, what: str, set_id: str | None) -> None:
+def _require(cond: bool, what: str, set_id: str | None, **details: t.Any) -> None:
     if not cond:
         where = f" of set {set_id}" if set_id else ""
-        raise VmBackupError("REPOSITORY_FORMAT", f"manifest{where} is invalid: {what}", set_id=set_id)
+        raise VmBackupError("REPOSITORY_FORMAT", f"manifest{where} is invalid: {what}", set_id=set_id, **details)
 
 
 def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str, t.Any]:
@@ -208,6 +208,7 @@ def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str,
             isinstance(disk.get("file"), str) and disk["file"] in files,
             f"disk {disk.get('target')!r} references a file without a checksum",
             sid,
+            unchecked_file=disk.get("file"),
         )
     if m["type"] == "incremental":
         parent = m.get("parent")

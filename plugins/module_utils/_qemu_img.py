@@ -30,6 +30,10 @@ class QemuImg:
             raise VmBackupError(code, f"qemu-img {what} failed (rc={rc}): {err.strip() or out.strip()}")
         return out
 
+    def run_raw(self, args: list[str]) -> tuple[int, str, str]:
+        """Run qemu-img and return (rc, stdout, stderr) for callers that read the rc themselves."""
+        return self._run([self.binary] + args)
+
     def version(self) -> str:
         out = self._call(["--version"], "--version")
         first = out.splitlines()[0] if out else ""
@@ -59,6 +63,15 @@ class QemuImg:
         if src_fmt:
             args += ["-f", src_fmt]
         self._call(args + [src, dst], f"convert of {src}")
+
+    def convert_chain(self, spec: str, dst: str, dst_fmt: str) -> None:
+        """Write the image that ``spec`` (a json: chain) reads as a new sparse ``dst``."""
+        self._call(["convert", "-q", "-W", "-m", "8", "-O", dst_fmt, spec, dst], f"convert to {dst}", code="RESTORE_FAILED")
+
+    def read_all(self, spec: str, virtual_size: int) -> None:
+        """Read every cluster of ``spec`` (a json: chain) into a null device: proves it composes."""
+        self._call(["convert", "-n", "-m", "8", "--target-image-opts", spec, f"driver=null-co,size={virtual_size}"],
+                   "read through the chain", code="IMAGE_INVALID")
 
     def bitmaps(self, path: str) -> list[str]:
         """Names of the persistent dirty bitmaps in a qcow2 image (image not in use)."""
