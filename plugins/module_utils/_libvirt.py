@@ -312,3 +312,91 @@ def _alive(dom) -> bool:
 
 def _plain(stats: dict[str, t.Any]) -> dict[str, t.Any]:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+
+
+# -- restore ----------------------------------------------------------------------------------
+
+
+def find_domain(conn, name: str):
+    """The domain with exactly this name, or None."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed to look up domain {name!r}: {exc.get_error_message()}") from None
+
+
+def domain_exists_uuid(conn, vm_uuid: str) -> bool:
+    try:
+        conn.lookupByUUIDString(vm_uuid)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def define(conn, xml: str):
+    try:
+        return conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("RESTORE_FAILED", f"libvirt refused the restored domain definition: {exc.get_error_message()}",
+                            phase="define") from None
+
+
+def undefine(dom) -> None:
+    """Undefine a domain this run defined; its files are removed by the caller (NVRAM included)."""
+    flags = libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+    if dom.isActive():
+        dom.destroy()
+    dom.undefineFlags(flags)
+
+
+def checkpoint_xmls(dom) -> list[str]:
+    """Every checkpoint's full XML, parents first, so they can be redefined in that order."""
+    cps = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+    return [cp.getXMLDesc(0) for cp in cps]
+
+
+def drop_checkpoint_metadata(dom) -> None:
+    """Forget every checkpoint of a shut-off domain (their bitmaps were in the disks it no longer uses)."""
+    for cp in reversed(dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)):
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+
+def redefine_checkpoints(dom, xmls: t.Iterable[str]) -> None:
+    for xml in xmls:
+        dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+
+
+def start(dom) -> None:
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("RESTORE_FAILED", f"the restored VM did not start: {exc.get_error_message()}", phase="start") from None
+
+
+def pool_directory(conn, name: str) -> str:
+    """The target directory of a directory-backed storage pool (dir, fs, netfs)."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+        xml = pool.XMLDesc(0)
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("INVALID_ARGUMENT", f"storage pool {name!r}: {exc.get_error_message()}") from None
+    root = ET.fromstring(xml)
+    if root.get("type") not in ("dir", "fs", "netfs"):
+        raise VmBackupError("INVALID_ARGUMENT", f"storage pool {name!r} has type {root.get('type')!r}; "
+                            "restore writes image files, so it needs a dir, fs or netfs pool")
+    if not pool.isActive():
+        raise VmBackupError("INVALID_ARGUMENT", f"storage pool {name!r} is not active")
+    path = root.findtext("./target/path")
+    if not path:
+        raise VmBackupError("INVALID_ARGUMENT", f"storage pool {name!r} has no target path")
+    return path
+
+
+def refresh_pool(conn, name: str) -> str | None:
+    try:
+        conn.storagePoolLookupByName(name).refresh(0)
+    except libvirt.libvirtError as exc:
+        return exc.get_error_message()
+    return None

@@ -1,0 +1,329 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: restore
+short_description: Restore one point of a VM from a backup repository
+version_added: 0.1.0
+author:
+  - vmbackup.libvirt contributors (@vmbackup)
+description:
+  - Restores one point (a committed set) of a VM - the newest, a given O(set_id), or the newest completed at or before
+    O(as_of). The point's disks are read as their chains, from the full up to exactly that set, never a later one.
+  - Writes new, sparse disk images (qcow2 by default, or raw) with C(qemu-img convert), then defines the domain from the
+    XML saved in the set.
+  - The sha256 of every file the restore reads (every image of every chain, the domain XML, NVRAM and TPM state) is
+    checked against its manifest while the images are written; on any mismatch nothing is defined or started, the new
+    images are removed and the module fails (C(CHECKSUM_MISMATCH), C(SIZE_MISMATCH), C(FILE_MISSING)). A broken chain
+    fails with C(CHAIN_BROKEN) before anything is written.
+  - By default the VM is defined under a new name (O(restore_as)) with a new UUID and new MAC addresses, its disks
+    pointing to the restored images, and no checkpoints. A writable disk that was not in the backup is left out, so the
+    copy never shares a disk with the original VM, which may keep running.
+  - O(overwrite=replace) replaces an existing shut-off VM of that name - the images are restored into new files, the
+    domain is redefined to them (same UUID and MAC addresses), its checkpoints are forgotten, and only then are the old
+    disk files deleted (or kept, see O(keep_replaced_disks)). A running VM is never replaced (C(TARGET_VM_RUNNING)).
+  - Restored images are named C(<restore_as>-<target>-<set-id>.qcow2) (C(.img) for raw) in O(disk_dir) or the directory
+    of O(storage_pool), with characters other than letters, digits, C(.), C(_) and C(-) in the name replaced by C(_).
+  - A failed restore undoes itself - no half-defined domain, no partial image. A restore that is killed leaves hidden
+    C(.partial) files and a journal in the disk directory that the next restore into that directory removes.
+  - The repository is all it needs - on another host, point O(repository) at the same (shared) directory.
+extends_documentation_fragment:
+  - vmbackup.libvirt._connection
+  - vmbackup.libvirt._repository
+  - vmbackup.libvirt._attributes
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details:
+      - Reports the point, its chain, the files and sizes it would read, the image paths and the domain XML it would
+        define, after every refusal it would make; it writes, defines and locks nothing. Checksums are not read in
+        check mode (except the small domain XML); the UUID it reports for a new VM is not the one a real run draws.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+  idempotent:
+    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+    support: partial
+    details:
+      - A restore under a new name is idempotent - when a domain of that name was restored from the same set, the module
+        returns C(changed=false).
+      - O(overwrite=replace) replaces the VM on every run (it is how a VM is reset to a point).
+options:
+  name:
+    description:
+      - The name of the backed-up VM, as its newest set in the repository records it. Exactly one of O(name) and O(uuid).
+      - The VM does not need to exist in libvirt.
+    type: str
+  uuid:
+    description:
+      - The UUID of the backed-up VM.
+    type: str
+  set_id:
+    description:
+      - The point to restore. At most one of O(set_id) and O(as_of); without both, the newest set.
+    type: str
+  as_of:
+    description:
+      - Restore the newest set completed at or before this time - ISO 8601, such as C(2026-11-25T07:00:00Z) or
+        C(2026-11-25T08:00:00+01:00); a time without a zone is UTC, a date alone means the end of that day (UTC).
+    type: str
+  restore_as:
+    description:
+      - The name of the restored domain. Defaults to C(<name>-restored), or with O(overwrite=replace) to the backed-up VM's name.
+    type: str
+  overwrite:
+    description:
+      - C(never) fails with C(TARGET_VM_EXISTS) when a domain of that name exists (unless it was restored from the same
+        set), and with C(TARGET_PATH_EXISTS) when an image path exists, before anything is written.
+      - C(replace) replaces an existing shut-off domain of that name.
+    type: str
+    choices: [never, replace]
+    default: never
+  disk_dir:
+    description:
+      - Directory for the restored images. Defaults to C(/var/lib/libvirt/images). At most one of O(disk_dir) and O(storage_pool).
+    type: path
+  storage_pool:
+    description:
+      - A libvirt storage pool of type dir, fs or netfs; the images go into its directory and the pool is refreshed.
+    type: str
+  disk_format:
+    description:
+      - Format of the restored images.
+    type: str
+    choices: [qcow2, raw]
+    default: qcow2
+  network_map:
+    description:
+      - Network and bridge names to change in the restored domain's interfaces, as C(old: new).
+    type: dict
+  start:
+    description:
+      - Start the restored VM. If it does not start, the restore is undone and the module fails (C(RESTORE_FAILED)).
+    type: bool
+    default: false
+  keep_replaced_disks:
+    description:
+      - With O(overwrite=replace), keep the replaced VM's old disk files instead of deleting them after success.
+    type: bool
+    default: false
+  workers:
+    description:
+      - Threads that check the sha256 of the files while they are restored. Defaults to the number of CPUs.
+    type: int
+notes:
+  - The restore takes a shared lock on the backed-up VM in the repository, so a prune cannot remove the chain while it
+    is read; an export of that VM waits for it.
+  - NVRAM is restored with mode 0600 to C(/var/lib/libvirt/qemu/nvram/<restore_as>-<set-id>_VARS.fd); TPM state to
+    C(/var/lib/libvirt/swtpm/<uuid>/) unless state for that UUID exists.
+seealso:
+  - module: vmbackup.libvirt.export
+  - module: vmbackup.libvirt.verify
+"""
+
+EXAMPLES = r"""
+- name: Restore the newest backup of web01 as a new VM, next to the original
+  vmbackup.libvirt.restore:
+    repository: /srv/vmbackup
+    name: web01
+    restore_as: web01-test
+
+- name: Restore db01 as it was last night, on another host with the repository mounted, and start it
+  vmbackup.libvirt.restore:
+    repository: /mnt/backups/vmbackup
+    name: db01
+    as_of: "2026-11-25T00:00:00Z"
+    restore_as: db01-drill
+    storage_pool: default
+    network_map:
+      prod-net: isolated
+    start: true
+
+- name: Reset a shut-off VM to a given point
+  vmbackup.libvirt.restore:
+    repository: /srv/vmbackup
+    name: build01
+    set_id: 20261125T073512Z-001
+    overwrite: replace
+"""
+
+RETURN = r"""
+set_id:
+  description: The restored point.
+  returned: success
+  type: str
+  sample: 20261125T073512Z-001
+point:
+  description: The point's set id, type, start and completion times, chain id, consistency and period.
+  returned: success
+  type: dict
+chain:
+  description: Set ids read for the point, from the chain's full to the point.
+  returned: success
+  type: list
+  elements: str
+source_vm:
+  description: Name and UUID of the backed-up VM.
+  returned: success
+  type: dict
+vm:
+  description: The restored domain - name, uuid, state, and whether it replaced an existing VM.
+  returned: success
+  type: dict
+disks:
+  description: Per restored disk.
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    target:
+      description: Disk target.
+      type: str
+    path:
+      description: The restored image.
+      type: str
+    format:
+      description: C(qcow2) or C(raw).
+      type: str
+    virtual_size:
+      description: Virtual size in bytes.
+      type: int
+    chain:
+      description: Sets whose files compose this disk, base first.
+      type: list
+      elements: str
+    bytes_read:
+      description: Bytes of backup files read for this disk.
+      type: int
+dropped_disks:
+  description: Targets of writable disks of the saved XML that were not in the backup and were left out.
+  returned: success
+  type: list
+  elements: str
+nvram:
+  description: Path of the restored NVRAM file, if the VM had one.
+  returned: success
+  type: str
+tpm_dir:
+  description: Directory of the restored TPM state, if any.
+  returned: success
+  type: str
+domain_xml:
+  description: The domain XML that was (or, in check mode, would be) defined.
+  returned: success
+  type: str
+replaced_disks:
+  description: With O(overwrite=replace), the old disk files of the replaced VM.
+  returned: success
+  type: list
+  elements: str
+removed_disks:
+  description: Old disk files deleted after a successful replace.
+  returned: success
+  type: list
+  elements: str
+bytes_read:
+  description: Bytes of backup files read and checksummed.
+  returned: success
+  type: int
+estimated_bytes:
+  description: Bytes of disk data in the chains (the upper bound of what the images take).
+  returned: success
+  type: int
+bytes_written:
+  description: Bytes the restored images take on disk (allocated; they are sparse).
+  returned: success
+  type: int
+duration_s:
+  description: Seconds the whole run took.
+  returned: success
+  type: float
+verify_s:
+  description: Seconds until every checksum was checked (overlaps with RV(convert_s)).
+  returned: success
+  type: float
+convert_s:
+  description: Seconds qemu-img took to write the images.
+  returned: success
+  type: float
+throughput_mib_s:
+  description: MiB of backup disk data restored per second of the whole run.
+  returned: success
+  type: float
+started:
+  description: Whether the restored VM was started.
+  returned: success
+  type: bool
+cleaned_up:
+  description: Leftovers of interrupted restores into the same directory that this run removed.
+  returned: success
+  type: list
+  elements: str
+error_code:
+  description: A stable code for the failure; see the collection's error code table.
+  returned: failure
+  type: str
+  sample: TARGET_VM_EXISTS
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._args import CONNECTION_ARGSPEC, REPOSITORY_ARGSPEC
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import ensure_libvirt
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._restore import FORMATS, OVERWRITE, Restorer, RestoreParams
+
+
+def main() -> None:
+    argument_spec = dict(
+        name=dict(type="str"),
+        uuid=dict(type="str"),
+        set_id=dict(type="str"),
+        as_of=dict(type="str"),
+        restore_as=dict(type="str"),
+        overwrite=dict(type="str", choices=list(OVERWRITE), default="never"),
+        disk_dir=dict(type="path"),
+        storage_pool=dict(type="str"),
+        disk_format=dict(type="str", choices=list(FORMATS), default="qcow2"),
+        network_map=dict(type="dict"),
+        start=dict(type="bool", default=False),
+        keep_replaced_disks=dict(type="bool", default=False),
+        workers=dict(type="int"),
+    )
+    argument_spec.update(CONNECTION_ARGSPEC)
+    argument_spec.update(REPOSITORY_ARGSPEC)
+    module = AnsibleModule(
+        argument_spec=argument_spec,
+        mutually_exclusive=[("name", "uuid"), ("set_id", "as_of"), ("disk_dir", "storage_pool")],
+        required_one_of=[("name", "uuid")],
+        supports_check_mode=True,
+    )
+    ensure_libvirt(module)
+    qemu_img = module.get_bin_path("qemu-img")
+    if qemu_img is None:
+        module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
+
+    params = RestoreParams(**{key: module.params[key] for key in RestoreParams.__dataclass_fields__})
+    restorer = Restorer(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)
+    try:
+        result = restorer.run()
+    except VmBackupError as exc:
+        result = exc.to_result()
+        failed = True
+    else:
+        failed = False
+    for warning in restorer.warnings:
+        module.warn(warning)
+    if failed:
+        module.fail_json(cleaned_up=restorer.cleaned, **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
