@@ -20,6 +20,7 @@ import sys
 import time
 import typing as t
 import uuid
+import xml.etree.ElementTree as ET
 from xml.sax import saxutils
 
 import libvirt
@@ -239,6 +240,17 @@ def chain_json(files: list[pathlib.Path | str]) -> str:
     for f in files:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(f)}, "backing": node}
     return "json:" + json.dumps(node)
+
+
+def parse_disk_sources(xml: str) -> dict[str, str]:
+    """target -> source file of a domain's file-backed disks, read straight from its XML."""
+    root = ET.fromstring(xml)
+    out = {}
+    for disk in root.findall("./devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is not None and target is not None and source.get("file"):
+            out[target.get("dev")] = source.get("file")
+    return out
 
 
 def images_equal(a: str, b: str, force_share: bool = True) -> tuple[bool, str]:

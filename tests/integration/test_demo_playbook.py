@@ -11,10 +11,10 @@ import uuid
 
 import libvirt
 
-from harness import destroy_vm
+from harness import destroy_vm, images_equal, parse_disk_sources
 
 
-def test_demo_playbook_backs_up_full_then_incremental(ansible, conn, repo_root):
+def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root):
     name = f"vmbt-demo-{uuid.uuid4().hex[:8]}"
     images = pathlib.Path("/var/lib/libvirt/images") / name
     repo = repo_root / "demo-repo"
@@ -35,9 +35,26 @@ def test_demo_playbook_backs_up_full_then_incremental(ansible, conn, repo_root):
         # 8 MiB written between the two backups, on the system disk only.
         vda = next(d for d in manifests[1]["disks"] if d["target"] == "vda")
         assert 8 * 2**20 <= vda["size"] < 10 * 2**20
+        # Verified: a verdict beside each set.
+        for m in manifests:
+            verdict = json.loads((sets_dir / f"{m['set_id']}.verify.json").read_text())
+            assert verdict["outcome"] == "ok" and verdict["level"] == "restore"
+        # Restored under a new name, running, each disk equal to the reference copy the play
+        # took at backup time (checked here again, independently of the play's own compare).
+        restored = conn.lookupByName(f"{name}-restored")
+        assert restored.isActive() and restored.UUIDString() != dom.UUIDString()
+        sources = parse_disk_sources(restored.XMLDesc(0))
+        assert sorted(sources) == ["vda", "vdb"]
+        for target, path in sources.items():
+            assert path.startswith(str(images) + "/") and manifests[1]["set_id"] in path
+            same, out = images_equal(str(images / f"reference-{target}.qcow2"), path)
+            assert same, out
+        assert not images_equal(str(images / "vda.qcow2"), sources["vda"])[0], "the source changed after the backup"
+        assert proc.stdout.count("EQUALS its state at backup time") == 2
     finally:
-        try:
-            destroy_vm(conn.lookupByName(name))
-        except libvirt.libvirtError:
-            pass
+        for vm in (f"{name}-restored", name):
+            try:
+                destroy_vm(conn.lookupByName(vm))
+            except libvirt.libvirtError:
+                pass
         shutil.rmtree(images, ignore_errors=True)

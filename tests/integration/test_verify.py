@@ -1,0 +1,568 @@
+"""vmbackup.libvirt.verify against real repositories written by export, damaged by hand.
+
+One repository is built per module (a running VM with two qcow2 disks: full, i1, i2, i3, and a
+shut-off VM with one copy set); every test damages its own `cp -a` copy and verifies that.
+Expectations (sizes, points that read a file, chains) are computed here from the files on disk
+and the JSON of the manifests, never with the collection's code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import stat
+import struct
+import subprocess
+import typing as t
+import uuid
+
+import pytest
+
+from harness import DiskSpec, Vm, VmFactory, run, sha256, tree_state
+
+REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
+CHAIN = ("full", "i1", "i2", "i3")
+SIDECAR_SUFFIX = ".verify.json"
+
+
+# ----------------------------------------------------------------------------- the repository
+@dataclasses.dataclass
+class Built:
+    repo: pathlib.Path
+    vm: Vm
+    other: Vm
+    ids: dict[str, str]  # label (full, i1, i2, i3, other) -> set id
+
+    def uuid_of(self, label: str) -> str:
+        return self.other.uuid if label == "other" else self.vm.uuid
+
+
+@pytest.fixture(scope="module")
+def built(ansible, conn, domain_type):
+    """The pristine repository, built once; tests never touch it, only copies of it."""
+    factory = VmFactory(conn, domain_type)
+    REPO_BASE.mkdir(mode=0o711, exist_ok=True)
+    root = REPO_BASE / f"verify-{uuid.uuid4().hex[:10]}"
+    root.mkdir(mode=0o711)
+    os.chmod(root, 0o711)
+    try:
+        vm = factory.create([DiskSpec("128M", fill=[(0xA1, "0", "8M"), (0xA2, "100M", "2M")]),
+                             DiskSpec("64M", fill=[(0xB1, "1M", "3M")])])
+        other = factory.create([DiskSpec("16M", fill=[(0xC1, "0", "1M")])], running=False)
+        repo = root / "repo"
+        args = {"name": vm.name, "repository": str(repo)}
+        results = [ansible("export", args)]
+        for i, pattern in enumerate((0x11, 0x22, 0x33)):
+            vm.write("vda", pattern, f"{12 + 4 * i}M", "1M")
+            vm.write("vdb", pattern + 1, f"{20 + 4 * i}M", "512K")
+            results.append(ansible("export", args))
+        assert [r.get("type") for r in results] == ["full", "incremental", "incremental", "incremental"], results
+        copy = ansible("export", {"name": other.name, "repository": str(repo)})
+        assert copy.get("type") == "copy", copy
+        ids = dict(zip(CHAIN, (r["set_id"] for r in results)))
+        ids["other"] = copy["set_id"]
+        yield Built(repo, vm, other, ids)
+    finally:
+        factory.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Copy:
+    """A test's own copy of the built repository, with ways to damage it."""
+
+    path: pathlib.Path
+    built: Built
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {sid: label for label, sid in self.built.ids.items()}
+
+    def sets_dir(self, label: str) -> pathlib.Path:
+        return self.path / "vms" / self.built.uuid_of(label) / "sets"
+
+    def set_dir(self, label: str) -> pathlib.Path:
+        return self.sets_dir(label) / self.built.ids[label]
+
+    def file(self, label: str, rel: str) -> pathlib.Path:
+        return self.set_dir(label) / rel
+
+    def sidecar(self, label: str) -> pathlib.Path:
+        return self.sets_dir(label) / f"{self.built.ids[label]}{SIDECAR_SUFFIX}"
+
+    def manifest(self, label: str) -> dict[str, t.Any]:
+        return json.loads(self.file(label, "manifest.json").read_text())
+
+    def rewrite_manifest(self, label: str, edit: t.Callable[[dict[str, t.Any]], None]) -> None:
+        data = self.manifest(label)
+        edit(data)
+        write_bytes(self.file(label, "manifest.json"), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+    def state(self) -> dict[str, tuple]:
+        """Everything but the verdict files."""
+        return {k: v for k, v in tree_state(self.path).items() if not k.endswith(SIDECAR_SUFFIX)}
+
+    def sidecars(self) -> list[str]:
+        return sorted(str(p) for p in self.path.rglob(f"*{SIDECAR_SUFFIX}"))
+
+
+@pytest.fixture
+def copy(built, repo) -> Copy:
+    subprocess.run(["cp", "-a", str(built.repo), str(repo)], check=True)
+    return Copy(repo, built)
+
+
+# ----------------------------------------------------------------------------- damage
+def _writable(path: pathlib.Path):
+    mode = stat.S_IMODE(path.stat().st_mode)
+    os.chmod(path, mode | stat.S_IWUSR)
+    return mode
+
+
+def write_bytes(path: pathlib.Path, data: bytes) -> None:
+    mode = _writable(path)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+        fh.truncate()
+    os.chmod(path, mode)
+
+
+def flip(path: pathlib.Path, offset: int, bit: int = 0x10) -> None:
+    """Flip one bit in place (offset < 0 counts from the end); size and mode stay."""
+    mode = _writable(path)
+    with open(path, "r+b") as fh:
+        fh.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
+        where = fh.tell()
+        byte = fh.read(1)
+        assert len(byte) == 1
+        fh.seek(where)
+        fh.write(bytes([byte[0] ^ bit]))
+    os.chmod(path, mode)
+
+
+def truncate(path: pathlib.Path, size: int) -> None:
+    mode = _writable(path)
+    os.truncate(path, size)
+    os.chmod(path, mode)
+
+
+def host_offset(image: pathlib.Path, guest_offset: int) -> int:
+    """Where in the qcow2 file the guest byte lives (qemu-img map), so a flip hits guest data."""
+    for extent in json.loads(run(["qemu-img", "map", "--output=json", str(image)]).stdout):
+        if extent.get("data") and extent["start"] <= guest_offset < extent["start"] + extent["length"]:
+            return extent["offset"] + guest_offset - extent["start"]
+    raise AssertionError(f"guest offset {guest_offset} holds no data in {image}")
+
+
+def image_check_rc(image: pathlib.Path) -> int:
+    return run(["qemu-img", "check", "-f", "qcow2", str(image)], check=False).returncode
+
+
+def reference_a_cluster_twice(image: pathlib.Path, guest_offset: int) -> None:
+    """Make two guest clusters share one host cluster (refcount 1, two references): a qcow2
+    corruption that qemu-img check reports, written by parsing the header here."""
+    mode = _writable(image)
+    with open(image, "r+b") as fh:
+        header = fh.read(104)
+        cluster_size = 1 << struct.unpack(">I", header[20:24])[0]
+        l1_offset = struct.unpack(">Q", header[40:48])[0]
+        l2_entries = cluster_size // 8
+        index = guest_offset // cluster_size
+        fh.seek(l1_offset + 8 * (index // l2_entries))
+        l2_offset = struct.unpack(">Q", fh.read(8))[0] & 0x00FFFFFFFFFFFE00
+        assert l2_offset, "no L2 table for that offset"
+        fh.seek(l2_offset + 8 * (index % l2_entries))
+        entry = fh.read(8)
+        assert struct.unpack(">Q", entry)[0] & 0x00FFFFFFFFFFFE00, "the cluster is not allocated"
+        fh.write(entry)  # the next guest cluster now points at the same host cluster
+    os.chmod(image, mode)
+
+
+# ----------------------------------------------------------------------------- independent expectations
+def file_sizes(set_dir: pathlib.Path) -> int:
+    """Bytes of every file of a set but its manifest, from the file system."""
+    return sum(p.stat().st_size for p in set_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def chain_read_bytes(cp: Copy, label: str) -> int:
+    """Bytes a restore of point ``label`` reads: for each disk, its file in every set back to the
+    set where that disk is stored whole (parent links followed in the manifests' JSON)."""
+    total = 0
+    for disk in cp.manifest(label)["disks"]:
+        current = label
+        while True:
+            manifest = cp.manifest(current)
+            entry = next(d for d in manifest["disks"] if d["target"] == disk["target"])
+            total += cp.file(current, entry["file"]).stat().st_size
+            if entry["method"] != "incremental":
+                break
+            current = cp.labels[manifest["parent"]["set_id"]]
+    return total
+
+
+def verdicts(cp: Copy, result: dict[str, t.Any]) -> dict[str, tuple[str, list[str]]]:
+    return {cp.labels[s["set_id"]]: (s["outcome"], s["codes"]) for s in result["sets"]}
+
+
+def expect(labels: t.Iterable[str] = (*CHAIN, "other"), **failed: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """Verdicts: the named sets failed with these codes, every other set ok."""
+    out = {label: ("ok", []) for label in labels}
+    out.update({label: ("failed", codes) for label, codes in failed.items()})
+    return out
+
+
+def findings(cp: Copy, result: dict[str, t.Any]) -> list[tuple]:
+    """(code, set, file, affected points, parent) per finding, with set labels for set ids."""
+    return [
+        (f["code"], cp.labels[f["set_id"]], f["file"], [cp.labels[a] for a in f["affected"]],
+         cp.labels.get(f.get("parent"), f.get("parent")))
+        for f in result["findings"]
+    ]
+
+
+def verify(ansible, cp: Copy, check: bool = False, **args: t.Any) -> dict[str, t.Any]:
+    """Run verify on the copy; the committed sets must come out byte-identical, verdicts sit beside them."""
+    before = cp.state()
+    result = ansible("verify", {"repository": str(cp.path), **args}, check=check)
+    assert cp.state() == before, "verify changed a committed set"
+    for res in result.get("sets", []):
+        label = cp.labels[res["set_id"]]
+        path = cp.sidecar(label)
+        if check or args.get("record") is False:
+            continue
+        assert str(path) in result["sidecars"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        sidecar = json.loads(path.read_text())
+        assert (sidecar["set_id"], sidecar["outcome"], sidecar["codes"]) == (res["set_id"], res["outcome"], res["codes"])
+        assert sidecar["manifest_sha256"] == (sha256(cp.file(label, "manifest.json"))
+                                              if cp.file(label, "manifest.json").exists() else None)
+    return result
+
+
+def _by_place(finding: dict[str, t.Any]) -> tuple:
+    return finding["set_id"], finding["code"], finding["file"] or ""
+
+
+def assert_failed(result: dict[str, t.Any], code: str) -> None:
+    assert result["failed"] and result["outcome"] == "failed", result
+    assert result["error_code"] == code, result
+    assert result["failed_sets"] == [s["set_id"] for s in result["sets"] if s["outcome"] == "failed"]
+    assert result["sets_failed"] == len(result["failed_sets"])
+    assert result["sets_ok"] + result["sets_failed"] == result["sets_checked"] == len(result["sets"])
+    assert code in result["msg"]
+    for res in result["sets"]:
+        # A set lists exactly the findings whose affected points include it.
+        mine = [f for f in result["findings"] if res["set_id"] in f["affected"]]
+        assert sorted(res["findings"], key=_by_place) == sorted(mine, key=_by_place)
+
+
+# ----------------------------------------------------------------------------- a sound repository
+def test_sound_repository_passes_and_records_verdicts_beside_the_sets(ansible, copy):
+    cp = copy
+    everything = tree_state(cp.path)
+
+    predicted = verify(ansible, cp, check=True)
+    assert not predicted["failed"] and not predicted["changed"], predicted
+    assert predicted["outcome"] == "ok" and verdicts(cp, predicted) == expect()
+    assert predicted["sidecars"] == [] and tree_state(cp.path) == everything
+
+    unrecorded = verify(ansible, cp, record=False)
+    assert not unrecorded["failed"] and not unrecorded["changed"] and unrecorded["outcome"] == "ok", unrecorded
+    assert unrecorded["sidecars"] == [] and tree_state(cp.path) == everything
+
+    result = verify(ansible, cp)
+    assert not result["failed"] and result["changed"] and result["outcome"] == "ok", result
+    assert "error_code" not in result and result["findings"] == []
+    assert verdicts(cp, result) == expect()
+    assert [cp.labels[s["set_id"]] for s in result["sets"] if s["vm_uuid"] == cp.built.vm.uuid] == list(CHAIN)
+    assert {s["type"] for s in result["sets"]} == {"full", "incremental", "copy"}
+    assert (result["sets_checked"], result["sets_ok"], result["sets_failed"], result["failed_sets"]) == (5, 5, 0, [])
+    all_labels = (*CHAIN, "other")
+    assert result["bytes_read"] == sum(file_sizes(cp.set_dir(label)) for label in all_labels)
+    for res in result["sets"]:
+        label = cp.labels[res["set_id"]]
+        assert res["bytes_read"] == file_sizes(cp.set_dir(label))
+        assert res["files_checked"] == len(cp.manifest(label)["files"])
+    assert sorted(result["sidecars"]) == sorted(str(cp.sidecar(label)) for label in all_labels) == cp.sidecars()
+    for label in all_labels:
+        sidecar = json.loads(cp.sidecar(label).read_text())
+        assert (sidecar["outcome"], sidecar["level"], sidecar["findings"]) == ("ok", "data", [])
+        # A verdict is never written into the committed set.
+        assert not list(cp.set_dir(label).rglob(f"*{SIDECAR_SUFFIX}"))
+    predicted_again = verify(ansible, cp, check=True)
+    assert not predicted_again["changed"] and predicted_again["outcome"] == "ok"
+
+    restore = verify(ansible, cp, level="restore")
+    assert not restore["failed"] and restore["outcome"] == "ok" and restore["level"] == "restore", restore
+    assert verdicts(cp, restore) == expect()
+    assert restore["bytes_read"] == result["bytes_read"] + sum(chain_read_bytes(cp, label) for label in all_labels)
+    assert json.loads(cp.sidecar("i3").read_text())["level"] == "restore"
+
+
+def test_one_or_two_workers_give_the_same_verdict(ansible, copy):
+    cp = copy
+    flip(cp.file("i1", "disks/vdb.qcow2"), host_offset(cp.file("i1", "disks/vdb.qcow2"), 20 * 1024 * 1024))
+    truncate(cp.file("i3", "domain.xml"), 10)
+    one = verify(ansible, cp, workers=1, record=False)
+    two = verify(ansible, cp, workers=2, record=False)
+    assert (one["workers"], two["workers"]) == (1, 2)
+    for key in ("outcome", "error_code", "findings", "failed_sets", "bytes_read"):
+        assert one[key] == two[key], key
+    assert [{k: v for k, v in s.items() if k not in ("duration_s", "throughput_mib_s")} for s in one["sets"]] == \
+        [{k: v for k, v in s.items() if k not in ("duration_s", "throughput_mib_s")} for s in two["sets"]]
+    assert findings(cp, one) == [
+        ("CHECKSUM_MISMATCH", "i1", "disks/vdb.qcow2", ["i1", "i2", "i3"], None),
+        ("SIZE_MISMATCH", "i3", "domain.xml", ["i3"], None),
+    ]
+    assert verdicts(cp, one) == expect(i1=["CHECKSUM_MISMATCH"], i2=["CHECKSUM_MISMATCH"],
+                                       i3=["SIZE_MISMATCH", "CHECKSUM_MISMATCH"])
+
+
+# ----------------------------------------------------------------------------- damaged data
+def test_bit_flip_in_the_full_disk_data_affects_every_point_of_the_chain(ansible, copy):
+    cp = copy
+    image = cp.file("full", "disks/vda.qcow2")
+    flip(image, host_offset(image, 4 * 1024 * 1024))
+    # qemu-img check cannot see a flipped data bit; only the checksum can.
+    assert image_check_rc(image) == 0
+    result = verify(ansible, cp)
+    assert_failed(result, "CHECKSUM_MISMATCH")
+    assert findings(cp, result) == [("CHECKSUM_MISMATCH", "full", "disks/vda.qcow2", list(CHAIN), None)]
+    assert verdicts(cp, result) == expect(**{label: ["CHECKSUM_MISMATCH"] for label in CHAIN})
+    assert result["failed_sets"] == [cp.built.ids[label] for label in CHAIN]
+    assert cp.built.ids["full"] in result["msg"] and "disks/vda.qcow2" in result["msg"]
+
+
+def test_bit_flip_in_an_incremental_affects_it_and_later_points_only(ansible, copy):
+    cp = copy
+    image = cp.file("i2", "disks/vda.qcow2")
+    flip(image, host_offset(image, 16 * 1024 * 1024))
+    result = verify(ansible, cp)
+    assert_failed(result, "CHECKSUM_MISMATCH")
+    assert findings(cp, result) == [("CHECKSUM_MISMATCH", "i2", "disks/vda.qcow2", ["i2", "i3"], None)]
+    assert verdicts(cp, result) == expect(i2=["CHECKSUM_MISMATCH"], i3=["CHECKSUM_MISMATCH"])
+
+
+def test_flip_in_the_second_disk_and_in_a_domain_xml(ansible, copy):
+    cp = copy
+    image = cp.file("full", "disks/vdb.qcow2")
+    flip(image, host_offset(image, 2 * 1024 * 1024))
+    flip(cp.file("i2", "domain.xml"), 40)
+    result = verify(ansible, cp)
+    assert_failed(result, "CHECKSUM_MISMATCH")
+    assert findings(cp, result) == [
+        ("CHECKSUM_MISMATCH", "full", "disks/vdb.qcow2", list(CHAIN), None),
+        ("CHECKSUM_MISMATCH", "i2", "domain.xml", ["i2"], None),
+    ]
+    assert verdicts(cp, result) == expect(**{label: ["CHECKSUM_MISMATCH"] for label in CHAIN})
+    by_set = {cp.labels[s["set_id"]]: sorted(f["file"] for f in s["findings"]) for s in result["sets"]}
+    assert by_set["i2"] == ["disks/vdb.qcow2", "domain.xml"]
+    assert by_set["i3"] == ["disks/vdb.qcow2"]
+
+
+@pytest.mark.parametrize("where", [pytest.param(-1, id="last-byte"), pytest.param(3, id="header-magic"),
+                                   pytest.param(100, id="header-length")])
+def test_flip_anywhere_in_the_file_is_a_checksum_mismatch(ansible, copy, where):
+    cp = copy
+    flip(cp.file("i3", "disks/vda.qcow2"), where, bit=0x01)
+    result = verify(ansible, cp)
+    assert_failed(result, "CHECKSUM_MISMATCH")
+    assert findings(cp, result) == [("CHECKSUM_MISMATCH", "i3", "disks/vda.qcow2", ["i3"], None)]
+    assert verdicts(cp, result) == expect(i3=["CHECKSUM_MISMATCH"])
+
+
+def test_truncated_file_is_a_size_mismatch(ansible, copy):
+    cp = copy
+    image = cp.file("i1", "disks/vda.qcow2")
+    truncate(image, image.stat().st_size // 2)
+    result = verify(ansible, cp)
+    assert_failed(result, "SIZE_MISMATCH")
+    assert findings(cp, result) == [("SIZE_MISMATCH", "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None)]
+    assert verdicts(cp, result) == expect(i1=["SIZE_MISMATCH"], i2=["SIZE_MISMATCH"], i3=["SIZE_MISMATCH"])
+
+
+def test_missing_file_is_file_missing(ansible, copy):
+    cp = copy
+    cp.file("i1", "disks/vdb.qcow2").unlink()
+    cp.file("full", "checkpoint.xml").unlink()
+    result = verify(ansible, cp)
+    assert_failed(result, "FILE_MISSING")
+    assert findings(cp, result) == [
+        ("FILE_MISSING", "full", "checkpoint.xml", ["full"], None),
+        ("FILE_MISSING", "i1", "disks/vdb.qcow2", ["i1", "i2", "i3"], None),
+    ]
+    assert verdicts(cp, result) == expect(full=["FILE_MISSING"], i1=["FILE_MISSING"], i2=["FILE_MISSING"], i3=["FILE_MISSING"])
+
+
+def test_fail_on_error_false_reports_without_failing(ansible, copy):
+    cp = copy
+    cp.file("i2", "disks/vdb.qcow2").unlink()
+    result = verify(ansible, cp, fail_on_error=False)
+    assert not result["failed"] and result["changed"] and result["outcome"] == "failed", result
+    assert "error_code" not in result
+    assert findings(cp, result) == [("FILE_MISSING", "i2", "disks/vdb.qcow2", ["i2", "i3"], None)]
+    assert verdicts(cp, result) == expect(i2=["FILE_MISSING"], i3=["FILE_MISSING"])
+    assert json.loads(cp.sidecar("i3").read_text())["outcome"] == "failed"
+    assert json.loads(cp.sidecar("i1").read_text())["outcome"] == "ok"
+
+
+def test_corrupt_image_with_matching_checksum_is_image_invalid(ansible, copy):
+    cp = copy
+    image = cp.file("i3", "disks/vda.qcow2")
+    reference_a_cluster_twice(image, 20 * 1024 * 1024)
+    assert image_check_rc(image) == 2
+
+    def record_new_checksum(m):
+        m["files"]["disks/vda.qcow2"]["sha256"] = sha256(image)
+
+    cp.rewrite_manifest("i3", record_new_checksum)  # i3 is the newest: no child recorded its hash
+    result = verify(ansible, cp)
+    assert_failed(result, "IMAGE_INVALID")
+    assert findings(cp, result) == [("IMAGE_INVALID", "i3", "disks/vda.qcow2", ["i3"], None)]
+    assert verdicts(cp, result) == expect(i3=["IMAGE_INVALID"])
+
+
+# ----------------------------------------------------------------------------- broken chains and manifests
+def test_missing_middle_incremental_breaks_the_later_points(ansible, copy):
+    cp = copy
+    shutil.rmtree(cp.set_dir("i1"))
+    result = verify(ansible, cp)
+    assert_failed(result, "CHAIN_BROKEN")
+    assert findings(cp, result) == [("CHAIN_BROKEN", "i2", "manifest.json", ["i2", "i3"], "i1")]
+    assert verdicts(cp, result) == expect(("full", "i2", "i3", "other"), i2=["CHAIN_BROKEN"], i3=["CHAIN_BROKEN"])
+
+
+def test_missing_full_breaks_every_incremental(ansible, copy):
+    cp = copy
+    shutil.rmtree(cp.set_dir("full"))
+    result = verify(ansible, cp)
+    assert_failed(result, "CHAIN_BROKEN")
+    assert findings(cp, result) == [("CHAIN_BROKEN", "i1", "manifest.json", ["i1", "i2", "i3"], "full")]
+    assert verdicts(cp, result) == expect(("i1", "i2", "i3", "other"), i1=["CHAIN_BROKEN"], i2=["CHAIN_BROKEN"],
+                                          i3=["CHAIN_BROKEN"])
+
+
+def test_edited_manifest_breaks_the_link_of_its_child(ansible, copy):
+    cp = copy
+
+    def rename(m):
+        m["vm"]["name"] = "renamed-by-hand"
+
+    cp.rewrite_manifest("full", rename)
+    result = verify(ansible, cp)
+    assert_failed(result, "CHAIN_BROKEN")
+    # The full's files still match its (edited) manifest; only its child can tell it was changed.
+    assert findings(cp, result) == [("CHAIN_BROKEN", "i1", "manifest.json", ["i1", "i2", "i3"], "full")]
+    assert verdicts(cp, result) == expect(i1=["CHAIN_BROKEN"], i2=["CHAIN_BROKEN"], i3=["CHAIN_BROKEN"])
+
+
+@pytest.mark.parametrize("field,code", [("sha256", "CHECKSUM_MISMATCH"), ("size", "SIZE_MISMATCH")])
+def test_edited_file_record_is_found_in_the_set_and_breaks_the_link(ansible, copy, field, code):
+    cp = copy
+
+    def change(m):
+        entry = m["files"]["disks/vda.qcow2"]
+        entry[field] = "0" * 64 if field == "sha256" else entry[field] + 512
+
+    cp.rewrite_manifest("i1", change)
+    result = verify(ansible, cp)
+    assert_failed(result, code)
+    assert findings(cp, result) == [
+        (code, "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None),
+        ("CHAIN_BROKEN", "i2", "manifest.json", ["i2", "i3"], "i1"),
+    ]
+    assert verdicts(cp, result) == expect(i1=[code], i2=["CHAIN_BROKEN", code], i3=["CHAIN_BROKEN", code])
+
+
+def test_unparsable_manifest_is_repository_format(ansible, copy):
+    cp = copy
+    path = cp.file("i2", "manifest.json")
+    write_bytes(path, path.read_bytes()[:-40])
+    result = verify(ansible, cp)
+    assert_failed(result, "REPOSITORY_FORMAT")
+    assert findings(cp, result) == [
+        ("REPOSITORY_FORMAT", "i2", "manifest.json", ["i2", "i3"], None),
+        ("CHAIN_BROKEN", "i3", "manifest.json", ["i3"], "i2"),
+    ]
+    assert verdicts(cp, result) == expect(i2=["REPOSITORY_FORMAT"], i3=["REPOSITORY_FORMAT", "CHAIN_BROKEN"])
+    i2 = next(s for s in result["sets"] if s["set_id"] == cp.built.ids["i2"])
+    assert i2["type"] is None and i2["files_checked"] == 0
+
+
+def test_file_without_checksum_is_a_checksum_mismatch(ansible, copy):
+    cp = copy
+
+    def drop(m):
+        del m["files"]["disks/vda.qcow2"]
+
+    cp.rewrite_manifest("i1", drop)
+    result = verify(ansible, cp)
+    assert_failed(result, "CHECKSUM_MISMATCH")
+    assert findings(cp, result) == [
+        ("CHECKSUM_MISMATCH", "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None),
+        ("CHAIN_BROKEN", "i2", "manifest.json", ["i2", "i3"], "i1"),
+    ]
+    assert verdicts(cp, result) == expect(i1=["CHECKSUM_MISMATCH"], i2=["CHAIN_BROKEN", "CHECKSUM_MISMATCH"],
+                                          i3=["CHAIN_BROKEN", "CHECKSUM_MISMATCH"])
+
+
+# ----------------------------------------------------------------------------- scope and arguments
+def test_scopes(ansible, copy):
+    cp = copy
+    built = cp.built
+
+    def labels_of(result):
+        return [cp.labels[s["set_id"]] for s in result["sets"]]
+
+    point = verify(ansible, cp, set_id=built.ids["i2"])
+    assert not point["failed"] and labels_of(point) == ["full", "i1", "i2"], point
+    assert cp.sidecars() == sorted(str(cp.sidecar(label)) for label in ("full", "i1", "i2"))
+    assert point["bytes_read"] == sum(file_sizes(cp.set_dir(label)) for label in ("full", "i1", "i2"))
+
+    by_uuid = verify(ansible, cp, uuid=built.vm.uuid.upper(), record=False)
+    assert not by_uuid["failed"] and labels_of(by_uuid) == list(CHAIN), by_uuid
+    by_name = verify(ansible, cp, name=built.other.name, record=False)
+    assert not by_name["failed"] and labels_of(by_name) == ["other"], by_name
+
+    # A point of another VM's scope is not found there.
+    state = tree_state(cp.path)
+    for args, code in [
+        ({"set_id": "20000101T000000Z-001"}, "SET_NOT_FOUND"),
+        ({"name": built.other.name, "set_id": built.ids["i2"]}, "SET_NOT_FOUND"),
+        ({"name": "no-such-vm"}, "SET_NOT_FOUND"),
+        ({"uuid": str(uuid.uuid4())}, "SET_NOT_FOUND"),
+        ({"set_id": "latest"}, "INVALID_NAME"),
+        ({"repository": str(cp.path / "nope")}, "REPOSITORY_FORMAT"),
+    ]:
+        result = verify(ansible, cp, **args)
+        assert result["failed"] and result["error_code"] == code, (args, result)
+        assert tree_state(cp.path) == state, args
+
+
+def test_damage_outside_the_scope_is_not_reported(ansible, copy):
+    cp = copy
+    cp.file("i3", "disks/vda.qcow2").unlink()
+    result = verify(ansible, cp, set_id=cp.built.ids["i2"])
+    assert not result["failed"] and verdicts(cp, result) == expect(("full", "i1", "i2")), result
+
+
+# ----------------------------------------------------------------------------- export honours the verdict
+def test_export_after_a_failed_verify_starts_a_new_chain(ansible, copy):
+    cp = copy
+    built = cp.built
+    image = cp.file("i3", "disks/vdb.qcow2")
+    flip(image, host_offset(image, 28 * 1024 * 1024))
+    failed = verify(ansible, cp, set_id=built.ids["i3"])
+    assert_failed(failed, "CHECKSUM_MISMATCH")
+    assert json.loads(cp.sidecar("i3").read_text())["outcome"] == "failed"
+
+    export = ansible("export", {"name": built.vm.name, "repository": str(cp.path)})
+    assert export["changed"] and export["type"] == "full", export
+    assert export["parent"] is None and export["chain_id"] != cp.manifest("full")["chain_id"]
+    assert built.ids["i3"] in export["reason"] and "verify" in export["reason"], export["reason"]
+
+    fresh = ansible("verify", {"repository": str(cp.path), "set_id": export["set_id"]})
+    assert not fresh["failed"] and [s["set_id"] for s in fresh["sets"]] == [export["set_id"]], fresh
