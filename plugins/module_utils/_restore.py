@@ -244,6 +244,15 @@ def restored_xml(
     return ET.tostring(root, encoding="unicode"), dropped, warnings
 
 
+def redact_xml(xml: str) -> str:
+    """The XML for the module result: graphics passwords masked (the defined domain keeps them)."""
+    root = ET.fromstring(xml)
+    for graphics in root.findall("./devices/graphics"):
+        if graphics.get("passwd") is not None:
+            graphics.set("passwd", "********")
+    return ET.tostring(root, encoding="unicode")
+
+
 def restore_marker(xml: str) -> dict[str, str] | None:
     """Our restore metadata in a domain's XML (which set it was restored from), or None."""
     el = ET.fromstring(xml).find(f"./metadata/{{{METADATA_NS}}}restore")
@@ -462,8 +471,9 @@ class Restorer:
         token = uuid_mod.uuid4().hex[:10]
         journal = os.path.join(plan.disk_dir, f"{JOURNAL_PREFIX}{token}.json")
         temps = {d.target: os.path.join(plan.disk_dir, f".{os.path.basename(d.path)}.partial-{token}") for d in plan.disks}
+        nvram_tmp = os.path.join(NVRAM_DIR, f".{os.path.basename(plan.nvram)}.partial-{token}") if plan.nvram else None
         created: list[str] = []  # files this run made under their final names
-        state = {"pid": os.getpid(), "phase": "writing", "temps": sorted(temps.values()),
+        state = {"pid": os.getpid(), "phase": "writing", "temps": sorted(temps.values()) + ([nvram_tmp] if nvram_tmp else []),
                  "finals": [d.path for d in plan.disks] + ([plan.nvram] if plan.nvram else []), "target": plan.target_name}
         repo_mod.write_file_atomic(journal, _manifest.dumps(state))
         defined = None
@@ -495,11 +505,10 @@ class Restorer:
                 repo_mod.fsync_file(temps[disk.target])
             if plan.nvram:
                 os.makedirs(NVRAM_DIR, mode=0o711, exist_ok=True)
-                tmp = os.path.join(NVRAM_DIR, f".{os.path.basename(plan.nvram)}.partial-{token}")
-                shutil.copyfile(os.path.join(plan.catalog.repo.set_dir(plan.catalog.vm_uuid, plan.point), "nvram.fd"), tmp)
-                os.chmod(tmp, 0o600)
-                repo_mod.fsync_file(tmp)
-                os.rename(tmp, plan.nvram)
+                shutil.copyfile(os.path.join(plan.catalog.repo.set_dir(plan.catalog.vm_uuid, plan.point), "nvram.fd"), nvram_tmp)
+                os.chmod(nvram_tmp, 0o600)
+                repo_mod.fsync_file(nvram_tmp)
+                os.rename(nvram_tmp, plan.nvram)
                 created.append(plan.nvram)
             for disk in plan.disks:
                 os.rename(temps[disk.target], disk.path)
@@ -531,7 +540,7 @@ class Restorer:
                         lv.undefine(defined)
                 except (lv.LibvirtError, VmBackupError) as exc:
                     self.warnings.append(f"could not undo the domain definition: {exc}")
-            for path in list(temps.values()) + created:
+            for path in list(temps.values()) + ([nvram_tmp] if nvram_tmp else []) + created:
                 if os.path.lexists(path):
                     repo_mod.remove_tree(path)
             if os.path.exists(journal):
@@ -626,7 +635,7 @@ class Restorer:
             "dropped_disks": plan.dropped,
             "nvram": plan.nvram,
             "tpm_dir": stats.get("tpm_dir"),
-            "domain_xml": plan.xml,
+            "domain_xml": redact_xml(plan.xml),
             "replaced_disks": plan.replaced_files,
             "removed_disks": stats.get("removed_disks", []),
             "bytes_read": 0 if check else plan.read_bytes,

@@ -101,7 +101,7 @@ options:
     default: qcow2
   network_map:
     description:
-      - Network and bridge names to change in the restored domain's interfaces, as C(old: new).
+      - Network and bridge names to change in the restored domain's interfaces - each key is an old name, its value the new name.
     type: dict
   start:
     description:
@@ -215,7 +215,7 @@ tpm_dir:
   returned: success
   type: str
 domain_xml:
-  description: The domain XML that was (or, in check mode, would be) defined.
+  description: The domain XML that was (or, in check mode, would be) defined, with graphics passwords masked.
   returned: success
   type: str
 replaced_disks:

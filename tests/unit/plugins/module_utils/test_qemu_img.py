@@ -243,3 +243,38 @@ def test_bitmap_failures_raise_backup_failed(call):
         call(QemuImg(FakeRun(1, "", "qemu-img: Failed to get shared \"write\" lock"), BIN))
     assert info.value.error_code == "BACKUP_FAILED"
     assert 'shared "write" lock' in info.value.msg
+
+
+# --------------------------------------------------------------------------- restore and verify reads
+
+
+def test_convert_chain_writes_a_sparse_image_of_the_requested_format():
+    run = FakeRun()
+    spec = chain_spec(["/r/full.qcow2", NASTY])
+    QemuImg(run, BIN).convert_chain(spec, "/images/out.img", "raw")
+    assert run.calls == [[BIN, "convert", "-q", "-W", "-m", "8", "-O", "raw", spec, "/images/out.img"]]
+
+
+def test_convert_chain_failure_is_restore_failed():
+    with pytest.raises(VmBackupError) as err:
+        QemuImg(FakeRun(1, err="No space left on device"), BIN).convert_chain("json:{}", "/x", "qcow2")
+    assert err.value.error_code == "RESTORE_FAILED"
+    assert "No space left on device" in err.value.msg
+
+
+def test_read_all_reads_into_a_null_device_of_the_virtual_size():
+    run = FakeRun()
+    QemuImg(run, BIN).read_all("json:{}", 1 << 30)
+    assert run.calls == [[BIN, "convert", "-n", "-m", "8", "--target-image-opts", "json:{}", "driver=null-co,size=1073741824"]]
+
+
+def test_read_all_failure_is_image_invalid():
+    with pytest.raises(VmBackupError) as err:
+        QemuImg(FakeRun(1, err="Could not open backing"), BIN).read_all("json:{}", 10)
+    assert err.value.error_code == "IMAGE_INVALID"
+
+
+def test_run_raw_returns_rc_without_raising():
+    run = FakeRun(2, out="{}", err="corrupt")
+    assert QemuImg(run, BIN).run_raw(["check", NASTY]) == (2, "{}", "corrupt")
+    assert run.calls == [[BIN, "check", NASTY]]
