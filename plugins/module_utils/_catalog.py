@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 import typing as t
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
@@ -105,7 +106,7 @@ class Catalog:
             stamp = entry.manifest.get("completed") if entry.manifest else None
             try:
                 completed = _manifest.parse_iso(stamp) if stamp else _set_id_time(set_id)
-            except ValueError:
+            except (TypeError, ValueError):  # hand-edited: "completed" is not checked on load
                 completed = _set_id_time(set_id)
             if completed <= when:
                 return set_id
@@ -230,8 +231,8 @@ def parse_as_of(text: str) -> dt.datetime:
         raise VmBackupError("INVALID_ARGUMENT", "as_of must be an ISO 8601 time such as 2026-11-25T07:00:00Z")
     value = text.strip()
     try:
-        if len(value) == 10:
-            day = dt.date.fromisoformat(value)
+        if re.fullmatch(r"\d{4}-?\d{2}-?\d{2}", value):
+            day = dt.date(int(value[:4]), int(value[-4:-2]), int(value[-2:]))
             return dt.datetime.combine(day, dt.time(23, 59, 59), tzinfo=dt.timezone.utc)
         parsed = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
     except ValueError:

@@ -27,6 +27,7 @@ import typing as t
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner
@@ -180,7 +181,7 @@ class Exporter:
         except OSError as exc:
             # Rolled back already (see _execute); report it like any expected failure.
             raise VmBackupError("IO_ERROR", f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}",
-                                path=exc.filename) from None
+                                failed_path=exc.filename) from None
         finally:
             try:
                 conn.close()
@@ -287,9 +288,17 @@ class Exporter:
         manifest, sha = repo.read_manifest(vm_uuid, set_id)
         if manifest["type"] == "copy" or not manifest.get("checkpoint"):
             return None, f"the last set {set_id} is a {manifest['type']} without checkpoint"
-        sidecar = repo.read_verify_sidecar(vm_uuid, set_id)
-        if sidecar is not None and sidecar.get("outcome") != "ok":
-            return None, f"the last verify of set {set_id} did not pass ({sidecar.get('outcome')})"
+        # The new set would build on every set of the parent's chain: each must be sound as far
+        # as we know (links intact, no failed verdict), or a damaged chain would be extended.
+        try:
+            chain = Catalog(repo, vm_uuid).sets_of_chain(set_id)
+        except VmBackupError as exc:
+            return None, f"the chain of set {set_id} is broken ({exc.msg})"
+        for member in reversed(chain):
+            sidecar = repo.read_verify_sidecar(vm_uuid, member)
+            if sidecar is not None and sidecar.get("outcome") != "ok":
+                where = "" if member == set_id else f", which set {set_id} builds on,"
+                return None, f"the last verify of set {member}{where} did not pass ({sidecar.get('outcome')})"
         checkpoint = manifest["checkpoint"]
         parsed = _manifest.parse_checkpoint_name(checkpoint)
         if parsed is None:

@@ -335,6 +335,21 @@ def domain_exists_uuid(conn, vm_uuid: str) -> bool:
     return True
 
 
+def paths_in_use(conn) -> set[str]:
+    """Every file a defined domain (running or not) uses as a disk or NVRAM."""
+    used = set()
+    for dom in conn.listAllDomains(0):
+        try:
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        except libvirt.libvirtError:
+            continue  # undefined meanwhile
+        used.update(d.source for d in parse_disks(xml) if d.source)
+        nvram = nvram_path(xml)
+        if nvram:
+            used.add(nvram)
+    return used
+
+
 def define(conn, xml: str):
     try:
         return conn.defineXML(xml)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import typing as t
 import uuid as uuid_mod
@@ -185,6 +186,8 @@ def restored_xml(
     dropped: list[str] = []
     _set_text(root, "name", name)
     _set_text(root, "uuid", vm_uuid)
+    for entry in root.findall("./sysinfo/system/entry[@name='uuid']"):
+        entry.text = vm_uuid  # libvirt refuses an SMBIOS UUID that differs from <uuid>
     devices = root.find("devices")
     if devices is None:
         devices = ET.SubElement(root, "devices")
@@ -286,8 +289,12 @@ def _pid_alive(pid: t.Any) -> bool:
     return True
 
 
-def stale_journals(disk_dir: str) -> list[tuple[str, dict[str, t.Any]]]:
-    """Journals of restores into ``disk_dir`` whose process is gone."""
+def stale_journals(disk_dir: str, host: str | None = None) -> list[tuple[str, dict[str, t.Any]]]:
+    """Journals of restores into ``disk_dir`` whose process is gone.
+
+    With ``host``, only journals written on that host count: on a directory shared by several
+    hosts (a netfs pool), another host's pid says nothing about its restore here.
+    """
     found = []
     if not os.path.isdir(disk_dir):
         return found
@@ -298,7 +305,9 @@ def stale_journals(disk_dir: str) -> list[tuple[str, dict[str, t.Any]]]:
                     data = json.load(fh)
             except (OSError, ValueError):
                 continue
-            if isinstance(data, dict) and not _pid_alive(data.get("pid")):
+            if not isinstance(data, dict) or (host is not None and data.get("host", host) != host):
+                continue
+            if not _pid_alive(data.get("pid")):
                 found.append((entry.path, data))
     return sorted(found)
 
@@ -319,9 +328,12 @@ class Restorer:
         point = self._point(catalog)
         conn = lv.connect(self.p.uri)
         try:
+            if not self.check_mode:
+                # What a killed restore into this directory left must not block this one.
+                self._clean_stale(conn, self._disk_dir(conn))
             plan = self._plan(conn, catalog, point)
             if plan is None:
-                return self._unchanged(catalog, point, started)
+                return self._unchanged(conn, catalog, point, started)
             self._check_space(plan)
             if self.check_mode:
                 return self._result(plan, started, changed=True, check=True)
@@ -343,7 +355,7 @@ class Restorer:
             raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed: {exc.get_error_message()}") from None
         except OSError as exc:
             raise VmBackupError("IO_ERROR", f"I/O error on {exc.filename or 'a restore file'}: {exc.strerror or exc}",
-                                path=exc.filename) from None
+                                failed_path=exc.filename) from None
         finally:
             try:
                 conn.close()
@@ -373,12 +385,21 @@ class Restorer:
             return point
         return catalog.latest()
 
+    def _target_name(self, source_name: str) -> str:
+        return self.p.restore_as or (source_name if self.p.overwrite == "replace" else f"{source_name}-restored")
+
+    def _disk_dir(self, conn) -> str:
+        disk_dir = lv.pool_directory(conn, self.p.storage_pool) if self.p.storage_pool else (self.p.disk_dir or DEFAULT_DISK_DIR)
+        if not os.path.isdir(disk_dir):
+            raise VmBackupError("PATH_ESCAPE", f"disk_dir {disk_dir} is not an existing directory")
+        return disk_dir
+
     def _plan(self, conn, catalog: Catalog, point: str) -> Plan | None:
         chain = catalog.sets_of_chain(point)  # CHAIN_BROKEN / REPOSITORY_FORMAT before anything else
         manifest = catalog.sets[point].manifest
         source = {"name": manifest["vm"].get("name") or catalog.vm_uuid, "uuid": catalog.vm_uuid}
         replace = self.p.overwrite == "replace"
-        target_name = self.p.restore_as or (source["name"] if replace else f"{source['name']}-restored")
+        target_name = self._target_name(source["name"])
         existing = lv.find_domain(conn, target_name)
         replacing = None
         if existing is not None:
@@ -393,13 +414,13 @@ class Restorer:
                                     "shut-off VM is replaced (shut it down first)", target=target_name)
             replacing = existing
         target_uuid = replacing.UUIDString() if replacing is not None else str(uuid_mod.uuid4())
-        disk_dir = lv.pool_directory(conn, self.p.storage_pool) if self.p.storage_pool else (self.p.disk_dir or DEFAULT_DISK_DIR)
-        if not os.path.isdir(disk_dir):
-            raise VmBackupError("PATH_ESCAPE", f"disk_dir {disk_dir} is not an existing directory")
+        disk_dir = self._disk_dir(conn)
         set_dir = catalog.repo.set_dir(catalog.vm_uuid, point)
 
         # Files this restore reads: every disk chain, and the point's side files it uses.
-        current = _file_sources(lv.domain_xml(replacing, inactive=True)) if replacing is not None else {}
+        replaced_xml = lv.domain_xml(replacing, inactive=True) if replacing is not None else None
+        current = _file_sources(replaced_xml) if replaced_xml is not None else {}
+        old_nvram = lv.nvram_path(replaced_xml) if replaced_xml is not None else None
         disks, taken = [], set(current.values())
         stem = safe_file_name(target_name)
         ext = "qcow2" if self.p.disk_format == "qcow2" else "img"
@@ -409,7 +430,8 @@ class Restorer:
             files = [os.path.join(catalog.repo.set_dir(catalog.vm_uuid, sid), d["file"]) for sid, d in dchain]
             path = os.path.join(disk_dir, f"{stem}-{target}-{point}.{ext}")
             n = 2
-            while path in taken:  # a replaced VM may still use that name (restored from this point before)
+            # A replaced VM may still use that name (restored from this point before), or kept it.
+            while path in taken or (replacing is not None and os.path.lexists(path)):
                 path = os.path.join(disk_dir, f"{stem}-{target}-{point}-{n}.{ext}")
                 n += 1
             taken.add(path)
@@ -426,14 +448,19 @@ class Restorer:
         nvram = None
         if "nvram.fd" in files_meta:
             nvram = os.path.join(NVRAM_DIR, f"{stem}-{point}_VARS.fd")
+            n = 2
+            while nvram == old_nvram or (replacing is not None and os.path.lexists(nvram)):  # as for the disks
+                nvram = os.path.join(NVRAM_DIR, f"{stem}-{point}-{n}_VARS.fd")
+                n += 1
         tpm_files = [rel for rel, e in sorted(files_meta.items()) if e.get("role") == "tpm"]
         if tpm_files and os.path.exists(os.path.join(SWTPM_DIR, target_uuid)):
             self.warnings.append(f"TPM state of {target_name} exists in {SWTPM_DIR}/{target_uuid}; it is kept, not restored")
             tpm_files = []
         for path in [d.path for d in disks] + ([nvram] if nvram else []):
             if os.path.lexists(path):
-                raise VmBackupError("TARGET_PATH_EXISTS", f"{path} already exists; remove it or choose another disk_dir",
-                                    path=path)
+                where = "restore_as" if path == nvram else "restore_as or disk_dir"
+                raise VmBackupError("TARGET_PATH_EXISTS", f"{path} already exists; remove it or choose another {where}",
+                                    existing_path=path)
         metadata = {"vm_uuid": catalog.vm_uuid, "vm_name": source["name"], "set_id": point,
                     "restored": _manifest.iso(_manifest.utcnow())}
         xml, dropped, warnings = restored_xml(
@@ -446,6 +473,8 @@ class Restorer:
         if replacing is not None:
             kept = {d.target for d in disks}
             replaced_files = sorted(p for tg, p in current.items() if tg in kept)
+            if nvram and old_nvram:  # the old firmware state goes (or stays) with the old disks
+                replaced_files.append(old_nvram)
         return Plan(catalog, point, chain, source, target_name, target_uuid, replacing, disks, side_jobs, nvram,
                     tpm_files, xml, disk_dir, dropped, replaced_files)
 
@@ -467,13 +496,12 @@ class Restorer:
 
     # ------------------------------------------------------------------ act
     def _execute(self, conn, plan: Plan) -> dict[str, t.Any]:
-        self._clean_stale(plan.disk_dir)
         token = uuid_mod.uuid4().hex[:10]
         journal = os.path.join(plan.disk_dir, f"{JOURNAL_PREFIX}{token}.json")
         temps = {d.target: os.path.join(plan.disk_dir, f".{os.path.basename(d.path)}.partial-{token}") for d in plan.disks}
         nvram_tmp = os.path.join(NVRAM_DIR, f".{os.path.basename(plan.nvram)}.partial-{token}") if plan.nvram else None
         created: list[str] = []  # files this run made under their final names
-        state = {"pid": os.getpid(), "phase": "writing", "temps": sorted(temps.values()) + ([nvram_tmp] if nvram_tmp else []),
+        state = {"pid": os.getpid(), "host": socket.gethostname(), "phase": "writing", "temps": sorted(temps.values()) + ([nvram_tmp] if nvram_tmp else []),
                  "finals": [d.path for d in plan.disks] + ([plan.nvram] if plan.nvram else []), "target": plan.target_name}
         repo_mod.write_file_atomic(journal, _manifest.dumps(state))
         defined = None
@@ -488,12 +516,20 @@ class Restorer:
                 # Checksums run beside qemu-img; both read the same files.
                 pending = pool.map(check_file, sorted(jobs, key=lambda j: j.size, reverse=True))
                 convert_started = time.monotonic()
+                convert_error = None
                 for disk in plan.disks:
-                    self.qemu_img.convert_chain(chain_spec(disk.files), temps[disk.target], self.p.disk_format)
+                    try:
+                        self.qemu_img.convert_chain(chain_spec(disk.files), temps[disk.target], self.p.disk_format)
+                    except VmBackupError as exc:
+                        # A damaged file is the likelier cause: the checksums have the first word.
+                        convert_error = exc
+                        break
                 convert_s = time.monotonic() - convert_started
                 outcomes = list(pending)
             verify_s = time.monotonic() - verify_started
             bad = [o for o in outcomes if o.code is not None]
+            if convert_error is not None and not bad:
+                raise convert_error
             if bad:
                 first = bad[0]
                 affected = plan.catalog.points_using(first.job.set_id, first.job.target)
@@ -580,37 +616,50 @@ class Restorer:
             os.chmod(dst, 0o600)
         return tpm_dir
 
-    def _clean_stale(self, disk_dir: str) -> None:
-        """Remove what a killed restore into this directory left, as its journal lists it."""
-        for path, data in stale_journals(disk_dir):
-            victims = list(data.get("temps") or [])
-            if data.get("phase") == "writing":
-                victims += list(data.get("finals") or [])
+    def _clean_stale(self, conn, disk_dir: str) -> None:
+        """Remove what a killed restore into this directory left, as its journal lists it.
+
+        A file that a defined domain uses is never removed, whatever the journal says: a run
+        killed between defining the domain and closing its journal has finished its work.
+        """
+        journals = stale_journals(disk_dir, socket.gethostname())
+        in_use = lv.paths_in_use(conn) if journals else set()
+        for path, data in journals:
+            victims = list(data.get("temps") or []) + list(data.get("finals") or [])
             for victim in victims:
-                if isinstance(victim, str) and os.path.dirname(victim) in (disk_dir, NVRAM_DIR) and os.path.isfile(victim):
+                if not isinstance(victim, str) or victim in in_use:
+                    continue
+                if os.path.dirname(victim) in (disk_dir, NVRAM_DIR) and os.path.isfile(victim):
                     os.unlink(victim)
                     self.cleaned.append(f"removed {victim} of an interrupted restore")
             os.unlink(path)
 
     # ------------------------------------------------------------------ results
-    def _unchanged(self, catalog: Catalog, point: str, started: float) -> dict[str, t.Any]:
+    def _unchanged(self, conn, catalog: Catalog, point: str, started: float) -> dict[str, t.Any]:
+        """The domain was restored from this point before; at most it still has to be started."""
         manifest = catalog.sets[point].manifest
-        name = self.p.restore_as or f"{manifest['vm'].get('name')}-restored"
+        name = self._target_name(manifest["vm"].get("name") or catalog.vm_uuid)
+        dom = lv.find_domain(conn, name)
+        start = bool(self.p.start and dom is not None and not lv.is_active(dom))
+        if start and not self.check_mode:
+            lv.start(dom)
+        msg = f"domain {name!r} was already restored from set {point}; " + ("started it" if start else "nothing to do")
         return {
-            "changed": False,
-            "msg": f"domain {name!r} was already restored from set {point}; nothing to do",
+            "changed": start,
+            "msg": msg,
             "set_id": point,
             "point": _point_info(manifest),
             "chain": catalog.sets_of_chain(point),
             "source_vm": {"name": manifest["vm"].get("name"), "uuid": catalog.vm_uuid},
-            "vm": {"name": name},
+            "vm": {"name": name, "uuid": dom.UUIDString() if dom is not None else None,
+                   "state": lv.domain_state(dom) if dom is not None else None, "replaced": False},
             "disks": [],
             "bytes_read": 0,
             "bytes_written": 0,
             "duration_s": round(time.monotonic() - started, 3),
             "throughput_mib_s": None,
-            "started": False,
-            "cleaned_up": [],
+            "started": start and not self.check_mode,
+            "cleaned_up": self.cleaned,
         }
 
     def _result(self, plan: Plan, started: float, changed: bool, check: bool = False,

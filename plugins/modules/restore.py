@@ -30,7 +30,8 @@ description:
   - Restored images are named C(<restore_as>-<target>-<set-id>.qcow2) (C(.img) for raw) in O(disk_dir) or the directory
     of O(storage_pool), with characters other than letters, digits, C(.), C(_) and C(-) in the name replaced by C(_).
   - A failed restore undoes itself - no half-defined domain, no partial image. A restore that is killed leaves hidden
-    C(.partial) files and a journal in the disk directory that the next restore into that directory removes.
+    C(.partial) files and a journal in the disk directory that the next restore into that directory (on the same host)
+    removes; files a defined domain uses are never removed.
   - The repository is all it needs - on another host, point O(repository) at the same (shared) directory.
 extends_documentation_fragment:
   - vmbackup.libvirt._connection
@@ -52,7 +53,7 @@ attributes:
     support: partial
     details:
       - A restore under a new name is idempotent - when a domain of that name was restored from the same set, the module
-        returns C(changed=false).
+        returns C(changed=false) (or starts it, with O(start=true), if it is not running).
       - O(overwrite=replace) replaces the VM on every run (it is how a VM is reset to a point).
 options:
   name:
@@ -219,12 +220,12 @@ domain_xml:
   returned: success
   type: str
 replaced_disks:
-  description: With O(overwrite=replace), the old disk files of the replaced VM.
+  description: With O(overwrite=replace), the old disk files of the replaced VM (and its old NVRAM file).
   returned: success
   type: list
   elements: str
 removed_disks:
-  description: Old disk files deleted after a successful replace.
+  description: Old disk (and NVRAM) files deleted after a successful replace.
   returned: success
   type: list
   elements: str

@@ -1,14 +1,17 @@
 """vmbackup.libvirt.verify against real repositories written by export, damaged by hand.
 
 One repository is built per module (a running VM with two qcow2 disks: full, i1, i2, i3, and a
-shut-off VM with one copy set); every test damages its own `cp -a` copy and verifies that.
+shut-off VM with one copy set) and never touched; every test damages its own `cp -a` copy and
+verifies that (the cases of the `damage` registry are verified side by side by one fixture).
 Expectations (sizes, points that read a file, chains) are computed here from the files on disk
 and the JSON of the manifests, never with the collection's code.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -21,7 +24,7 @@ import uuid
 
 import pytest
 
-from harness import DiskSpec, Vm, VmFactory, run, sha256, tree_state
+from harness import MIB, DiskSpec, Pending, Vm, VmFactory, run, sha256, tree_state
 
 REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
 CHAIN = ("full", "i1", "i2", "i3")
@@ -223,23 +226,44 @@ def findings(cp: Copy, result: dict[str, t.Any]) -> list[tuple]:
     ]
 
 
-def verify(ansible, cp: Copy, check: bool = False, **args: t.Any) -> dict[str, t.Any]:
-    """Run verify on the copy; the committed sets must come out byte-identical, verdicts sit beside them."""
-    before = cp.state()
-    result = ansible("verify", {"repository": str(cp.path), **args}, check=check)
-    assert cp.state() == before, "verify changed a committed set"
+def _start(ansible, cp: Copy, check: bool, args: dict[str, t.Any]) -> Pending:
+    argv = ansible.argv("verify", {"repository": str(cp.path), **args}, check)
+    return Pending(subprocess.Popen(argv, env=ansible.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+
+def _check_sidecars(cp: Copy, result: dict[str, t.Any], recorded: bool) -> None:
+    """Each checked set's verdict sits beside it (0600) and agrees with the result."""
+    if not recorded:
+        return
     for res in result.get("sets", []):
         label = cp.labels[res["set_id"]]
         path = cp.sidecar(label)
-        if check or args.get("record") is False:
-            continue
         assert str(path) in result["sidecars"]
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         sidecar = json.loads(path.read_text())
         assert (sidecar["set_id"], sidecar["outcome"], sidecar["codes"]) == (res["set_id"], res["outcome"], res["codes"])
-        assert sidecar["manifest_sha256"] == (sha256(cp.file(label, "manifest.json"))
-                                              if cp.file(label, "manifest.json").exists() else None)
+        assert sidecar["manifest_sha256"] == sha256(cp.file(label, "manifest.json"))
+
+
+def verify(ansible, cp: Copy, check: bool = False, **args: t.Any) -> dict[str, t.Any]:
+    """Run verify on the copy; the committed sets must come out byte-identical, verdicts sit beside them."""
+    before = cp.state()
+    result = _start(ansible, cp, check, args).result(timeout=300)
+    assert cp.state() == before, "verify changed a committed set"
+    _check_sidecars(cp, result, recorded=not check and args.get("record", True))
     return result
+
+
+def verify_side_by_side(ansible, cp: Copy, runs: list[tuple[bool, dict[str, t.Any]]]) -> list[dict[str, t.Any]]:
+    """Several runs that record nothing (check mode, record=false, refused arguments) at once:
+    verifies share the VM's lock, and the machine has idle cores while Ansible starts up."""
+    before = tree_state(cp.path)
+    pending = [_start(ansible, cp, check, args) for check, args in runs]
+    results = [p.result(timeout=300) for p in pending]
+    assert tree_state(cp.path) == before, "a run that records nothing changed the repository"
+    for result in results:
+        assert result.get("sidecars", []) == [] and not result.get("changed"), result
+    return results
 
 
 def _by_place(finding: dict[str, t.Any]) -> tuple:
@@ -264,14 +288,11 @@ def test_sound_repository_passes_and_records_verdicts_beside_the_sets(ansible, c
     cp = copy
     everything = tree_state(cp.path)
 
-    predicted = verify(ansible, cp, check=True)
-    assert not predicted["failed"] and not predicted["changed"], predicted
-    assert predicted["outcome"] == "ok" and verdicts(cp, predicted) == expect()
-    assert predicted["sidecars"] == [] and tree_state(cp.path) == everything
-
-    unrecorded = verify(ansible, cp, record=False)
-    assert not unrecorded["failed"] and not unrecorded["changed"] and unrecorded["outcome"] == "ok", unrecorded
-    assert unrecorded["sidecars"] == [] and tree_state(cp.path) == everything
+    predicted, unrecorded = verify_side_by_side(ansible, cp, [(True, {}), (False, {"record": False})])
+    for quiet in (predicted, unrecorded):
+        assert not quiet["failed"] and not quiet["changed"], quiet
+        assert quiet["outcome"] == "ok" and verdicts(cp, quiet) == expect()
+    assert tree_state(cp.path) == everything
 
     result = verify(ansible, cp)
     assert not result["failed"] and result["changed"] and result["outcome"] == "ok", result
@@ -292,8 +313,6 @@ def test_sound_repository_passes_and_records_verdicts_beside_the_sets(ansible, c
         assert (sidecar["outcome"], sidecar["level"], sidecar["findings"]) == ("ok", "data", [])
         # A verdict is never written into the committed set.
         assert not list(cp.set_dir(label).rglob(f"*{SIDECAR_SUFFIX}"))
-    predicted_again = verify(ansible, cp, check=True)
-    assert not predicted_again["changed"] and predicted_again["outcome"] == "ok"
 
     restore = verify(ansible, cp, level="restore")
     assert not restore["failed"] and restore["outcome"] == "ok" and restore["level"] == "restore", restore
@@ -302,33 +321,61 @@ def test_sound_repository_passes_and_records_verdicts_beside_the_sets(ansible, c
     assert json.loads(cp.sidecar("i3").read_text())["level"] == "restore"
 
 
-def test_one_or_two_workers_give_the_same_verdict(ansible, copy):
-    cp = copy
-    flip(cp.file("i1", "disks/vdb.qcow2"), host_offset(cp.file("i1", "disks/vdb.qcow2"), 20 * 1024 * 1024))
-    truncate(cp.file("i3", "domain.xml"), 10)
-    one = verify(ansible, cp, workers=1, record=False)
-    two = verify(ansible, cp, workers=2, record=False)
-    assert (one["workers"], two["workers"]) == (1, 2)
-    for key in ("outcome", "error_code", "findings", "failed_sets", "bytes_read"):
-        assert one[key] == two[key], key
-    assert [{k: v for k, v in s.items() if k not in ("duration_s", "throughput_mib_s")} for s in one["sets"]] == \
-        [{k: v for k, v in s.items() if k not in ("duration_s", "throughput_mib_s")} for s in two["sets"]]
-    assert findings(cp, one) == [
-        ("CHECKSUM_MISMATCH", "i1", "disks/vdb.qcow2", ["i1", "i2", "i3"], None),
-        ("SIZE_MISMATCH", "i3", "domain.xml", ["i3"], None),
-    ]
-    assert verdicts(cp, one) == expect(i1=["CHECKSUM_MISMATCH"], i2=["CHECKSUM_MISMATCH"],
-                                       i3=["SIZE_MISMATCH", "CHECKSUM_MISMATCH"])
+# ----------------------------------------------------------------------------- damaged copies
+# Each case below damages its own copy of the repository in one way. The `damaged` fixture makes
+# every copy, then verifies them all, a few at a time (most of a run is Ansible starting up);
+# each test reads its case's result.
+DAMAGE: dict[str, tuple[t.Callable[[Copy], None], dict[str, t.Any]]] = {}
 
 
-# ----------------------------------------------------------------------------- damaged data
-def test_bit_flip_in_the_full_disk_data_affects_every_point_of_the_chain(ansible, copy):
-    cp = copy
+def damage(name: str, **args: t.Any):
+    """Register a way to damage a copy, and the verify arguments for it (a callable value is
+    given the built repository, for set ids)."""
+    def register(make: t.Callable[[Copy], None]) -> t.Callable[[Copy], None]:
+        DAMAGE[name] = (make, args)
+        return make
+    return register
+
+
+@pytest.fixture(scope="module")
+def damaged(ansible, built):
+    root = REPO_BASE / f"verify-damaged-{uuid.uuid4().hex[:10]}"
+    root.mkdir(mode=0o711)
+    os.chmod(root, 0o711)
+    try:
+        cases = {}
+        for name, (make, args) in DAMAGE.items():
+            cp = Copy(root / name, built)
+            subprocess.run(["cp", "-a", str(built.repo), str(cp.path)], check=True)
+            make(cp)
+            args = {key: value(built) if callable(value) else value for key, value in args.items()}
+            cases[name] = (cp, args, cp.state())
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+            runs = {name: pool.submit(lambda c: _start(ansible, c[0], False, c[1]).result(timeout=300), case)
+                    for name, case in cases.items()}
+            results = {name: run.result() for name, run in runs.items()}
+
+        def verified(name: str) -> tuple[Copy, dict[str, t.Any]]:
+            cp, args, before = cases[name]
+            assert cp.state() == before, "verify changed a committed set"
+            _check_sidecars(cp, results[name], recorded=args.get("record", True))
+            return cp, results[name]
+
+        yield verified
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@damage("full-data")
+def _flip_in_the_full_data(cp: Copy) -> None:
     image = cp.file("full", "disks/vda.qcow2")
-    flip(image, host_offset(image, 4 * 1024 * 1024))
+    flip(image, host_offset(image, 4 * MIB))
     # qemu-img check cannot see a flipped data bit; only the checksum can.
     assert image_check_rc(image) == 0
-    result = verify(ansible, cp)
+
+
+def test_bit_flip_in_the_full_disk_data_affects_every_point_of_the_chain(damaged):
+    cp, result = damaged("full-data")
     assert_failed(result, "CHECKSUM_MISMATCH")
     assert findings(cp, result) == [("CHECKSUM_MISMATCH", "full", "disks/vda.qcow2", list(CHAIN), None)]
     assert verdicts(cp, result) == expect(**{label: ["CHECKSUM_MISMATCH"] for label in CHAIN})
@@ -336,22 +383,28 @@ def test_bit_flip_in_the_full_disk_data_affects_every_point_of_the_chain(ansible
     assert cp.built.ids["full"] in result["msg"] and "disks/vda.qcow2" in result["msg"]
 
 
-def test_bit_flip_in_an_incremental_affects_it_and_later_points_only(ansible, copy):
-    cp = copy
+@damage("incremental-data")
+def _flip_in_an_incremental(cp: Copy) -> None:
     image = cp.file("i2", "disks/vda.qcow2")
-    flip(image, host_offset(image, 16 * 1024 * 1024))
-    result = verify(ansible, cp)
+    flip(image, host_offset(image, 16 * MIB))
+
+
+def test_bit_flip_in_an_incremental_affects_it_and_later_points_only(damaged):
+    cp, result = damaged("incremental-data")
     assert_failed(result, "CHECKSUM_MISMATCH")
     assert findings(cp, result) == [("CHECKSUM_MISMATCH", "i2", "disks/vda.qcow2", ["i2", "i3"], None)]
     assert verdicts(cp, result) == expect(i2=["CHECKSUM_MISMATCH"], i3=["CHECKSUM_MISMATCH"])
 
 
-def test_flip_in_the_second_disk_and_in_a_domain_xml(ansible, copy):
-    cp = copy
+@damage("second-disk-and-domain-xml")
+def _flip_in_vdb_and_domain_xml(cp: Copy) -> None:
     image = cp.file("full", "disks/vdb.qcow2")
-    flip(image, host_offset(image, 2 * 1024 * 1024))
+    flip(image, host_offset(image, 2 * MIB))
     flip(cp.file("i2", "domain.xml"), 40)
-    result = verify(ansible, cp)
+
+
+def test_flip_in_the_second_disk_and_in_a_domain_xml(damaged):
+    cp, result = damaged("second-disk-and-domain-xml")
     assert_failed(result, "CHECKSUM_MISMATCH")
     assert findings(cp, result) == [
         ("CHECKSUM_MISMATCH", "full", "disks/vdb.qcow2", list(CHAIN), None),
@@ -363,44 +416,64 @@ def test_flip_in_the_second_disk_and_in_a_domain_xml(ansible, copy):
     assert by_set["i3"] == ["disks/vdb.qcow2"]
 
 
-@pytest.mark.parametrize("where", [pytest.param(-1, id="last-byte"), pytest.param(3, id="header-magic"),
-                                   pytest.param(100, id="header-length")])
-def test_flip_anywhere_in_the_file_is_a_checksum_mismatch(ansible, copy, where):
-    cp = copy
-    flip(cp.file("i3", "disks/vda.qcow2"), where, bit=0x01)
-    result = verify(ansible, cp)
+@damage("last-and-header-byte")
+def _flip_last_and_header_bytes(cp: Copy) -> None:
+    flip(cp.file("i3", "disks/vda.qcow2"), -1, bit=0x01)
+    flip(cp.file("i3", "disks/vdb.qcow2"), 3, bit=0x01)  # the last byte of the qcow2 magic
+
+
+def test_flip_of_the_last_byte_or_of_a_header_byte_is_a_checksum_mismatch(damaged):
+    cp, result = damaged("last-and-header-byte")
     assert_failed(result, "CHECKSUM_MISMATCH")
-    assert findings(cp, result) == [("CHECKSUM_MISMATCH", "i3", "disks/vda.qcow2", ["i3"], None)]
+    assert findings(cp, result) == [
+        ("CHECKSUM_MISMATCH", "i3", "disks/vda.qcow2", ["i3"], None),
+        ("CHECKSUM_MISMATCH", "i3", "disks/vdb.qcow2", ["i3"], None),
+    ]
     assert verdicts(cp, result) == expect(i3=["CHECKSUM_MISMATCH"])
 
 
-def test_truncated_file_is_a_size_mismatch(ansible, copy):
-    cp = copy
+@damage("truncated")
+def _truncate(cp: Copy) -> None:
     image = cp.file("i1", "disks/vda.qcow2")
     truncate(image, image.stat().st_size // 2)
-    result = verify(ansible, cp)
+
+
+def test_truncated_file_is_a_size_mismatch(damaged):
+    cp, result = damaged("truncated")
     assert_failed(result, "SIZE_MISMATCH")
     assert findings(cp, result) == [("SIZE_MISMATCH", "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None)]
     assert verdicts(cp, result) == expect(i1=["SIZE_MISMATCH"], i2=["SIZE_MISMATCH"], i3=["SIZE_MISMATCH"])
 
 
-def test_missing_file_is_file_missing(ansible, copy):
-    cp = copy
+@damage("missing")
+def _delete_files(cp: Copy) -> None:
     cp.file("i1", "disks/vdb.qcow2").unlink()
     cp.file("full", "checkpoint.xml").unlink()
-    result = verify(ansible, cp)
+    # A link to a file with the right content is not the file: it is never followed.
+    domain_xml = cp.file("full", "domain.xml")
+    shutil.copy2(domain_xml, cp.path / "domain.xml")
+    domain_xml.unlink()
+    domain_xml.symlink_to(cp.path / "domain.xml")
+
+
+def test_missing_file_is_file_missing(damaged):
+    cp, result = damaged("missing")
     assert_failed(result, "FILE_MISSING")
     assert findings(cp, result) == [
         ("FILE_MISSING", "full", "checkpoint.xml", ["full"], None),
+        ("FILE_MISSING", "full", "domain.xml", ["full"], None),
         ("FILE_MISSING", "i1", "disks/vdb.qcow2", ["i1", "i2", "i3"], None),
     ]
     assert verdicts(cp, result) == expect(full=["FILE_MISSING"], i1=["FILE_MISSING"], i2=["FILE_MISSING"], i3=["FILE_MISSING"])
 
 
-def test_fail_on_error_false_reports_without_failing(ansible, copy):
-    cp = copy
+@damage("reported", fail_on_error=False)
+def _delete_a_disk_file(cp: Copy) -> None:
     cp.file("i2", "disks/vdb.qcow2").unlink()
-    result = verify(ansible, cp, fail_on_error=False)
+
+
+def test_fail_on_error_false_reports_without_failing(damaged):
+    cp, result = damaged("reported")
     assert not result["failed"] and result["changed"] and result["outcome"] == "failed", result
     assert "error_code" not in result
     assert findings(cp, result) == [("FILE_MISSING", "i2", "disks/vdb.qcow2", ["i2", "i3"], None)]
@@ -409,79 +482,149 @@ def test_fail_on_error_false_reports_without_failing(ansible, copy):
     assert json.loads(cp.sidecar("i1").read_text())["outcome"] == "ok"
 
 
-def test_corrupt_image_with_matching_checksum_is_image_invalid(ansible, copy):
-    cp = copy
+@damage("image-invalid")
+def _corrupt_image_and_record_its_checksum(cp: Copy) -> None:
     image = cp.file("i3", "disks/vda.qcow2")
-    reference_a_cluster_twice(image, 20 * 1024 * 1024)
+    reference_a_cluster_twice(image, 20 * MIB)
     assert image_check_rc(image) == 2
 
     def record_new_checksum(m):
         m["files"]["disks/vda.qcow2"]["sha256"] = sha256(image)
 
     cp.rewrite_manifest("i3", record_new_checksum)  # i3 is the newest: no child recorded its hash
-    result = verify(ansible, cp)
+
+
+def test_corrupt_image_with_matching_checksum_is_image_invalid(damaged):
+    cp, result = damaged("image-invalid")
     assert_failed(result, "IMAGE_INVALID")
     assert findings(cp, result) == [("IMAGE_INVALID", "i3", "disks/vda.qcow2", ["i3"], None)]
     assert verdicts(cp, result) == expect(i3=["IMAGE_INVALID"])
 
 
+def _shrink_the_copy_set(cp: Copy) -> None:
+    """The copy set's image is larger than its manifest says: sound files, but the point does not
+    read into a disk of the recorded size (a copy set has no child whose link would break)."""
+
+    def shrink(m):
+        m["disks"][0]["virtual_size"] = 8 * MIB
+
+    cp.rewrite_manifest("other", shrink)
+
+
+damage("shrunk-data", record=False)(_shrink_the_copy_set)
+damage("shrunk-restore", record=False, level="restore")(_shrink_the_copy_set)
+
+
+def test_only_level_restore_reads_points_through_their_chains(damaged):
+    cp, data = damaged("shrunk-data")
+    assert not data["failed"] and verdicts(cp, data) == expect(), data
+    cp, restore = damaged("shrunk-restore")
+    assert_failed(restore, "IMAGE_INVALID")
+    assert findings(cp, restore) == [("IMAGE_INVALID", "other", "disks/vda.qcow2", ["other"], None)]
+    assert verdicts(cp, restore) == expect(other=["IMAGE_INVALID"])
+
+
+def _two_faults(cp: Copy) -> None:
+    flip(cp.file("i1", "disks/vdb.qcow2"), host_offset(cp.file("i1", "disks/vdb.qcow2"), 20 * MIB))
+    truncate(cp.file("i3", "domain.xml"), 10)
+
+
+damage("one-worker", workers=1, record=False)(_two_faults)
+damage("two-workers", workers=2, record=False)(_two_faults)
+
+
+def test_one_or_two_workers_give_the_same_verdict(damaged):
+    cp, one = damaged("one-worker")
+    _cp, two = damaged("two-workers")
+    assert (one["workers"], two["workers"]) == (1, 2)
+    for key in ("outcome", "error_code", "findings", "failed_sets", "bytes_read"):
+        assert one[key] == two[key], key
+    timing = ("duration_s", "throughput_mib_s")
+    assert [{k: v for k, v in s.items() if k not in timing} for s in one["sets"]] == \
+        [{k: v for k, v in s.items() if k not in timing} for s in two["sets"]]
+    assert findings(cp, one) == [
+        ("CHECKSUM_MISMATCH", "i1", "disks/vdb.qcow2", ["i1", "i2", "i3"], None),
+        ("SIZE_MISMATCH", "i3", "domain.xml", ["i3"], None),
+    ]
+    assert verdicts(cp, one) == expect(i1=["CHECKSUM_MISMATCH"], i2=["CHECKSUM_MISMATCH"],
+                                       i3=["SIZE_MISMATCH", "CHECKSUM_MISMATCH"])
+
+
 # ----------------------------------------------------------------------------- broken chains and manifests
-def test_missing_middle_incremental_breaks_the_later_points(ansible, copy):
-    cp = copy
+@damage("no-middle", level="restore")
+def _delete_i1(cp: Copy) -> None:
     shutil.rmtree(cp.set_dir("i1"))
-    result = verify(ansible, cp)
+
+
+def test_missing_middle_incremental_breaks_the_later_points(damaged):
+    cp, result = damaged("no-middle")
     assert_failed(result, "CHAIN_BROKEN")
     assert findings(cp, result) == [("CHAIN_BROKEN", "i2", "manifest.json", ["i2", "i3"], "i1")]
     assert verdicts(cp, result) == expect(("full", "i2", "i3", "other"), i2=["CHAIN_BROKEN"], i3=["CHAIN_BROKEN"])
+    # level=restore read the sound points through their chains and left the broken ones alone.
+    present = ("full", "i2", "i3", "other")
+    assert result["bytes_read"] == sum(file_sizes(cp.set_dir(label)) for label in present) + \
+        chain_read_bytes(cp, "full") + chain_read_bytes(cp, "other")
 
 
-def test_missing_full_breaks_every_incremental(ansible, copy):
-    cp = copy
+@damage("no-full")
+def _delete_the_full(cp: Copy) -> None:
     shutil.rmtree(cp.set_dir("full"))
-    result = verify(ansible, cp)
+
+
+def test_missing_full_breaks_every_incremental(damaged):
+    cp, result = damaged("no-full")
     assert_failed(result, "CHAIN_BROKEN")
     assert findings(cp, result) == [("CHAIN_BROKEN", "i1", "manifest.json", ["i1", "i2", "i3"], "full")]
     assert verdicts(cp, result) == expect(("i1", "i2", "i3", "other"), i1=["CHAIN_BROKEN"], i2=["CHAIN_BROKEN"],
                                           i3=["CHAIN_BROKEN"])
 
 
-def test_edited_manifest_breaks_the_link_of_its_child(ansible, copy):
-    cp = copy
-
+@damage("renamed")
+def _rename_in_the_full_manifest(cp: Copy) -> None:
     def rename(m):
         m["vm"]["name"] = "renamed-by-hand"
 
     cp.rewrite_manifest("full", rename)
-    result = verify(ansible, cp)
+
+
+def test_edited_manifest_breaks_the_link_of_its_child(damaged):
+    cp, result = damaged("renamed")
     assert_failed(result, "CHAIN_BROKEN")
     # The full's files still match its (edited) manifest; only its child can tell it was changed.
     assert findings(cp, result) == [("CHAIN_BROKEN", "i1", "manifest.json", ["i1", "i2", "i3"], "full")]
     assert verdicts(cp, result) == expect(i1=["CHAIN_BROKEN"], i2=["CHAIN_BROKEN"], i3=["CHAIN_BROKEN"])
 
 
-@pytest.mark.parametrize("field,code", [("sha256", "CHECKSUM_MISMATCH"), ("size", "SIZE_MISMATCH")])
-def test_edited_file_record_is_found_in_the_set_and_breaks_the_link(ansible, copy, field, code):
-    cp = copy
-
+@damage("edited-records")
+def _edit_file_records(cp: Copy) -> None:
     def change(m):
-        entry = m["files"]["disks/vda.qcow2"]
-        entry[field] = "0" * 64 if field == "sha256" else entry[field] + 512
+        m["files"]["disks/vda.qcow2"]["sha256"] = "0" * 64
+        m["files"]["disks/vdb.qcow2"]["size"] += 512
 
     cp.rewrite_manifest("i1", change)
-    result = verify(ansible, cp)
-    assert_failed(result, code)
+
+
+def test_edited_file_records_are_found_in_the_set_and_break_the_link(damaged):
+    cp, result = damaged("edited-records")
+    assert_failed(result, "SIZE_MISMATCH")
     assert findings(cp, result) == [
-        (code, "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None),
+        ("SIZE_MISMATCH", "i1", "disks/vdb.qcow2", ["i1", "i2", "i3"], None),
+        ("CHECKSUM_MISMATCH", "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None),
         ("CHAIN_BROKEN", "i2", "manifest.json", ["i2", "i3"], "i1"),
     ]
-    assert verdicts(cp, result) == expect(i1=[code], i2=["CHAIN_BROKEN", code], i3=["CHAIN_BROKEN", code])
+    codes = ["SIZE_MISMATCH", "CHECKSUM_MISMATCH"]
+    assert verdicts(cp, result) == expect(i1=codes, i2=["CHAIN_BROKEN", *codes], i3=["CHAIN_BROKEN", *codes])
 
 
-def test_unparsable_manifest_is_repository_format(ansible, copy):
-    cp = copy
+@damage("unparsable", level="restore")
+def _cut_a_manifest(cp: Copy) -> None:
     path = cp.file("i2", "manifest.json")
     write_bytes(path, path.read_bytes()[:-40])
-    result = verify(ansible, cp)
+
+
+def test_unparsable_manifest_is_repository_format(damaged):
+    cp, result = damaged("unparsable")
     assert_failed(result, "REPOSITORY_FORMAT")
     assert findings(cp, result) == [
         ("REPOSITORY_FORMAT", "i2", "manifest.json", ["i2", "i3"], None),
@@ -492,14 +635,16 @@ def test_unparsable_manifest_is_repository_format(ansible, copy):
     assert i2["type"] is None and i2["files_checked"] == 0
 
 
-def test_file_without_checksum_is_a_checksum_mismatch(ansible, copy):
-    cp = copy
-
+@damage("no-checksum")
+def _drop_a_checksum(cp: Copy) -> None:
     def drop(m):
         del m["files"]["disks/vda.qcow2"]
 
     cp.rewrite_manifest("i1", drop)
-    result = verify(ansible, cp)
+
+
+def test_file_without_checksum_is_a_checksum_mismatch(damaged):
+    cp, result = damaged("no-checksum")
     assert_failed(result, "CHECKSUM_MISMATCH")
     assert findings(cp, result) == [
         ("CHECKSUM_MISMATCH", "i1", "disks/vda.qcow2", ["i1", "i2", "i3"], None),
@@ -522,31 +667,61 @@ def test_scopes(ansible, copy):
     assert cp.sidecars() == sorted(str(cp.sidecar(label)) for label in ("full", "i1", "i2"))
     assert point["bytes_read"] == sum(file_sizes(cp.set_dir(label)) for label in ("full", "i1", "i2"))
 
-    by_uuid = verify(ansible, cp, uuid=built.vm.uuid.upper(), record=False)
-    assert not by_uuid["failed"] and labels_of(by_uuid) == list(CHAIN), by_uuid
-    by_name = verify(ansible, cp, name=built.other.name, record=False)
-    assert not by_name["failed"] and labels_of(by_name) == ["other"], by_name
-
-    # A point of another VM's scope is not found there.
-    state = tree_state(cp.path)
-    for args, code in [
+    refused = [
         ({"set_id": "20000101T000000Z-001"}, "SET_NOT_FOUND"),
-        ({"name": built.other.name, "set_id": built.ids["i2"]}, "SET_NOT_FOUND"),
+        ({"name": built.other.name, "set_id": built.ids["i2"]}, "SET_NOT_FOUND"),  # a point of another VM
         ({"name": "no-such-vm"}, "SET_NOT_FOUND"),
         ({"uuid": str(uuid.uuid4())}, "SET_NOT_FOUND"),
         ({"set_id": "latest"}, "INVALID_NAME"),
         ({"repository": str(cp.path / "nope")}, "REPOSITORY_FORMAT"),
-    ]:
-        result = verify(ansible, cp, **args)
-        assert result["failed"] and result["error_code"] == code, (args, result)
-        assert tree_state(cp.path) == state, args
+    ]
+    by_uuid, by_name, *results = verify_side_by_side(
+        ansible, cp, [(False, {"uuid": built.vm.uuid.upper(), "record": False}), (False, {"name": built.other.name, "record": False})]
+        + [(False, args) for args, _code in refused])
+    assert not by_uuid["failed"] and labels_of(by_uuid) == list(CHAIN), by_uuid
+    assert not by_name["failed"] and labels_of(by_name) == ["other"], by_name
+    for (args, code), result in zip(refused, results):
+        assert result["failed"] and result.get("error_code") == code, (args, result)
 
 
-def test_damage_outside_the_scope_is_not_reported(ansible, copy):
-    cp = copy
-    cp.file("i3", "disks/vda.qcow2").unlink()
-    result = verify(ansible, cp, set_id=cp.built.ids["i2"])
+@damage("outside-the-scope", set_id=lambda built: built.ids["i2"])
+def _damage_outside_the_scope(cp: Copy) -> None:
+    cp.file("i3", "disks/vda.qcow2").unlink()  # outside the scope of i2
+    (cp.set_dir("i1") / "stray.txt").write_text("not listed in the manifest")  # a warning, not a fault
+
+
+def test_what_is_never_read_is_not_a_finding(damaged):
+    cp, result = damaged("outside-the-scope")
     assert not result["failed"] and verdicts(cp, result) == expect(("full", "i1", "i2")), result
+    assert [s["files_checked"] for s in result["sets"]] == [len(cp.manifest(label)["files"]) for label in ("full", "i1", "i2")]
+
+
+def test_verify_shares_the_lock_with_readers_and_waits_for_a_writer(ansible, copy):
+    cp = copy
+    args = {"uuid": cp.built.vm.uuid, "record": False, "lock_timeout": 1}
+    lock = cp.path / "vms" / cp.built.vm.uuid / "lock"
+    with open(lock, "rb") as reader:
+        fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another verify or a restore
+        shared = verify(ansible, cp, **args)
+    assert not shared["failed"] and shared["outcome"] == "ok", shared
+    with open(lock, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an export
+        locked = verify(ansible, cp, **args)
+    assert locked["failed"] and locked["error_code"] == "VM_LOCKED", locked
+
+
+def test_damage_found_through_an_older_point_stops_the_chain(ansible, copy):
+    cp = copy
+    built = cp.built
+    image = cp.file("full", "disks/vda.qcow2")
+    flip(image, host_offset(image, 4 * MIB))
+    failed = verify(ansible, cp, set_id=built.ids["i1"])
+    assert_failed(failed, "CHECKSUM_MISMATCH")
+    # The finding says that every later point reads the damaged file ...
+    assert findings(cp, failed) == [("CHECKSUM_MISMATCH", "full", "disks/vda.qcow2", list(CHAIN), None)]
+    # ... so the next export must not build on the newest of them (check mode: the VM is left as it is).
+    predicted = ansible("export", {"name": built.vm.name, "repository": str(cp.path)}, check=True)
+    assert predicted["type"] == "full" and "verify" in predicted["reason"], predicted
 
 
 # ----------------------------------------------------------------------------- export honours the verdict
@@ -554,7 +729,7 @@ def test_export_after_a_failed_verify_starts_a_new_chain(ansible, copy):
     cp = copy
     built = cp.built
     image = cp.file("i3", "disks/vdb.qcow2")
-    flip(image, host_offset(image, 28 * 1024 * 1024))
+    flip(image, host_offset(image, 28 * MIB))
     failed = verify(ansible, cp, set_id=built.ids["i3"])
     assert_failed(failed, "CHECKSUM_MISMATCH")
     assert json.loads(cp.sidecar("i3").read_text())["outcome"] == "failed"
@@ -563,6 +738,4 @@ def test_export_after_a_failed_verify_starts_a_new_chain(ansible, copy):
     assert export["changed"] and export["type"] == "full", export
     assert export["parent"] is None and export["chain_id"] != cp.manifest("full")["chain_id"]
     assert built.ids["i3"] in export["reason"] and "verify" in export["reason"], export["reason"]
-
-    fresh = ansible("verify", {"repository": str(cp.path), "set_id": export["set_id"]})
-    assert not fresh["failed"] and [s["set_id"] for s in fresh["sets"]] == [export["set_id"]], fresh
+    assert (cp.sets_dir("i3") / export["set_id"] / "manifest.json").is_file()

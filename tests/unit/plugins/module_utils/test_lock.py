@@ -11,6 +11,7 @@ flock locks belong to an open file description, so two VmLock objects in one pro
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -151,3 +152,102 @@ def test_unknown_holder(lock_path, content):
 def test_lock_file_in_missing_directory_is_an_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         VmLock(str(tmp_path / "missing" / "lock"), timeout=0, purpose="export").acquire()
+
+
+# --------------------------------------------------------------------------- shared (reader) locks
+
+
+def test_two_shared_locks_coexist_and_write_nothing(lock_path):
+    with open(lock_path, "wb") as fh:
+        fh.write(b'{"pid": 1, "purpose": "an old record"}')
+    with VmLock(lock_path, timeout=0, purpose="verify", shared=True):
+        with VmLock(lock_path, timeout=0, purpose="restore", shared=True) as second:
+            assert second.shared
+            assert _content(lock_path) == b'{"pid": 1, "purpose": "an old record"}'
+    assert _content(lock_path) == b'{"pid": 1, "purpose": "an old record"}', "a reader never writes the file"
+
+
+def test_shared_lock_creates_a_missing_lock_file(lock_path):
+    with VmLock(lock_path, timeout=0, purpose="verify", shared=True):
+        assert stat.S_IMODE(os.stat(lock_path).st_mode) == 0o600
+    assert _content(lock_path) == b""
+
+
+@pytest.mark.parametrize("timeout", [0, 0.3])
+def test_exclusive_lock_waits_for_shared_holders_then_times_out(lock_path, timeout):
+    with VmLock(lock_path, timeout=0, purpose="verify", shared=True):
+        with VmLock(lock_path, timeout=0, purpose="restore", shared=True):
+            writer = VmLock(lock_path, timeout=timeout, purpose="export")
+            started = time.monotonic()
+            with pytest.raises(VmBackupError) as info:
+                writer.acquire()
+            waited = time.monotonic() - started
+    assert info.value.error_code == "VM_LOCKED"
+    assert f"waited {timeout:g}s" in info.value.msg
+    assert timeout <= waited < timeout + 2
+    # Readers leave no record, so the holder cannot be named.
+    assert "holder unknown" in info.value.msg
+    assert _content(lock_path) == b"", "the refused writer wrote nothing"
+    with VmLock(lock_path, timeout=0, purpose="export"):
+        assert json.loads(_content(lock_path))["purpose"] == "export"
+
+
+def test_exclusive_lock_gets_the_lock_when_the_last_reader_leaves(lock_path):
+    reader = VmLock(lock_path, timeout=0, purpose="verify", shared=True)
+    reader.acquire()
+    timer = threading.Timer(0.3, reader.release)
+    timer.start()
+    try:
+        started = time.monotonic()
+        with VmLock(lock_path, timeout=10, purpose="export"):
+            waited = time.monotonic() - started
+            assert json.loads(_content(lock_path))["purpose"] == "export"
+    finally:
+        timer.join()
+    assert 0.25 <= waited < 5
+
+
+def test_shared_lock_waits_for_an_exclusive_holder_and_names_it(lock_path):
+    with VmLock(lock_path, timeout=0, purpose="export 2f1c7d6e"):
+        with pytest.raises(VmBackupError) as info:
+            VmLock(lock_path, timeout=0.2, purpose="verify", shared=True).acquire()
+    assert info.value.error_code == "VM_LOCKED"
+    assert f"pid {os.getpid()}" in info.value.msg and "export 2f1c7d6e" in info.value.msg
+    assert info.value.details["lock_holder"]["purpose"] == "export 2f1c7d6e"
+
+
+@pytest.fixture
+def no_write_to_read_only_files(monkeypatch):
+    """Refuse to open a file without a write permission bit for writing, as the kernel does for
+    anyone but root (the tests may run as root). Stands in for a read-only file or mount."""
+    real_open = os.open
+    opened: list[int] = []
+
+    def fake_open(path, flags, *args, **kwargs):
+        opened.append(flags)
+        wants_write = flags & (os.O_WRONLY | os.O_RDWR)
+        if wants_write and os.path.exists(path) and not os.stat(path).st_mode & stat.S_IWUSR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    return opened
+
+
+def test_shared_lock_on_a_read_only_lock_file(lock_path, no_write_to_read_only_files):
+    with open(lock_path, "wb") as fh:
+        fh.write(b"")
+    os.chmod(lock_path, 0o400)
+    before = os.stat(lock_path)
+    with VmLock(lock_path, timeout=0, purpose="verify", shared=True):
+        with VmLock(lock_path, timeout=0, purpose="restore", shared=True):
+            # It still excludes writers (which could not open the file here anyway).
+            fd = os.open(lock_path, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+    assert no_write_to_read_only_files and not any(f & (os.O_WRONLY | os.O_RDWR) for f in no_write_to_read_only_files)
+    after = os.stat(lock_path)
+    assert (after.st_mode, after.st_size, after.st_mtime_ns) == (before.st_mode, before.st_size, before.st_mtime_ns)

@@ -1,0 +1,503 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, vmbackup.libvirt contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Unit tests for the pure parts of plugins/module_utils/_restore.py (no libvirt daemon, no qemu-img)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _restore
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._restore import (
+    JOURNAL_PREFIX,
+    METADATA_NS,
+    RestoreParams,
+    restore_marker,
+    restored_xml,
+    safe_file_name,
+    stale_journals,
+    validate_params,
+)
+
+OLD_UUID = "2f1c7d6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
+NEW_UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+SET_ID = "20261125T073512Z-001"
+MACS = ["52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"]
+
+SAVED_XML = f"""\
+<domain type='kvm'>
+  <name>web01</name>
+  <uuid>{OLD_UUID}</uuid>
+  <metadata>
+    <vmbackup:restore xmlns:vmbackup="{METADATA_NS}" vm_uuid="11111111-2222-4333-8444-555555555555" set_id="20260101T000000Z-001"/>
+    <app:tag xmlns:app="urn:example:app">keep me</app:tag>
+  </metadata>
+  <sysinfo type='smbios'>
+    <system><entry name='manufacturer'>ACME</entry><entry name='uuid'>{OLD_UUID}</entry></system>
+  </sysinfo>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS.fd'>/var/lib/libvirt/qemu/nvram/web01_VARS.fd</nvram>
+  </os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/var/lib/libvirt/images/web01.qcow2'/>
+      <backingStore type='file'>
+        <format type='qcow2'/>
+        <source file='/var/lib/libvirt/images/base.qcow2'/>
+        <backingStore/>
+      </backingStore>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='block' device='disk'>
+      <source dev='/dev/vg0/web01-data'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/web01-scratch.qcow2'/>
+      <target dev='vdc' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/srv/shared/reference.img'/>
+      <target dev='vdd' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file='/isos/install.iso'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <target dev='sdb' bus='sata'/>
+      <readonly/>
+    </disk>
+    <disk type='file' device='floppy'>
+      <source file='/isos/drivers.img'/>
+      <target dev='fda' bus='fdc'/>
+    </disk>
+    <interface type='network'>
+      <mac address='{MACS[0]}'/>
+      <source network='prod'/>
+      <model type='virtio'/>
+    </interface>
+    <interface type='bridge'>
+      <mac address='{MACS[1]}'/>
+      <source bridge='br0'/>
+    </interface>
+    <interface type='network'>
+      <mac address='{MACS[2]}'/>
+      <source network='backup-net'/>
+    </interface>
+  </devices>
+</domain>
+"""
+
+BACKED_UP = {
+    "vda": ("/restore/web01-copy-vda-20261125T073512Z-001.qcow2", "qcow2"),
+    "vdb": ("/restore/web01-copy-vdb-20261125T073512Z-001.qcow2", "qcow2"),
+}
+META = {"vm_uuid": OLD_UUID, "vm_name": "web01", "set_id": SET_ID, "restored": "2026-11-25T08:00:00Z"}
+
+
+def _restored(saved: str = SAVED_XML, **overrides):
+    kwargs = {
+        "name": "web01-copy",
+        "vm_uuid": NEW_UUID,
+        "disks": BACKED_UP,
+        "new_identity": True,
+        "network_map": None,
+        "nvram": None,
+        "metadata": META,
+        "existing_file": lambda _path: True,
+    }
+    kwargs.update(overrides)
+    xml, dropped, warnings = restored_xml(saved, **kwargs)
+    return ET.fromstring(xml), dropped, warnings
+
+
+def _disk(root: ET.Element, target: str) -> ET.Element | None:
+    for disk in root.findall("./devices/disk"):
+        if disk.find("target").get("dev") == target:
+            return disk
+    return None
+
+
+def _raises(code: str, func, *args, **kwargs) -> VmBackupError:
+    with pytest.raises(VmBackupError) as info:
+        func(*args, **kwargs)
+    assert info.value.error_code == code, info.value.msg
+    return info.value
+
+
+# --------------------------------------------------------------------------- restored_xml: identity
+@pytest.mark.parametrize("new_identity", [True, False])
+def test_name_uuid_and_smbios_uuid_are_set(new_identity):
+    root, _dropped, _warnings = _restored(new_identity=new_identity)
+    assert root.findtext("name") == "web01-copy"
+    assert root.findtext("uuid") == NEW_UUID
+    # libvirt refuses a <sysinfo> system UUID that differs from <uuid>.
+    assert root.findtext("./sysinfo/system/entry[@name='uuid']") == NEW_UUID
+    assert root.findtext("./sysinfo/system/entry[@name='manufacturer']") == "ACME"
+    assert len(root.findall("name")) == 1 and len(root.findall("uuid")) == 1
+
+
+def test_missing_name_and_uuid_elements_are_added():
+    saved = "<domain type='kvm'><devices/></domain>"
+    root, dropped, warnings = _restored(saved, disks={})
+    assert (root.findtext("name"), root.findtext("uuid")) == ("web01-copy", NEW_UUID)
+    assert (dropped, warnings) == ([], [])
+
+
+def test_a_domain_without_devices_gets_a_devices_element():
+    root, _dropped, _warnings = _restored("<domain type='kvm'><name>x</name></domain>", disks={})
+    assert root.find("devices") is not None
+
+
+@pytest.mark.parametrize("new_identity, expected", [(True, []), (False, MACS)])
+def test_macs_are_removed_for_a_new_identity_and_kept_for_a_replace(new_identity, expected):
+    root, _dropped, _warnings = _restored(new_identity=new_identity)
+    assert len(root.findall("./devices/interface")) == 3
+    assert [m.get("address") for m in root.findall("./devices/interface/mac")] == expected
+
+
+# --------------------------------------------------------------------------- restored_xml: disks
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_backed_up_disks_point_to_the_restored_images(fmt):
+    disks = {target: (path, fmt) for target, (path, _fmt) in BACKED_UP.items()}
+    root, _dropped, _warnings = _restored(disks=disks)
+    for target, (path, _fmt) in disks.items():
+        disk = _disk(root, target)
+        assert disk.get("type") == "file"
+        sources = disk.findall("source")
+        assert [s.attrib for s in sources] == [{"file": path}]
+        assert disk.find("backingStore") is None
+        driver = disk.find("driver")
+        assert driver.get("type") == fmt and driver.get("name") == "qemu"
+        children = [c.tag for c in disk]
+        assert children.index("source") == children.index("driver") + 1
+    # The driver's other attributes stay; the block disk without a <driver> got one.
+    assert _disk(root, "vda").find("driver").get("discard") == "unmap"
+    assert list(_disk(root, "vdb"))[0].tag == "driver"
+
+
+@pytest.mark.parametrize(
+    "new_identity, dropped_targets",
+    [
+        pytest.param(True, ["vdc"], id="new-identity-drops-unbacked-writable-disk"),
+        pytest.param(False, [], id="replace-keeps-unbacked-writable-disk"),
+    ],
+)
+def test_unbacked_disks(new_identity, dropped_targets):
+    root, dropped, warnings = _restored(new_identity=new_identity)
+    assert dropped == dropped_targets
+    present = [d.find("target").get("dev") for d in root.findall("./devices/disk")]
+    expected = ["vda", "vdb", "vdc", "vdd", "sda", "sdb", "fda"]
+    assert present == [t for t in expected if t not in dropped_targets]
+    if dropped_targets:
+        assert len(warnings) == 1 and "vdc" in warnings[0] and "left out" in warnings[0]
+    else:
+        assert warnings == []
+        # Not backed up: it keeps pointing at its own file.
+        assert _disk(root, "vdc").find("source").get("file") == "/var/lib/libvirt/images/web01-scratch.qcow2"
+    # A read-only disk may be shared: kept, unchanged, for a new identity too.
+    assert _disk(root, "vdd").find("source").get("file") == "/srv/shared/reference.img"
+
+
+def test_a_disk_without_target_is_dropped_as_unknown():
+    saved = ("<domain><name>x</name><devices><disk type='file' device='disk'><source file='/x.img'/></disk>"
+             "</devices></domain>")
+    root, dropped, warnings = _restored(saved, disks={})
+    assert root.findall("./devices/disk") == []
+    assert dropped == ["?"] and len(warnings) == 1
+
+
+@pytest.mark.parametrize(
+    "exists, emptied",
+    [
+        pytest.param(lambda _p: False, ["sda", "fda"], id="media-missing-here"),
+        pytest.param(lambda p: p == "/isos/install.iso", ["fda"], id="one-missing"),
+        pytest.param(lambda _p: True, [], id="media-present"),
+    ],
+)
+def test_removable_media_whose_file_is_missing_is_left_empty(exists, emptied):
+    root, dropped, warnings = _restored(existing_file=exists)
+    assert dropped == ["vdc"]
+    for target, path in (("sda", "/isos/install.iso"), ("fda", "/isos/drivers.img")):
+        source = _disk(root, target).find("source")
+        if target in emptied:
+            assert source is None
+            assert any(target in w and path in w and "left empty" in w for w in warnings)
+        else:
+            assert source.get("file") == path
+    assert _disk(root, "sdb").find("source") is None  # was empty already
+    assert len(warnings) == 1 + len(emptied)
+
+
+# --------------------------------------------------------------------------- restored_xml: networks, NVRAM
+@pytest.mark.parametrize(
+    "network_map, expected",
+    [
+        pytest.param(None, ["prod", "br0", "backup-net"], id="no-map"),
+        pytest.param({"prod": "isolated"}, ["isolated", "br0", "backup-net"], id="network"),
+        pytest.param({"br0": "br-test"}, ["prod", "br-test", "backup-net"], id="bridge"),
+        pytest.param({"prod": "isolated", "br0": "br-test", "nowhere": "x"}, ["isolated", "br-test", "backup-net"], id="both"),
+        pytest.param({"prod": "backup-net", "backup-net": "prod"}, ["backup-net", "br0", "prod"], id="swap-is-not-chained"),
+    ],
+)
+def test_network_map_renames_networks_and_bridges(network_map, expected):
+    root, _dropped, _warnings = _restored(network_map=network_map)
+    sources = [s.get("network") or s.get("bridge") for s in root.findall("./devices/interface/source")]
+    assert sources == expected
+    types = [i.get("type") for i in root.findall("./devices/interface")]
+    assert types == ["network", "bridge", "network"]
+
+
+def test_nvram_points_to_the_restored_file():
+    path = f"/var/lib/libvirt/qemu/nvram/web01-copy-{SET_ID}_VARS.fd"
+    root, _dropped, _warnings = _restored(nvram=path)
+    nvram = root.find("./os/nvram")
+    assert nvram.text == path
+    assert nvram.get("template") == "/usr/share/OVMF/OVMF_VARS.fd"
+    assert root.findtext("./os/loader") == "/usr/share/OVMF/OVMF_CODE.fd"
+
+
+def test_without_nvram_in_the_set_libvirt_makes_a_fresh_one():
+    root, _dropped, _warnings = _restored(nvram=None)
+    nvram = root.find("./os/nvram")
+    assert not nvram.text
+    assert nvram.get("template") == "/usr/share/OVMF/OVMF_VARS.fd"
+
+
+def test_no_nvram_element_is_invented():
+    saved = "<domain><name>x</name><os><type>hvm</type></os><devices/></domain>"
+    root, _dropped, _warnings = _restored(saved, disks={}, nvram="/var/lib/libvirt/qemu/nvram/x_VARS.fd")
+    assert root.find("./os/nvram") is None
+
+
+# --------------------------------------------------------------------------- metadata marker
+def test_metadata_marker_is_replaced_not_duplicated():
+    root, _dropped, _warnings = _restored()
+    ours = root.findall(f"./metadata/{{{METADATA_NS}}}restore")
+    assert len(ours) == 1
+    assert ours[0].attrib == META
+    assert root.findtext("./metadata/{urn:example:app}tag") == "keep me"
+
+
+def test_metadata_is_added_when_missing_and_reads_back():
+    saved = "<domain><name>x</name><devices/></domain>"
+    xml, _dropped, _warnings = restored_xml(saved, name="y", vm_uuid=NEW_UUID, disks={}, new_identity=True,
+                                            network_map=None, nvram=None, metadata=META)
+    assert restore_marker(xml) == META
+    # Restoring the restored domain's XML again keeps exactly one marker.
+    again, _dropped, _warnings = restored_xml(xml, name="z", vm_uuid=NEW_UUID, disks={}, new_identity=True,
+                                              network_map=None, nvram=None, metadata=dict(META, set_id="20261126T000000Z-001"))
+    assert restore_marker(again)["set_id"] == "20261126T000000Z-001"
+    assert len(ET.fromstring(again).findall(f"./metadata/{{{METADATA_NS}}}restore")) == 1
+
+
+def test_marker_values_become_strings():
+    xml, _dropped, _warnings = restored_xml("<domain><name>x</name></domain>", name="y", vm_uuid=NEW_UUID, disks={},
+                                            new_identity=True, network_map=None, nvram=None, metadata={"n": 3})
+    assert restore_marker(xml) == {"n": "3"}
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        "<domain><name>x</name></domain>",
+        "<domain><name>x</name><metadata/></domain>",
+        "<domain><name>x</name><metadata><restore set_id='x'/></metadata></domain>",
+        "<domain><name>x</name><metadata><o:restore xmlns:o='urn:other' set_id='x'/></metadata></domain>",
+    ],
+)
+def test_restore_marker_is_none_without_our_element(xml):
+    assert restore_marker(xml) is None
+
+
+def test_restore_marker_of_the_saved_xml_is_the_old_marker():
+    assert restore_marker(SAVED_XML) == {"vm_uuid": "11111111-2222-4333-8444-555555555555", "set_id": "20260101T000000Z-001"}
+
+
+# --------------------------------------------------------------------------- safe_file_name
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("web01", "web01"),
+        ("web-01_a.b", "web-01_a.b"),
+        ("a b", "a_b"),
+        ("a/b", "a_b"),
+        ("../../etc/passwd", "_.._etc_passwd"),
+        ("..", "vm"),
+        (".", "vm"),
+        ("...", "vm"),
+        ("", "vm"),
+        (".hidden", "hidden"),
+        ("..hidden", "hidden"),
+        ("été", "_t_"),
+        ("日本語", "___"),
+        ("$(reboot); rm -rf /", "__reboot___rm_-rf__"),
+        ("a\nb\x00c", "a_b_c"),
+        ("-rf", "-rf"),
+        ("x" * 300, "x" * 80),
+        ("." + "y" * 100, "y" * 80),
+    ],
+)
+def test_safe_file_name(name, expected):
+    assert safe_file_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/../../b", "/", "//", ". .", "\u2044", "..\u2215..", " " * 5, "é" * 200])
+def test_safe_file_name_stays_in_its_directory(name):
+    safe = safe_file_name(name)
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,80}", safe)
+    assert not safe.startswith(".")
+    assert os.path.dirname(os.path.normpath(os.path.join("/restore", f"{safe}-vda.qcow2"))) == "/restore"
+
+
+# --------------------------------------------------------------------------- validate_params
+def _params(**overrides) -> RestoreParams:
+    values = {"repository": "/srv/vmbackup", "name": "web01"}
+    values.update(overrides)
+    return RestoreParams(**values)
+
+
+@pytest.mark.parametrize(
+    "overrides, code, fragment",
+    [
+        pytest.param({"uuid": OLD_UUID}, "INVALID_ARGUMENT", "exactly one of name and uuid", id="name-and-uuid"),
+        pytest.param({"name": None}, "INVALID_ARGUMENT", "exactly one of name and uuid", id="neither"),
+        pytest.param({"name": ""}, "INVALID_NAME", "name", id="empty-name"),
+        pytest.param({"name": "a\x00b"}, "INVALID_NAME", "NUL", id="nul-name"),
+        pytest.param({"name": None, "uuid": "not-a-uuid"}, "INVALID_NAME", "not a UUID", id="bad-uuid"),
+        pytest.param({"set_id": SET_ID, "as_of": "2026-11-25"}, "INVALID_ARGUMENT", "set_id and as_of", id="set-id-and-as-of"),
+        pytest.param({"set_id": "20261125T073512Z"}, "INVALID_NAME", "not a set id", id="set-id-without-seq"),
+        pytest.param({"set_id": "../20261125T073512Z-001"}, "INVALID_NAME", "not a set id", id="set-id-path"),
+        pytest.param({"as_of": "yesterday"}, "INVALID_ARGUMENT", "ISO 8601", id="bad-as-of"),
+        pytest.param({"as_of": "2026-13-01"}, "INVALID_ARGUMENT", "ISO 8601", id="bad-as-of-date"),
+        pytest.param({"as_of": " "}, "INVALID_ARGUMENT", "ISO 8601", id="blank-as-of"),
+        pytest.param({"restore_as": "a/b"}, "INVALID_NAME", "restore_as", id="restore-as-slash"),
+        pytest.param({"restore_as": ".."}, "INVALID_NAME", "restore_as", id="restore-as-dotdot"),
+        pytest.param({"restore_as": "."}, "INVALID_NAME", "restore_as", id="restore-as-dot"),
+        pytest.param({"restore_as": ""}, "INVALID_NAME", "restore_as", id="restore-as-empty"),
+        pytest.param({"restore_as": "a\x00"}, "INVALID_NAME", "restore_as", id="restore-as-nul"),
+        pytest.param({"restore_as": "x" * 201}, "INVALID_NAME", "restore_as", id="restore-as-too-long"),
+        pytest.param({"overwrite": "always"}, "INVALID_ARGUMENT", "overwrite", id="bad-overwrite"),
+        pytest.param({"disk_format": "vmdk"}, "INVALID_ARGUMENT", "disk_format", id="bad-disk-format"),
+        pytest.param({"disk_dir": "images"}, "PATH_ESCAPE", "disk_dir", id="relative-disk-dir"),
+        pytest.param({"disk_dir": "/var/lib/../tmp"}, "PATH_ESCAPE", "disk_dir", id="dotdot-disk-dir"),
+        pytest.param({"disk_dir": "/"}, "PATH_ESCAPE", "disk_dir", id="root-disk-dir"),
+        pytest.param({"disk_dir": "/srv/images", "storage_pool": "default"}, "INVALID_ARGUMENT", "disk_dir and storage_pool",
+                     id="disk-dir-and-pool"),
+        pytest.param({"network_map": {"prod": ""}}, "INVALID_ARGUMENT", "network_map", id="network-map-empty-name"),
+        pytest.param({"network_map": {"prod": 3}}, "INVALID_ARGUMENT", "network_map", id="network-map-not-a-string"),
+        pytest.param({"workers": 0}, "INVALID_ARGUMENT", "workers", id="workers-zero"),
+        pytest.param({"workers": -2}, "INVALID_ARGUMENT", "workers", id="workers-negative"),
+        pytest.param({"lock_timeout": -1}, "INVALID_ARGUMENT", "lock_timeout", id="negative-lock-timeout"),
+        pytest.param({"repository": "relative/repo"}, "PATH_ESCAPE", "relative", id="relative-repository"),
+        pytest.param({"repository": "/srv/../etc"}, "PATH_ESCAPE", "..", id="dotdot-repository"),
+    ],
+)
+def test_validate_params_refuses(overrides, code, fragment):
+    err = _raises(code, validate_params, _params(**overrides))
+    assert fragment in err.msg
+
+
+def test_validate_params_normalises():
+    params = _params(name=None, uuid=OLD_UUID.upper(), repository="/srv//vmbackup/", disk_dir="/var//images/",
+                     restore_as="x" * 200, workers=1, lock_timeout=0, network_map={"prod": "test"}, as_of="2026-11-25T07:00:00+01:00")
+    assert validate_params(params) == "/srv/vmbackup"
+    assert params.uuid == OLD_UUID
+    assert params.disk_dir == "/var/images"
+
+
+@pytest.mark.parametrize("restore_as", ["web01 copy", "web01-é", "-rf", "..a", "a..", "$(x)"])
+def test_validate_params_accepts_names_libvirt_accepts(restore_as):
+    validate_params(_params(restore_as=restore_as))
+
+
+# --------------------------------------------------------------------------- stale_journals
+def _journal(directory, token: str, data) -> str:
+    path = os.path.join(directory, f"{JOURNAL_PREFIX}{token}.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    for _attempt in range(5):
+        proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+        pid = int(proc.stdout)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+    raise AssertionError("every exited child's pid was reused at once")
+
+
+def test_journal_of_a_dead_process_is_stale(tmp_path, dead_pid):
+    data = {"pid": dead_pid, "phase": "writing", "temps": [str(tmp_path / ".x.partial-1")], "finals": [], "target": "t"}
+    path = _journal(tmp_path, "dead", data)
+    assert stale_journals(str(tmp_path)) == [(path, data)]
+
+
+def test_journal_of_a_live_process_is_not_stale(tmp_path):
+    _journal(tmp_path, "mine", {"pid": os.getpid(), "phase": "writing"})
+    _journal(tmp_path, "parent", {"pid": os.getppid(), "phase": "defined"})
+    assert stale_journals(str(tmp_path)) == []
+
+
+def test_journal_of_a_process_of_another_user_is_not_stale(tmp_path, monkeypatch, dead_pid):
+    def kill(_pid, _sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_restore.os, "kill", kill)
+    _journal(tmp_path, "other-user", {"pid": dead_pid})
+    assert stale_journals(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("pid", [None, 0, -1, "1234", 1.5, True])
+def test_journal_without_a_usable_pid_is_stale(tmp_path, pid):
+    data = {"phase": "writing"} if pid is None else {"pid": pid, "phase": "writing"}
+    path = _journal(tmp_path, "odd", data)
+    # bool is an int in Python: True is pid 1, which is alive.
+    assert stale_journals(str(tmp_path)) == ([] if pid is True else [(path, data)])
+
+
+def test_junk_is_ignored(tmp_path, dead_pid):
+    stale = {"pid": dead_pid, "phase": "writing"}
+    _journal(tmp_path, "garbage", "{not json")
+    _journal(tmp_path, "empty", "")
+    _journal(tmp_path, "list", [dead_pid])
+    _journal(tmp_path, "number", "42")
+    (tmp_path / f"{JOURNAL_PREFIX}dir.json").mkdir()
+    (tmp_path / f"{JOURNAL_PREFIX}tmp.json.tmp-{dead_pid}").write_text(json.dumps(stale))
+    (tmp_path / "vmbackup-restore-noprefix.json").write_text(json.dumps(stale))
+    (tmp_path / f"{JOURNAL_PREFIX}nosuffix").write_text(json.dumps(stale))
+    (tmp_path / "web01-vda-20261125T073512Z-001.qcow2").write_bytes(b"QFI\xfb")
+    (tmp_path / f"{JOURNAL_PREFIX}target.json").write_text(json.dumps(stale))
+    os.symlink(str(tmp_path / f"{JOURNAL_PREFIX}target.json"), str(tmp_path / f"{JOURNAL_PREFIX}link.json"))
+    # Only the real file counts; the symlink to it does not.
+    assert stale_journals(str(tmp_path)) == [(str(tmp_path / f"{JOURNAL_PREFIX}target.json"), stale)]
+
+
+def test_stale_journals_are_sorted_and_a_missing_directory_has_none(tmp_path, dead_pid):
+    paths = [_journal(tmp_path, token, {"pid": dead_pid, "n": i}) for i, token in enumerate(["c", "a", "b"])]
+    assert [p for p, _data in stale_journals(str(tmp_path))] == sorted(paths)
+    assert stale_journals(str(tmp_path / "missing")) == []
