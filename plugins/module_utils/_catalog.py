@@ -231,8 +231,9 @@ def parse_as_of(text: str) -> dt.datetime:
         raise VmBackupError("INVALID_ARGUMENT", "as_of must be an ISO 8601 time such as 2026-11-25T07:00:00Z")
     value = text.strip()
     try:
-        if re.fullmatch(r"\d{4}-?\d{2}-?\d{2}", value):
-            day = dt.date(int(value[:4]), int(value[-4:-2]), int(value[-2:]))
+        date_only = re.fullmatch(r"(\d{4})-?(\d{2})-?(\d{2})", value)
+        if date_only:
+            day = dt.date(*(int(g) for g in date_only.groups()))
             return dt.datetime.combine(day, dt.time(23, 59, 59), tzinfo=dt.timezone.utc)
         parsed = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
     except ValueError:
