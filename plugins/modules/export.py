@@ -62,7 +62,8 @@ options:
       - C(full) starts a new chain. C(incremental) fails with C(PARENT_CHECKPOINT_INVALID) or C(TOPOLOGY_CHANGED)
         when no valid parent exists.
       - A parent is valid when its checkpoint still exists in libvirt (or could be redefined from the set), the VM has the same
-        disks with the same sizes, and its last verify, if any, passed.
+        disks with the same sizes, its chain back to the full is intact, and no set of that chain has a failed
+        verdict from M(vmbackup.libvirt.verify).
       - A shut-off VM is always backed up as a C(copy); O(mode=incremental) then fails.
     type: str
     choices: [auto, full, incremental]
