@@ -30,7 +30,8 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repositor
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
+
 
 COLLECTION_VERSION = "0.1.0"
 MIB = 1024 * 1024
@@ -129,20 +130,14 @@ def validate_params(p: ExportParams) -> str:
     return path
 
 
-class Exporter:
-    def __init__(self, params: ExportParams, run: Runner, qemu_img_path: str, check_mode: bool) -> None:
-        self.p = params
-        self.qemu_img = QemuImg(run, qemu_img_path)
-        self.check_mode = check_mode
-        self.warnings: list[str] = []
-        self.cleaned: list[str] = []
+class Exporter(Backend):
+    """Takes one backup of one VM (an OSError after rollback becomes IO_ERROR in run_module)."""
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
         started_mono = time.monotonic()
         repo_path = validate_params(self.p)
-        conn = lv.connect(self.p.uri)
-        try:
+        with lv.session(self.p.uri) as conn:
             dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
             vm = {"name": dom.name(), "uuid": dom.UUIDString()}
             repo_state = repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions)
@@ -176,17 +171,6 @@ class Exporter:
                 result = self._execute(dom, repo, vm, plan, started_mono)
                 self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
             return result
-        except lv.LibvirtError as exc:
-            raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed: {exc.get_error_message()}") from None
-        except OSError as exc:
-            # Rolled back already (see _execute); report it like any expected failure.
-            raise VmBackupError("IO_ERROR", f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}",
-                                failed_path=exc.filename) from None
-        finally:
-            try:
-                conn.close()
-            except Exception:  # pylint: disable=broad-except
-                pass
 
     # ------------------------------------------------------------------ decide
     def _period_match(self, repo: repo_mod.Repository, vm_uuid: str) -> dict[str, t.Any] | None:

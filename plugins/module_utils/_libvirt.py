@@ -11,6 +11,7 @@ Only the libvirt API is used (never virsh), and a VM's name is only ever passed 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import typing as t
@@ -69,6 +70,21 @@ def connect(uri: str):
     if conn is None:  # pragma: no cover - old bindings returned None
         raise VmBackupError("LIBVIRT_UNAVAILABLE", f"cannot connect to libvirt at {uri}", uri=uri)
     return conn
+
+
+@contextlib.contextmanager
+def session(uri: str) -> t.Iterator[t.Any]:
+    """A connection for one module run; a libvirt error no caller expected becomes LIBVIRT_UNAVAILABLE."""
+    conn = connect(uri)
+    try:
+        yield conn
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed: {exc.get_error_message()}") from None
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
 
 
 def lookup_domain(conn, name: str | None = None, vm_uuid: str | None = None):

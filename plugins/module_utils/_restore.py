@@ -35,7 +35,8 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repositor
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, parse_as_of, resolve_vms
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner, chain_spec
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import chain_spec
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import FileJob, check_file, open_for_reading
 
 MIB = 1024 * 1024
@@ -312,13 +313,8 @@ def stale_journals(disk_dir: str, host: str | None = None) -> list[tuple[str, di
     return sorted(found)
 
 
-class Restorer:
-    def __init__(self, params: RestoreParams, run: Runner, qemu_img_path: str, check_mode: bool) -> None:
-        self.p = params
-        self.qemu_img = QemuImg(run, qemu_img_path)
-        self.check_mode = check_mode
-        self.warnings: list[str] = []
-        self.cleaned: list[str] = []
+class Restorer(Backend):
+    """Restores one point of one VM."""
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
@@ -326,8 +322,7 @@ class Restorer:
         repo = open_for_reading(validate_params(self.p), self.p.allow_unsafe_permissions)
         catalog = self._catalog(repo)
         point = self._point(catalog)
-        conn = lv.connect(self.p.uri)
-        try:
+        with lv.session(self.p.uri) as conn:
             if not self.check_mode:
                 # What a killed restore into this directory left must not block this one.
                 self._clean_stale(conn, self._disk_dir(conn))
@@ -351,16 +346,6 @@ class Restorer:
                 if lock is not None:
                     lock.release()
             return self._result(plan, started, changed=True, stats=stats)
-        except lv.LibvirtError as exc:
-            raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt failed: {exc.get_error_message()}") from None
-        except OSError as exc:
-            raise VmBackupError("IO_ERROR", f"I/O error on {exc.filename or 'a restore file'}: {exc.strerror or exc}",
-                                failed_path=exc.filename) from None
-        finally:
-            try:
-                conn.close()
-            except Exception:  # pylint: disable=broad-except
-                pass
 
     # ------------------------------------------------------------------ decide
     def _catalog(self, repo: repo_mod.Repository) -> Catalog:

@@ -32,7 +32,8 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repositor
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner, chain_spec
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import chain_spec
 
 SIDECAR_FORMAT = "vmbackup.libvirt/verify"
 SIDECAR_VERSION = 1
@@ -168,12 +169,11 @@ def open_for_reading(path: str, allow_unsafe_permissions: bool) -> repo_mod.Repo
     return repo_mod.Repository(path)
 
 
-class Verifier:
-    def __init__(self, params: VerifyParams, run: Runner, qemu_img_path: str, check_mode: bool) -> None:
-        self.p = params
-        self.qemu_img = QemuImg(run, qemu_img_path)
-        self.check_mode = check_mode
-        self.warnings: list[str] = []
+class Verifier(Backend):
+    """Checks committed sets and records a verdict beside each."""
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
         self.findings: list[dict[str, t.Any]] = []
 
     def run(self) -> dict[str, t.Any]:
@@ -204,7 +204,12 @@ class Verifier:
         finally:
             for lock in locks:
                 lock.release()
-        return self._result(sets, written, bytes_read, read_seconds, time.monotonic() - started)
+        result = self._result(sets, written, bytes_read, read_seconds, time.monotonic() - started)
+        if result["outcome"] != "ok" and self.p.fail_on_error:
+            details = dict(result)
+            raise VmBackupError(details.pop("error_code"), details.pop("msg"), **details)
+        result.pop("error_code", None)
+        return result
 
     # ------------------------------------------------------------------ what to check
     def _scope(self, catalogs: list[Catalog]) -> dict[str, list[str]]:

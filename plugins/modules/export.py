@@ -227,8 +227,7 @@ error_code:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._args import CONNECTION_ARGSPEC, REPOSITORY_ARGSPEC
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import ensure_libvirt
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import run_module
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._export import Exporter, ExportParams
 
 
@@ -250,25 +249,7 @@ def main() -> None:
         required_one_of=[("name", "uuid")],
         supports_check_mode=True,
     )
-    ensure_libvirt(module)
-    qemu_img = module.get_bin_path("qemu-img")
-    if qemu_img is None:
-        module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
-
-    params = ExportParams(**{key: module.params[key] for key in ExportParams.__dataclass_fields__})
-    exporter = Exporter(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)
-    try:
-        result = exporter.run()
-    except VmBackupError as exc:
-        result = exc.to_result()
-        failed = True
-    else:
-        failed = False
-    for warning in exporter.warnings:
-        module.warn(warning)
-    if failed:
-        module.fail_json(cleaned_up=exporter.cleaned, **result)
-    module.exit_json(**result)
+    run_module(module, ExportParams, Exporter)
 
 
 if __name__ == "__main__":

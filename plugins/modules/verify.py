@@ -245,7 +245,7 @@ error_code:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._args import CONNECTION_ARGSPEC, REPOSITORY_ARGSPEC
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import run_module
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import LEVELS, Verifier, VerifyParams
 
 
@@ -262,26 +262,7 @@ def main() -> None:
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)
     module = AnsibleModule(argument_spec=argument_spec, mutually_exclusive=[("name", "uuid")], supports_check_mode=True)
-    qemu_img = module.get_bin_path("qemu-img")
-    if qemu_img is None:
-        module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
-
-    params = VerifyParams(**{key: module.params[key] for key in VerifyParams.__dataclass_fields__})
-    verifier = Verifier(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)
-    try:
-        result = verifier.run()
-    except VmBackupError as exc:
-        for warning in verifier.warnings:
-            module.warn(warning)
-        module.fail_json(**exc.to_result())
-    except OSError as exc:
-        module.fail_json(msg=f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}", error_code="IO_ERROR")
-    for warning in verifier.warnings:
-        module.warn(warning)
-    if result["outcome"] != "ok" and params.fail_on_error:
-        module.fail_json(**result)
-    result.pop("error_code", None)
-    module.exit_json(**result)
+    run_module(module, VerifyParams, Verifier, needs_libvirt=False)
 
 
 if __name__ == "__main__":
