@@ -22,7 +22,9 @@ ERROR_CODES: dict[str, str] = {
     "INVALID_NAME": "a name, UUID, disk target, period or set id is malformed",
     "INVALID_ARGUMENT": "an option value is out of range or options contradict each other",
     "PATH_ESCAPE": "a path is relative or contains `..`",
-    "UNSAFE_TARGET": "the repository is a symlink, is group/world writable, or is not a repository",
+    "UNSAFE_TARGET": "a directory root would write in (repository, disk directory) or one above it is a symlink, is owned by another user, or is writable by others",
+    "REPOSITORY_NOT_FOUND": "the repository path does not exist (or holds no repository) and creating one was not asked for",
+    "REPOSITORY_NOT_MOUNTED": "`required_mount` is not a mount point, or the repository is not on the file system mounted there",
     "TARGET_NOT_ACCESSIBLE": "QEMU (user libvirt-qemu) cannot reach the repository to write a live backup",
     "TARGET_NO_SPACE": "the repository's file system has less free space than the backup needs",
     "DISK_NOT_FOUND": "a disk named in `disks`/`exclude_disks` is not a disk of the VM",
@@ -46,6 +48,8 @@ ERROR_CODES: dict[str, str] = {
     "RETENTION_POLICY_EMPTY": "a retention policy would keep nothing",
     "REPOSITORY_FORMAT": "the repository or a manifest has an unknown or unreadable format",
     "IO_ERROR": "reading or writing the repository failed (disk full, permissions, I/O error)",
+    "CANCELLED": "the run received SIGINT or SIGTERM (an AWX job cancel) and rolled back",
+    "TARGET_IN_USE": "a file or domain the run would replace or remove is used by another domain",
 }
 
 

@@ -11,11 +11,70 @@ This module is private to the vmbackup.libvirt collection; it is not a public AP
 
 from __future__ import annotations
 
+import os
+import signal
 import typing as t
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import ensure_libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner
+
+
+# Files are private from the moment they are created, also those qemu-img creates.
+PRIVATE_UMASK = 0o077
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Cancelled(BaseException):
+    """Raised in the main thread when the run receives SIGINT/SIGTERM/SIGHUP (an AWX cancel).
+
+    A BaseException, so it passes through ``except Exception`` and every rollback written as
+    ``except BaseException`` undoes the run as it would for any failure.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _child_pids() -> list[int]:
+    """This process's children (qemu-img and the like), from /proc."""
+    pids = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", encoding="ascii") as fh:
+                pids.extend(int(p) for p in fh.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def install_cancel_handlers() -> None:
+    """Turn the first cancel signal into Cancelled, after stopping our child processes; later
+    signals are ignored so that the rollback itself is not interrupted."""
+    state = {"cancelled": False}
+
+    def handler(signum, _frame):
+        if state["cancelled"]:
+            return
+        state["cancelled"] = True
+        for pid in _child_pids():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        raise Cancelled(signum)
+
+    for signum in CANCEL_SIGNALS:
+        signal.signal(signum, handler)
 
 
 class Backend:
@@ -41,6 +100,8 @@ def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool 
     """
     if needs_libvirt:
         ensure_libvirt(module)
+    os.umask(PRIVATE_UMASK)
+    install_cancel_handlers()
     qemu_img = module.get_bin_path("qemu-img")
     if qemu_img is None:
         module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
@@ -54,6 +115,12 @@ def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool 
     except OSError as exc:
         failure = {"msg": f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}",
                    "error_code": "IO_ERROR", "failed_path": exc.filename}
+    except Cancelled as exc:
+        failure = {"msg": f"cancelled by {exc.signal_name}; the run was rolled back", "error_code": "CANCELLED",
+                   "signal": exc.signal_name}
+    # The outcome is decided: a signal now must not turn it into a traceback.
+    for signum in CANCEL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     for warning in backend.warnings:
         module.warn(warning)
     if failure is not None:

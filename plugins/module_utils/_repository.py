@@ -65,6 +65,53 @@ def validate_repository_path(path: t.Any) -> str:
     return norm
 
 
+def trusted_owners() -> set[int]:
+    """Users who may own a directory root acts in: root and the module's own user."""
+    return {0, os.geteuid()}
+
+
+def check_trusted_path(path: str, what: str, allow_unsafe_permissions: bool = False) -> None:
+    """Refuse (UNSAFE_TARGET) a directory that another user could influence.
+
+    Every existing component of ``path``, from ``/`` down, must be a real directory (not a
+    symbolic link) owned by root or the module's user. The directory itself must not be
+    writable by group or others; a directory above it may be world-writable only when it is
+    sticky and root-owned (``/tmp``, ``/var/tmp``) and the next component is ours, because the
+    sticky bit then keeps others from renaming or removing that component.
+    ``allow_unsafe_permissions`` relaxes only the write-permission rules, never ownership or links.
+    Components that do not exist yet are not checked (the caller creates them private).
+    """
+    owners = trusted_owners()
+    current = "/"
+    parts = [p for p in path.split("/") if p]
+    for index, part in enumerate([""] + parts):
+        current = os.path.join(current, part) if part else "/"
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        last = index == len(parts)
+        if stat.S_ISLNK(st.st_mode):
+            raise VmBackupError("UNSAFE_TARGET", f"{what} {path}: {current} is a symbolic link; give the real path",
+                                unsafe_path=current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise VmBackupError("UNSAFE_TARGET", f"{what} {path}: {current} is not a directory", unsafe_path=current)
+        if st.st_uid not in owners:
+            raise VmBackupError(
+                "UNSAFE_TARGET",
+                f"{what} {path}: {current} is owned by uid {st.st_uid}, not by root; that user could replace what "
+                "root writes there", unsafe_path=current)
+        mode = stat.S_IMODE(st.st_mode)
+        writable = mode & (stat.S_IWGRP | stat.S_IWOTH)
+        sticky_ok = not last and bool(mode & stat.S_ISVTX) and st.st_uid == 0
+        if writable and not sticky_ok and not allow_unsafe_permissions:
+            who = "world" if mode & stat.S_IWOTH else "group"
+            raise VmBackupError(
+                "UNSAFE_TARGET",
+                f"{what} {path}: {current} is {who}-writable (mode {mode:04o}); other users could replace what root "
+                "writes there. chmod it, or set allow_unsafe_permissions", unsafe_path=current)
+
+
 def _nearest_existing(path: str) -> str:
     while not os.path.lexists(path):
         path = os.path.dirname(path)
