@@ -23,7 +23,8 @@ ERROR_CODES: dict[str, str] = {
     "INVALID_NAME": "a name, UUID, disk target, period or set id is malformed",
     "INVALID_ARGUMENT": "an option value is out of range or options contradict each other",
     "PATH_ESCAPE": "a path is relative or contains `..`",
-    "UNSAFE_TARGET": "a directory root would write in (repository, disk directory) or one above it is a symlink, is owned by another user, or is writable by others",
+    "UNSAFE_TARGET": ("a directory root would write in (repository, disk directory) or one above it is a symlink, "
+                      "is owned by another user, or is writable by others"),
     "REPOSITORY_NOT_FOUND": "the repository path does not exist (or holds no repository) and creating one was not asked for",
     "REPOSITORY_NOT_MOUNTED": "`required_mount` is not a mount point, or the repository is not on the file system mounted there",
     "TARGET_NOT_ACCESSIBLE": "QEMU (user libvirt-qemu) cannot reach the repository to write a live backup",
