@@ -18,12 +18,14 @@ import xml.etree.ElementTree as ET
 import libvirt
 import pytest
 
-from harness import PREFIX, DiskSpec, VmFactory, destroy_vm, images_equal, run, tree_state
+import subprocess
+
+from harness import PREFIX, Vm, destroy_vm, images_equal, parse_result, run, tree_state
 
 REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
-SECRET = "s3cret-vnc-pw"
+SECRET = "s3cr3tPw"
 # Keys the ansible CLI adds to some results only (warnings when there are any).
-ANSIBLE_KEYS = {"warnings", "deprecations", "invocation"}
+ANSIBLE_KEYS = {"warnings", "deprecations", "invocation", "_output"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,6 +70,23 @@ def expect_error(result: dict, code: str) -> dict:
     assert result["failed"] and result.get("error_code") == code, json.dumps(result, indent=1)[:4000]
     assert "Traceback" not in result.get("msg", "") and "module_stderr" not in result, result
     return result
+
+
+def with_diff(ansible, module: str, args: dict, check: bool = False) -> dict:
+    """A module run with --diff; verbosity 3 keeps the diff in the printed result (the callback
+    shows it as a unified diff and drops it from the result below that)."""
+    proc = subprocess.run(ansible.argv(module, args, check) + ["--diff"], env=dict(ansible.env, ANSIBLE_VERBOSITY="3"),
+                          capture_output=True, text=True, timeout=600, check=False)
+    result = parse_result(proc.stdout, proc.stderr)
+    if "diff" in result and result["diff"]["before"] != result["diff"]["after"]:
+        assert f"after: {result['diff']['after_header']}" in proc.stdout, "ansible shows the diff"
+    result["_output"] = proc.stdout + proc.stderr  # warnings are shown, not returned
+    return result
+
+
+def warned(result: dict, *fragments: str) -> bool:
+    text = " ".join(result["_output"].split())
+    return all(f in text for f in fragments)
 
 
 def inactive_xml(dom) -> ET.Element:
@@ -197,7 +216,7 @@ def source(ansible, conn, domain_type, module_dir, module_domains) -> Source:
 # ----------------------------------------------------------------------------- item 10: replace keeps whose identity
 def test_replacing_a_restored_copy_keeps_the_copys_identity(ansible, conn, source, disk_dir, module_domains):
     copy_name = module_domains.new_name("copy")
-    first = expect_ok(ansible("restore", source.args(restore_as=copy_name, disk_dir=disk_dir)))
+    first = expect_ok(with_diff(ansible, "restore", source.args(restore_as=copy_name, disk_dir=disk_dir)))
     assert first["identity"] == "new" and first["dropped_disks"] == ["vdb"]
     copy = conn.lookupByName(copy_name)
     copy_uuid, copy_macs = copy.UUIDString(), macs(copy)
@@ -205,7 +224,7 @@ def test_replacing_a_restored_copy_keeps_the_copys_identity(ansible, conn, sourc
     source_xml = ET.tostring(inactive_xml(source.dom))
 
     # The drill: the copy is reset to the backup by replacing it.
-    replaced = expect_ok(ansible("restore", source.args(restore_as=copy_name, overwrite="replace", disk_dir=disk_dir)))
+    replaced = expect_ok(with_diff(ansible, "restore", source.args(restore_as=copy_name, overwrite="replace", disk_dir=disk_dir)))
     dom = conn.lookupByName(copy_name)
     assert replaced["identity"] == "target" and replaced["vm"]["replaced"] is True
     assert dom.UUIDString() == copy_uuid == replaced["vm"]["uuid"], "the copy keeps its own UUID"
@@ -246,24 +265,32 @@ def test_replacing_the_source_itself_gives_back_its_identity(ansible, conn, sour
 @pytest.fixture(scope="module")
 def live_vm(ansible, conn, domain_type, module_dir):
     """A running VM with vdb attached live only (in the live XML, not the persistent one), backed up."""
-    factory = VmFactory(conn, domain_type)
+    workdir = make_dir(module_dir / "live-src")
+    vda = qcow2(workdir / "vda.qcow2", "32M", [(0x11, "0", "2M")])
+    vdb = qcow2(workdir / "vdb.qcow2", "16M", [(0x77, "1M", "3M")])
+    name = f"{PREFIX}live-src-{uuid.uuid4().hex[:8]}"
+    # ACPI: PCI hotplug on the pc machine needs it.
+    dom = conn.defineXML(
+        f"<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vda}'/>"
+        "<target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk></devices></domain>")
     try:
-        vm = factory.create([DiskSpec("32M", fill=[(0x11, "0", "2M")])])
-        vdb = qcow2(vm.workdir / "vdb.qcow2", "16M", [(0x77, "1M", "3M")])
-        vm.dom.attachDeviceFlags(
+        dom.create()
+        dom.attachDeviceFlags(
             f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vdb}'/>"
             "<target dev='vdb' bus='virtio'/><alias name='ua-vdb'/></disk>", libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        vm.disks["vdb"], vm.formats["vdb"] = vdb, "qcow2"
+        vm = Vm(conn, dom, name, workdir, {"vda": vda, "vdb": vdb}, {"vda": "qcow2", "vdb": "qcow2"})
         vm.write("vdb", 0x78, "8M", "1M")
-        assert "vdb" in disk_sources(vm.dom, live=True) and "vdb" not in disk_sources(vm.dom)
+        assert "vdb" in disk_sources(dom, live=True) and "vdb" not in disk_sources(dom)
         repo = make_dir(module_dir / "live-repo")
-        export = ansible("export", {"name": vm.name, "repository": str(repo)})
+        export = ansible("export", {"name": name, "repository": str(repo)})
         assert export["changed"] and export["type"] == "full", export
         assert sorted(d["target"] for d in export["disks"]) == ["vda", "vdb"], export
         refs = {tg: vm.snapshot_disk(tg, module_dir / f"live-ref-{tg}.qcow2") for tg in ("vda", "vdb")}
         yield vm, repo, export, refs
     finally:
-        factory.cleanup()
+        destroy_vm(dom)
 
 
 def test_a_disk_attached_live_only_is_restored_and_defined(ansible, conn, live_vm, disk_dir, domains):
@@ -275,9 +302,9 @@ def test_a_disk_attached_live_only_is_restored_and_defined(ansible, conn, live_v
     assert "vdb" in {d.find("target").get("dev") for d in ET.fromstring(predicted["domain_xml"]).findall("./devices/disk")}
     assert listing(disk_dir) == [] and domains.lookup(name) is None
 
-    result = expect_ok(ansible("restore", args))
+    result = expect_ok(with_diff(ansible, "restore", args))
     assert result["dropped_disks"] == []
-    assert any("vdb" in w and "running VM only" in w for w in result.get("warnings", [])), result.get("warnings")
+    assert warned(result, "disk vdb was attached to the running VM only"), result["_output"][-3000:]
     dom = conn.lookupByName(name)
     sources = disk_sources(dom)  # the persistent definition
     paths = {d["target"]: d["path"] for d in result["disks"]}
@@ -309,8 +336,9 @@ def test_a_network_map_key_that_matches_nothing_fails_before_writing(ansible, so
 
 def test_a_network_map_that_matches_renames_and_warns_about_a_missing_network(ansible, conn, source, disk_dir, domains):
     name = domains.new_name("net")
-    result = expect_ok(ansible("restore", source.args(restore_as=name, disk_dir=disk_dir, network_map={"netA": "vmbt-nonet"})))
-    assert any("vmbt-nonet" in w for w in result.get("warnings", [])), result.get("warnings")
+    result = expect_ok(with_diff(ansible, "restore", source.args(restore_as=name, disk_dir=disk_dir,
+                                                                 network_map={"netA": "vmbt-nonet"})))
+    assert warned(result, "'vmbt-nonet', which is neither a libvirt network nor a bridge"), result["_output"][-3000:]
     root = inactive_xml(conn.lookupByName(name))
     assert root.find("./devices/interface[@type='network']/source").get("network") == "vmbt-nonet"
     assert root.find("./devices/interface[@type='bridge']/source").get("bridge") == "brA"
@@ -320,11 +348,12 @@ def test_a_network_map_that_matches_renames_and_warns_about_a_missing_network(an
 @pytest.mark.parametrize("check", [True, False], ids=["check-mode", "real"])
 @pytest.mark.parametrize("bad", ["vmbt-ctl\x01name", "vmbt-new\nline", "vmbt-del\x7f", "x" * 201])
 def test_restore_as_with_control_characters_fails_before_writing(ansible, source, disk_dir, conn, check, bad):
-    before = {d.name() for d in conn.listAllDomains(0)}
     result = ansible("restore", source.args(restore_as=bad, disk_dir=disk_dir), check=check)
     expect_error(result, "INVALID_NAME")
-    assert listing(disk_dir) == []
-    assert {d.name() for d in conn.listAllDomains(0)} == before
+    assert "restore_as" in result["msg"]
+    assert listing(disk_dir) == [], "no image, no partial file, no journal"
+    # (other test runs share this libvirtd: look for this name only)
+    assert bad not in {d.name() for d in conn.listAllDomains(0)}
 
 
 def _repo_with_vm_name(source: Source, dest: pathlib.Path, vm_name: str) -> pathlib.Path:
@@ -363,10 +392,10 @@ def test_a_backed_up_name_that_is_not_a_usable_name_needs_restore_as(ansible, co
 def test_a_rerun_returns_the_same_fields_as_the_run_that_did_the_work(ansible, conn, source, disk_dir, domains):
     name = domains.new_name("rerun")
     args = source.args(restore_as=name, disk_dir=disk_dir)
-    predicted = expect_ok(ansible("restore", args, check=True))
-    done = expect_ok(ansible("restore", args))
-    again_check = ansible("restore", args, check=True)
-    again = ansible("restore", args)
+    predicted = expect_ok(with_diff(ansible, "restore", args, check=True))
+    done = expect_ok(with_diff(ansible, "restore", args))
+    again_check = with_diff(ansible, "restore", args, check=True)
+    again = with_diff(ansible, "restore", args)
     keys = set(done) - ANSIBLE_KEYS
     for other in (predicted, again_check, again):
         assert set(other) - ANSIBLE_KEYS == keys, sorted(keys ^ (set(other) - ANSIBLE_KEYS))
@@ -431,7 +460,7 @@ def test_disaster_restore_with_the_original_identity_and_paths(ansible, conn, do
     assert [d["path"] for d in predicted["disks"]] == [str(vda)]
     assert listing(src) == [] and domains.lookup(name) is None
 
-    result = expect_ok(ansible("restore", args))
+    result = expect_ok(with_diff(ansible, "restore", args))
     restored = conn.lookupByName(name)
     assert restored.UUIDString() == vm_uuid and result["vm"] == {"name": name, "uuid": vm_uuid, "state": "shutoff",
                                                                  "replaced": False}
@@ -443,7 +472,7 @@ def test_disaster_restore_with_the_original_identity_and_paths(ansible, conn, do
     assert result["diff"]["before"] == ""
 
     # A rerun finds it restored, and says so with the same fields.
-    again = ansible("restore", args)
+    again = with_diff(ansible, "restore", args)
     assert again["changed"] is False and not again["failed"], again
     assert set(again) - ANSIBLE_KEYS == set(result) - ANSIBLE_KEYS
     assert again["identity"] == "original" and again["vm"]["uuid"] == vm_uuid
