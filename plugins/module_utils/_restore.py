@@ -357,6 +357,16 @@ def restored_xml(
         dropped.append(target or "?")
         warnings.append(f"disk {target} was not in the backup; it is left out of the restored VM "
                         "(it would have shared the original VM's disk)")
+    if new_identity:
+        # The same for a host directory shared read-write (virtiofs, 9p): a copy would write the original's files.
+        for fs in list(devices.findall("filesystem")):
+            if fs.find("readonly") is None:
+                devices.remove(fs)
+                source = fs.find("source")
+                where = (source.get("dir") or source.get("file") or source.get("name")) if source is not None else None
+                tag = fs.find("target").get("dir") if fs.find("target") is not None else "?"
+                warnings.append(f"shared filesystem {tag} ({where}) is left out of the restored VM (it would have shared "
+                                "the original VM's files read-write)")
     live_disks = _live_disks(live_xml) if live_xml else {}
     for target in [tg for tg in disks if tg not in placed]:
         disk = live_disks.get(target)

@@ -22,8 +22,9 @@ description:
     images are removed and the module fails (C(CHECKSUM_MISMATCH), C(SIZE_MISMATCH), C(FILE_MISSING)). A broken chain
     fails with C(CHAIN_BROKEN) before anything is written.
   - By default the VM is defined under a new name (O(restore_as)) with a new UUID and new MAC addresses, its disks
-    pointing to the restored images, and no checkpoints. A writable disk that was not in the backup is left out, so the
-    copy never shares a disk with the original VM, which may keep running.
+    pointing to the restored images, and no checkpoints. A writable disk that was not in the backup is left out (and so is
+    a host directory shared read-write, C(<filesystem>)), so the copy never shares a disk with the original VM, which may
+    keep running.
   - O(overwrite=replace) replaces an existing shut-off VM of that name - the images are restored into new files, the
     domain is redefined to them, its checkpoints are forgotten, and only then are the old disk files deleted (or kept,
     see O(keep_replaced_disks)). A running VM is never replaced (C(TARGET_VM_RUNNING)).

@@ -701,3 +701,17 @@ def test_redact_xml_masks_graphics_passwords():
     xml = "<domain><devices><graphics type='vnc' passwd='s3cret'/><graphics type='spice'/></devices></domain>"
     out = redact_xml(xml)
     assert "s3cret" not in out and "********" in out
+
+
+FS_XML = """<domain><name>x</name><devices>
+  <filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/><source dir='/srv/prod-data'/><target dir='data'/></filesystem>
+  <filesystem type='mount'><source dir='/srv/iso'/><target dir='iso'/><readonly/></filesystem>
+</devices></domain>"""
+
+
+@pytest.mark.parametrize("new_identity, kept", [(True, ["iso"]), (False, ["data", "iso"])])
+def test_a_read_write_shared_directory_is_not_given_to_a_copy(new_identity, kept):
+    """The class of item 10: a copy must not write what the original VM writes."""
+    root, _dropped, warnings = _restored(FS_XML, disks={}, new_identity=new_identity)
+    assert [f.find("target").get("dir") for f in root.findall("./devices/filesystem")] == kept
+    assert any("/srv/prod-data" in w for w in warnings) is new_identity
