@@ -632,8 +632,11 @@ class Restorer(Backend):
         paths: dict[str, str] = {}
         for entry in manifest["disks"]:
             target, path = entry.get("target"), entry.get("source")
-            if not isinstance(path, str) or not path.startswith("/") or _CONTROL_CHARS.search(path) \
-                    or repo_mod.validate_repository_path(path) != path or path.startswith("/dev/"):
+            try:
+                normal = repo_mod.validate_repository_path(path)
+            except VmBackupError:
+                normal = None
+            if not isinstance(path, str) or normal != path or _CONTROL_CHARS.search(path) or path.startswith("/dev/"):
                 raise VmBackupError("INVALID_ARGUMENT", f"original_paths: disk {target} was backed up from {path!r}, which is "
                                     "not a file path this restore can write; restore without original_paths")
             paths[target] = path

@@ -715,3 +715,20 @@ def test_a_read_write_shared_directory_is_not_given_to_a_copy(new_identity, kept
     root, _dropped, warnings = _restored(FS_XML, disks={}, new_identity=new_identity)
     assert [f.find("target").get("dir") for f in root.findall("./devices/filesystem")] == kept
     assert any("/srv/prod-data" in w for w in warnings) is new_identity
+
+
+@pytest.mark.parametrize("path", [None, "relative/vda.qcow2", "/srv/../etc/vda", "/srv//vda.qcow2", "/dev/vg0/vda",
+                                  "/srv/v\x01da", 3])
+def test_original_paths_refuses_a_recorded_path_it_cannot_write(path):
+    restorer = _restore.Restorer.__new__(_restore.Restorer)
+    restorer.p = _params(identity="original", original_paths=True)
+    err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": [{"target": "vda", "source": path}]})
+    assert "original_paths" in err.msg
+
+
+def test_original_paths_in_several_directories_are_refused(tmp_path):
+    restorer = _restore.Restorer.__new__(_restore.Restorer)
+    restorer.p = _params(identity="original", original_paths=True)
+    disks = [{"target": "vda", "source": str(tmp_path / "a" / "vda.qcow2")}, {"target": "vdb", "source": str(tmp_path / "vdb.qcow2")}]
+    err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": disks})
+    assert "several directories" in err.msg
