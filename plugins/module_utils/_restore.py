@@ -213,7 +213,7 @@ def decide_identity(
                             "(shut it down first)", target=target_name)
     if existing.uuid == source_uuid:
         return Identity("source", target_name, existing.uuid, "saved", True,
-                        f"replacing the backed-up VM itself: its UUID, MAC addresses and disks that were not backed up stay")
+                        "replacing the backed-up VM itself: its UUID, MAC addresses and disks that were not backed up stay")
     return Identity("target", target_name, existing.uuid, "target", True,
                     f"replacing {target_name!r}, which is not the backed-up VM {source_name!r} ({source_uuid}): it keeps its "
                     "own UUID and MAC addresses, and no disk that was not restored is attached")
