@@ -71,7 +71,8 @@ attributes:
     support: partial
     details:
       - A restore under a new name is idempotent - when a domain of that name was restored from the same set, the module
-        returns C(changed=false) (or starts it, with O(start=true), if it is not running).
+        returns C(changed=false) (or starts it, with O(start=true), if it is not running), with the same fields as the run
+        that did the work. So is O(identity=original), when the domain of that name also has the backed-up VM's UUID.
       - O(overwrite=replace) replaces the VM on every run (it is how a VM is reset to a point).
 options:
   name:
