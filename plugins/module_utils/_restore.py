@@ -47,8 +47,13 @@ SWTPM_DIR = "/var/lib/libvirt/swtpm"
 JOURNAL_PREFIX = ".vmbackup-restore-"
 FORMATS = ("qcow2", "raw")
 OVERWRITE = ("never", "replace")
+IDENTITIES = ("new", "original")
+NAME_MAX = 200
 SPACE_HEADROOM = 16 * MIB
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# What XML 1.0 cannot carry at all (not even escaped): such a value in the domain XML makes it unparsable.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 ET.register_namespace("vmbackup", METADATA_NS)
 
@@ -72,6 +77,8 @@ class RestoreParams:
     uri: str = "qemu:///system"
     lock_timeout: float = 60.0
     allow_unsafe_permissions: bool = False
+    identity: str = "new"
+    original_paths: bool = False
 
 
 @dataclasses.dataclass
@@ -111,10 +118,123 @@ class Plan:
     disk_dir: str
     dropped: list[str]
     replaced_files: list[str]
+    identity: Identity | None = None
+    before_xml: str | None = None  # the replaced domain's definition, for --diff
 
     @property
     def read_bytes(self) -> int:
         return sum(d.read_bytes for d in self.disks) + sum(j.size for j in self.side_jobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Existing:
+    """What is defined on this host under the target name, as the identity decision needs it."""
+
+    uuid: str
+    active: bool
+    marker: dict[str, str] | None  # our restore marker in its definition
+    state: str = "running"
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Whose identity the restored domain gets: the pure outcome of observing the target host.
+
+    ``kind``:
+      - ``new``: a new VM - a new UUID, new MAC addresses, no disk that was not restored.
+      - ``source``: the replaced domain IS the backed-up VM (same UUID): it gets its saved
+        identity back - UUID, MAC addresses and its own disks that were not backed up.
+      - ``target``: the replaced domain is another VM (a copy restored before, say): it keeps
+        its own UUID and MAC addresses; no disk of the source that was not restored is attached.
+      - ``original``: disaster restore - the backed-up VM's name, UUID and MAC addresses on a host
+        where neither its name nor its UUID is defined; no disk that was not restored.
+      - ``unchanged``: the domain was restored from this very point before.
+    ``macs``: ``saved`` (the saved XML's), ``target`` (the replaced domain's, per interface) or
+    ``new`` (libvirt draws them).
+    """
+
+    kind: str
+    name: str
+    uuid: str | None  # None: a new one is drawn
+    macs: str
+    replacing: bool
+    reason: str
+
+    @property
+    def new_identity(self) -> bool:
+        """Not the domain the XML was saved from: its not-restored disks must not be attached."""
+        return self.kind != "source"
+
+
+def decide_identity(
+    *,
+    source_uuid: str,
+    source_name: str,
+    target_name: str,
+    requested: str,
+    replace: bool,
+    point: str,
+    existing: Existing | None,
+    uuid_holder: str | None,
+) -> Identity:
+    """The identity decision, from what was observed: the domain defined under ``target_name``
+    (``existing``) and the name of the domain that has the source's UUID here (``uuid_holder``).
+
+    Raises TARGET_VM_EXISTS / TARGET_VM_RUNNING. Pure: no libvirt, no files.
+    """
+    marker = existing.marker if existing is not None else None
+    same_point = bool(marker and marker.get("vm_uuid") == source_uuid and marker.get("set_id") == point)
+    if requested == "original":
+        if existing is not None and same_point and existing.uuid == source_uuid:
+            return Identity("unchanged", target_name, existing.uuid, "saved", False,
+                            f"{target_name!r} was restored from set {point} with its original identity before")
+        # The original identity only where nothing of it is in use: a copy must never share it.
+        if existing is not None:
+            raise VmBackupError("TARGET_VM_EXISTS", f"identity=original: a domain named {target_name!r} is defined on this "
+                                f"host (UUID {existing.uuid}); the original identity is only restored where neither the name "
+                                "nor the UUID is in use - restore under a new name (identity=new, restore_as)",
+                                target=target_name, existing_uuid=existing.uuid)
+        if uuid_holder is not None:
+            raise VmBackupError("TARGET_VM_EXISTS", f"identity=original: the backed-up VM's UUID {source_uuid} is in use on "
+                                f"this host by domain {uuid_holder!r}; restore under a new name (identity=new, restore_as)",
+                                target=target_name, existing_name=uuid_holder, existing_uuid=source_uuid)
+        return Identity("original", target_name, source_uuid, "saved", False,
+                        "disaster restore: the backed-up VM's name, UUID and MAC addresses (neither is in use here)")
+    if existing is None:
+        return Identity("new", target_name, None, "new", False, "a new VM: new UUID and MAC addresses")
+    if not replace:
+        if same_point:
+            return Identity("unchanged", target_name, existing.uuid, "saved", False,
+                            f"{target_name!r} was restored from set {point} before")
+        raise VmBackupError("TARGET_VM_EXISTS", f"a domain named {target_name!r} already exists; choose another "
+                            "restore_as, or overwrite=replace to replace it", target=target_name)
+    if existing.active:
+        raise VmBackupError("TARGET_VM_RUNNING", f"domain {target_name!r} is {existing.state}; only a shut-off VM is replaced "
+                            "(shut it down first)", target=target_name)
+    if existing.uuid == source_uuid:
+        return Identity("source", target_name, existing.uuid, "saved", True,
+                        "replacing the backed-up VM itself: its UUID, MAC addresses and disks that were not backed up stay")
+    return Identity("target", target_name, existing.uuid, "target", True,
+                    f"replacing {target_name!r}, which is not the backed-up VM {source_name!r} ({source_uuid}): it keeps its "
+                    "own UUID and MAC addresses, and no disk that was not restored is attached")
+
+
+def validate_name(value: t.Any, what: str, hint: str = "") -> str:
+    """A domain name the restore can define and put into XML and file names: INVALID_NAME otherwise."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or len(value) > NAME_MAX \
+            or _CONTROL_CHARS.search(value):
+        raise VmBackupError("INVALID_NAME", f"{what} {value!r} is not a usable domain name (1-{NAME_MAX} characters, no '/', "
+                            f"no control characters, not '.' or '..'){hint}")
+    return value
+
+
+def interface_macs(xml: str) -> list[str | None]:
+    """The MAC address of each <interface> of a domain XML, in order (None where it has none)."""
+    out: list[str | None] = []
+    for iface in ET.fromstring(xml).findall("./devices/interface"):
+        mac = iface.find("mac")
+        out.append(mac.get("address") if mac is not None else None)
+    return out
 
 
 def safe_file_name(name: str) -> str:
@@ -137,12 +257,21 @@ def validate_params(p: RestoreParams) -> str:
         raise VmBackupError("INVALID_NAME", f"set_id {p.set_id!r} is not a set id (like 20261125T073512Z-001)")
     if p.as_of is not None:
         parse_as_of(p.as_of)
-    if p.restore_as is not None and (not p.restore_as or "\x00" in p.restore_as or "/" in p.restore_as
-                                     or p.restore_as in (".", "..") or len(p.restore_as) > 200):
-        raise VmBackupError("INVALID_NAME", f"restore_as {p.restore_as!r} is not a usable domain name "
-                            "(1-200 characters, no '/', not '.' or '..')")
+    if p.restore_as is not None:
+        validate_name(p.restore_as, "restore_as")
     if p.overwrite not in OVERWRITE:
         raise VmBackupError("INVALID_ARGUMENT", f"overwrite {p.overwrite!r} is not one of {', '.join(OVERWRITE)}")
+    if p.identity not in IDENTITIES:
+        raise VmBackupError("INVALID_ARGUMENT", f"identity {p.identity!r} is not one of {', '.join(IDENTITIES)}")
+    if p.identity == "original" and p.overwrite == "replace":
+        # Replacing the backed-up VM itself already keeps its identity; replacing another VM keeps that VM's.
+        raise VmBackupError("INVALID_ARGUMENT", "identity=original restores a VM whose name and UUID are not defined on "
+                            "this host; it cannot be combined with overwrite=replace (which keeps the replaced VM's identity)")
+    if p.original_paths and p.identity != "original":
+        raise VmBackupError("INVALID_ARGUMENT", "original_paths needs identity=original (a copy never takes the original "
+                            "VM's disk paths)")
+    if p.original_paths and (p.disk_dir is not None or p.storage_pool is not None):
+        raise VmBackupError("INVALID_ARGUMENT", "give at most one of original_paths, disk_dir and storage_pool")
     if p.disk_format not in FORMATS:
         raise VmBackupError("INVALID_ARGUMENT", f"disk_format {p.disk_format!r} is not one of {', '.join(FORMATS)}")
     if p.disk_dir is not None and p.storage_pool is not None:
@@ -152,9 +281,13 @@ def validate_params(p: RestoreParams) -> str:
             p.disk_dir = repo_mod.validate_repository_path(p.disk_dir)
         except VmBackupError as exc:
             raise VmBackupError("PATH_ESCAPE", exc.msg.replace("repository", "disk_dir")) from None
+        if _CONTROL_CHARS.search(p.disk_dir):  # it goes into the domain XML, which cannot carry them
+            raise VmBackupError("PATH_ESCAPE", f"disk_dir {p.disk_dir!r} contains control characters")
     for old, new in (p.network_map or {}).items():
         if not isinstance(old, str) or not isinstance(new, str) or not old or not new:
             raise VmBackupError("INVALID_ARGUMENT", "network_map maps network or bridge names to names (strings)")
+        if _CONTROL_CHARS.search(old) or _CONTROL_CHARS.search(new) or "/" in new:
+            raise VmBackupError("INVALID_ARGUMENT", f"network_map entry {old!r}: {new!r} contains a control character or '/'")
     if p.workers is not None and p.workers < 1:
         raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
     if p.lock_timeout < 0:
@@ -174,13 +307,23 @@ def restored_xml(
     nvram: str | None,
     metadata: dict[str, str],
     existing_file: t.Callable[[str], bool] = os.path.exists,
+    macs: t.Sequence[str | None] | None = None,
+    live_xml: str | None = None,
 ) -> tuple[str, list[str], list[str]]:
     """The domain XML to define: the saved XML with a new name/UUID, disks pointing to the
-    restored images, mapped networks, and, for a new identity, no MAC addresses (libvirt makes
-    new ones). Pure apart from ``existing_file``. Returns (xml, dropped disk targets, warnings).
+    restored images, mapped networks, and, for a new identity, the MAC addresses in ``macs``
+    (per interface, in order; an interface without one gets a new one from libvirt). Pure apart
+    from ``existing_file``. Returns (xml, dropped disk targets, warnings).
 
-    A writable disk that was not backed up is dropped from a new identity: the copy must never
-    share a disk with the original VM.
+    ``new_identity`` means the domain is not the one the XML was saved from: a writable disk
+    that was not backed up is dropped, so the copy never shares a disk with the original VM.
+
+    A backed-up disk that is not in the saved (persistent) XML was attached to the running VM
+    only: its element is taken from ``live_xml`` (the running VM's XML of the same point), so
+    the data that was backed up is defined too. One found in neither is reported as dropped.
+
+    A ``network_map`` key that matches no network or bridge of the VM fails (INVALID_ARGUMENT):
+    a typo must not leave the restored VM on the network it was meant to leave.
     """
     root = ET.fromstring(saved_xml)
     warnings: list[str] = []
@@ -192,22 +335,13 @@ def restored_xml(
     devices = root.find("devices")
     if devices is None:
         devices = ET.SubElement(root, "devices")
+    placed = set()
     for disk in list(devices.findall("disk")):
         target_el = disk.find("target")
         target = target_el.get("dev") if target_el is not None else None
         if target in disks:
-            path, fmt = disks[target]
-            disk.set("type", "file")
-            for child in list(disk):
-                if child.tag in ("source", "backingStore"):
-                    disk.remove(child)
-            driver = disk.find("driver")
-            if driver is None:
-                driver = ET.Element("driver", name="qemu")
-                disk.insert(0, driver)
-            driver.set("type", fmt)
-            index = list(disk).index(driver) + 1
-            disk.insert(index, ET.Element("source", file=path))
+            _point_disk(disk, *disks[target])
+            placed.add(target)
             continue
         device = disk.get("device", "disk")
         source = disk.find("source")
@@ -223,10 +357,38 @@ def restored_xml(
         dropped.append(target or "?")
         warnings.append(f"disk {target} was not in the backup; it is left out of the restored VM "
                         "(it would have shared the original VM's disk)")
-    for iface in devices.findall("interface"):
+    if new_identity:
+        # The same for a host directory shared read-write (virtiofs, 9p): a copy would write the original's files.
+        for fs in list(devices.findall("filesystem")):
+            if fs.find("readonly") is None:
+                devices.remove(fs)
+                source = fs.find("source")
+                where = (source.get("dir") or source.get("file") or source.get("name")) if source is not None else None
+                tag = fs.find("target").get("dir") if fs.find("target") is not None else "?"
+                warnings.append(f"shared filesystem {tag} ({where}) is left out of the restored VM (it would have shared "
+                                "the original VM's files read-write)")
+    live_disks = _live_disks(live_xml) if live_xml else {}
+    for target in [tg for tg in disks if tg not in placed]:
+        disk = live_disks.get(target)
+        if disk is None:
+            dropped.append(target)
+            warnings.append(f"disk {target} was backed up but is in neither the saved definition nor the running VM's "
+                            "XML of that point; it is not restored")
+            continue
+        _point_disk(disk, *disks[target])
+        devices.append(disk)
+        placed.add(target)
+        warnings.append(f"disk {target} was attached to the running VM only (not in its persistent definition); it is "
+                        "restored as a persistent disk")
+    interfaces = devices.findall("interface")
+    _check_network_map(interfaces, network_map)
+    for index, iface in enumerate(interfaces):
         if new_identity:
             for mac in iface.findall("mac"):
                 iface.remove(mac)
+            own = macs[index] if macs is not None and index < len(macs) else None
+            if own:
+                iface.insert(0, ET.Element("mac", address=own))
         source = iface.find("source")
         if source is not None and network_map:
             for attr in ("network", "bridge"):
@@ -244,8 +406,67 @@ def restored_xml(
         meta = ET.SubElement(root, "metadata")
     for old in meta.findall(f"{{{METADATA_NS}}}restore"):
         meta.remove(old)
-    ET.SubElement(meta, f"{{{METADATA_NS}}}restore", {k: str(v) for k, v in sorted(metadata.items())})
+    # A value XML cannot carry (a control character in a manifest's VM name) must not make the
+    # whole definition unparsable: it is replaced, the marker is informative.
+    ET.SubElement(meta, f"{{{METADATA_NS}}}restore", {k: _XML_INVALID.sub("\ufffd", str(v)) for k, v in sorted(metadata.items())})
     return ET.tostring(root, encoding="unicode"), dropped, warnings
+
+
+def _point_disk(disk: ET.Element, path: str, fmt: str) -> None:
+    """Make a <disk> element use the restored image ``path`` of format ``fmt``."""
+    disk.set("type", "file")
+    for child in list(disk):
+        if child.tag in ("source", "backingStore"):
+            disk.remove(child)
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.Element("driver", name="qemu")
+        disk.insert(0, driver)
+    driver.set("type", fmt)
+    index = list(disk).index(driver) + 1
+    disk.insert(index, ET.Element("source", file=path))
+
+
+def _live_disks(live_xml: str) -> dict[str, ET.Element]:
+    """target -> <disk> of a running VM's XML, without what only a running VM has: libvirt's own
+    aliases (a user alias, ua-*, stays), the guest address (libvirt assigns a free one) and the
+    runtime backing chain."""
+    out = {}
+    for disk in ET.fromstring(live_xml).findall("./devices/disk"):
+        target_el = disk.find("target")
+        if target_el is None or not target_el.get("dev"):
+            continue
+        for child in list(disk):
+            if child.tag == "address" or (child.tag == "alias" and not (child.get("name") or "").startswith("ua-")):
+                disk.remove(child)
+        out[target_el.get("dev")] = disk
+    return out
+
+
+def network_names(interfaces: t.Iterable[ET.Element]) -> list[str]:
+    """'network NAME' / 'bridge NAME' for each interface source, in order, once each."""
+    names: list[str] = []
+    for iface in interfaces:
+        source = iface.find("source")
+        for attr in ("network", "bridge"):
+            value = source.get(attr) if source is not None else None
+            if value and f"{attr} {value}" not in names:
+                names.append(f"{attr} {value}")
+    return names
+
+
+def _check_network_map(interfaces: list[ET.Element], network_map: dict[str, str] | None) -> None:
+    if not network_map:
+        return
+    known = network_names(interfaces)
+    values = {n.split(" ", 1)[1] for n in known}
+    unknown = sorted(k for k in network_map if k not in values)
+    if unknown:
+        has = ", ".join(known) if known else "no network or bridge interface"
+        raise VmBackupError("INVALID_ARGUMENT", f"network_map key{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(repr(k) for k in unknown)} match{'' if len(unknown) > 1 else 'es'} no network or "
+                            f"bridge of the backed-up VM (it has: {has}); nothing was written",
+                            unknown_keys=unknown, networks=known)
 
 
 def redact_xml(xml: str) -> str:
@@ -371,7 +592,63 @@ class Restorer(Backend):
         return catalog.latest()
 
     def _target_name(self, source_name: str) -> str:
-        return self.p.restore_as or (source_name if self.p.overwrite == "replace" else f"{source_name}-restored")
+        """The restored domain's name, validated before anything is written (INVALID_NAME)."""
+        if self.p.identity == "original":
+            if self.p.restore_as is not None and self.p.restore_as != source_name:
+                raise VmBackupError("INVALID_ARGUMENT", f"identity=original restores the VM under its own name "
+                                    f"{source_name!r}; restore_as {self.p.restore_as!r} differs (leave it out)")
+            return validate_name(source_name, "the backed-up VM's name")
+        if self.p.restore_as:
+            return validate_name(self.p.restore_as, "restore_as")
+        name = source_name if self.p.overwrite == "replace" else f"{source_name}-restored"
+        return validate_name(name, "the name derived from the backed-up VM's name", "; give restore_as")
+
+    def _identity(self, conn, catalog: Catalog, point: str, source: dict[str, str], target_name: str):
+        """Observe the target host (the domain of that name, the holder of the source's UUID) and
+        decide the identity: (the domain of that name or None, Identity)."""
+        dom = lv.find_domain(conn, target_name)
+        existing = None
+        if dom is not None:
+            existing = Existing(dom.UUIDString(), lv.is_active(dom), restore_marker(lv.domain_xml(dom, inactive=True)),
+                                lv.domain_state(dom))
+        uuid_holder = None
+        if self.p.identity == "original":
+            try:
+                uuid_holder = lv.lookup_domain(conn, vm_uuid=catalog.vm_uuid).name()
+            except VmBackupError as exc:
+                if exc.error_code != "VM_NOT_FOUND":
+                    raise
+        identity = decide_identity(source_uuid=catalog.vm_uuid, source_name=source["name"], target_name=target_name,
+                                   requested=self.p.identity, replace=self.p.overwrite == "replace", point=point,
+                                   existing=existing, uuid_holder=uuid_holder)
+        return dom, identity
+
+    def _original_paths(self, manifest: dict[str, t.Any]) -> dict[str, str]:
+        """target -> the disk path the manifest recorded on the source host (original_paths).
+
+        Each must be an absolute, normalised file path in one existing directory that root alone
+        controls (check_trusted_path); a file there already is refused later (TARGET_PATH_EXISTS).
+        """
+        paths: dict[str, str] = {}
+        for entry in manifest["disks"]:
+            target, path = entry.get("target"), entry.get("source")
+            try:
+                normal = repo_mod.validate_repository_path(path)
+            except VmBackupError:
+                normal = None
+            if not isinstance(path, str) or normal != path or _CONTROL_CHARS.search(path) or path.startswith("/dev/"):
+                raise VmBackupError("INVALID_ARGUMENT", f"original_paths: disk {target} was backed up from {path!r}, which is "
+                                    "not a file path this restore can write; restore without original_paths")
+            paths[target] = path
+        dirs = sorted({os.path.dirname(p) for p in paths.values()})
+        if len(dirs) != 1:
+            # The images are written beside their final names and renamed into place, in one directory.
+            raise VmBackupError("INVALID_ARGUMENT", f"original_paths: the disks were in several directories "
+                                f"({', '.join(dirs)}); restore them with disk_dir instead")
+        if not os.path.isdir(dirs[0]):
+            raise VmBackupError("PATH_ESCAPE", f"original_paths: {dirs[0]} is not an existing directory on this host")
+        repo_mod.check_trusted_path(dirs[0], "original_paths directory", self.p.allow_unsafe_permissions)
+        return paths
 
     def _disk_dir(self, conn) -> str:
         disk_dir = lv.pool_directory(conn, self.p.storage_pool) if self.p.storage_pool else (self.p.disk_dir or DEFAULT_DISK_DIR)
@@ -383,23 +660,14 @@ class Restorer(Backend):
         chain = catalog.sets_of_chain(point)  # CHAIN_BROKEN / REPOSITORY_FORMAT before anything else
         manifest = catalog.sets[point].manifest
         source = {"name": manifest["vm"].get("name") or catalog.vm_uuid, "uuid": catalog.vm_uuid}
-        replace = self.p.overwrite == "replace"
         target_name = self._target_name(source["name"])
-        existing = lv.find_domain(conn, target_name)
-        replacing = None
-        if existing is not None:
-            marker = restore_marker(lv.domain_xml(existing, inactive=True))
-            if not replace and marker and marker.get("vm_uuid") == catalog.vm_uuid and marker.get("set_id") == point:
-                return None  # already restored from this very point under this name
-            if not replace:
-                raise VmBackupError("TARGET_VM_EXISTS", f"a domain named {target_name!r} already exists; choose another "
-                                    "restore_as, or overwrite=replace to replace it", target=target_name)
-            if lv.is_active(existing):
-                raise VmBackupError("TARGET_VM_RUNNING", f"domain {target_name!r} is {lv.domain_state(existing)}; only a "
-                                    "shut-off VM is replaced (shut it down first)", target=target_name)
-            replacing = existing
-        target_uuid = replacing.UUIDString() if replacing is not None else str(uuid_mod.uuid4())
-        disk_dir = self._disk_dir(conn)
+        existing, identity = self._identity(conn, catalog, point, source, target_name)
+        if identity.kind == "unchanged":
+            return None  # already restored from this very point under this name
+        replacing = existing if identity.replacing else None
+        target_uuid = identity.uuid or str(uuid_mod.uuid4())
+        original = self._original_paths(manifest) if self.p.original_paths else None
+        disk_dir = os.path.dirname(next(iter(original.values()))) if original else self._disk_dir(conn)
         set_dir = catalog.repo.set_dir(catalog.vm_uuid, point)
 
         # Files this restore reads: every disk chain, and the point's side files it uses.
@@ -421,6 +689,9 @@ class Restorer(Backend):
                 n += 1
             taken.add(path)
             disks.append(DiskPlan(target, dchain, files, path, int(entry["virtual_size"]), sum(d["size"] for _s, d in dchain)))
+        if original:  # disaster restore to the recorded paths (identity=original, original_paths)
+            for disk in disks:
+                disk.path = original[disk.target]
         files_meta = manifest["files"]
         side = ["domain.xml"] + [rel for rel, e in sorted(files_meta.items()) if e.get("role") in ("nvram", "tpm")]
         side_jobs = []
@@ -448,20 +719,61 @@ class Restorer(Backend):
                                     existing_path=path)
         metadata = {"vm_uuid": catalog.vm_uuid, "vm_name": source["name"], "set_id": point,
                     "restored": _manifest.iso(_manifest.utcnow())}
+        live_xml = self._live_xml(catalog, point, saved_xml, disks, side_jobs)
+        macs = {"saved": interface_macs(saved_xml), "target": interface_macs(replaced_xml) if replaced_xml else [],
+                "new": []}[identity.macs]
         xml, dropped, warnings = restored_xml(
             saved_xml, name=target_name, vm_uuid=target_uuid,
             disks={d.target: (d.path, self.p.disk_format) for d in disks},
-            new_identity=replacing is None, network_map=self.p.network_map, nvram=nvram, metadata=metadata,
+            new_identity=identity.new_identity, network_map=self.p.network_map, nvram=nvram, metadata=metadata,
+            macs=macs, live_xml=live_xml,
         )
         self.warnings.extend(warnings)
+        self.warnings.extend(self._missing_networks(conn))
+        # A backed-up disk the definition cannot carry is not written either (no orphan image).
+        disks = [d for d in disks if d.target not in dropped]
         replaced_files = []
         if replacing is not None:
             kept = {d.target for d in disks}
             replaced_files = sorted(p for tg, p in current.items() if tg in kept)
             if nvram and old_nvram:  # the old firmware state goes (or stays) with the old disks
                 replaced_files.append(old_nvram)
-        return Plan(catalog, point, chain, source, target_name, target_uuid, replacing, disks, side_jobs, nvram,
+        plan = Plan(catalog, point, chain, source, target_name, target_uuid, replacing, disks, side_jobs, nvram,
                     tpm_files, xml, disk_dir, dropped, replaced_files)
+        plan.identity, plan.before_xml = identity, replaced_xml
+        return plan
+
+    def _live_xml(self, catalog: Catalog, point: str, saved_xml: str, disks: list[DiskPlan],
+                  side_jobs: list[FileJob]) -> str | None:
+        """The running VM's XML of the point (domain-live.xml), read (verified) only when a
+        backed-up disk is missing from the persistent XML: it was attached live only."""
+        persistent = {d.target for d in lv.parse_disks(saved_xml)}
+        if all(d.target in persistent for d in disks):
+            return None
+        files_meta = catalog.sets[point].manifest["files"]
+        entry = files_meta.get("domain-live.xml")
+        if entry is None:
+            return None  # restored_xml reports those disks as dropped
+        job = FileJob(catalog.vm_uuid, point, "domain-live.xml", os.path.join(catalog.repo.set_dir(catalog.vm_uuid, point),
+                      "domain-live.xml"), entry["size"], entry["sha256"], None)
+        side_jobs.append(job)  # counted in bytes_read
+        return self._read_verified(job)
+
+    def _missing_networks(self, conn) -> list[str]:
+        """Warnings for network_map values that name no network or bridge on this host: the VM is
+        defined, but will not start until they exist."""
+        out = []
+        for old, new in sorted((self.p.network_map or {}).items()):
+            try:
+                conn.networkLookupByName(new)
+                continue
+            except lv.LibvirtError:
+                pass
+            if os.path.isdir(os.path.join("/sys/class/net", new, "bridge")):
+                continue
+            out.append(f"network_map maps {old!r} to {new!r}, which is neither a libvirt network nor a bridge on this host; "
+                       "the VM will not start until it exists")
+        return out
 
     def _read_verified(self, job: FileJob) -> str:
         """A small side file, read only after its checksum matched."""
@@ -624,30 +936,61 @@ class Restorer(Backend):
 
     # ------------------------------------------------------------------ results
     def _unchanged(self, conn, catalog: Catalog, point: str, started: float) -> dict[str, t.Any]:
-        """The domain was restored from this point before; at most it still has to be started."""
+        """The domain was restored from this point before; at most it still has to be started.
+
+        The result has every field a run that did the work returns, describing the domain as it
+        is defined: its disks, NVRAM, XML; nothing was read, written or replaced.
+        """
         manifest = catalog.sets[point].manifest
-        name = self._target_name(manifest["vm"].get("name") or catalog.vm_uuid)
+        source = {"name": manifest["vm"].get("name") or catalog.vm_uuid, "uuid": catalog.vm_uuid}
+        name = self._target_name(source["name"])
         dom = lv.find_domain(conn, name)
         start = bool(self.p.start and dom is not None and not lv.is_active(dom))
         if start and not self.check_mode:
             lv.start(dom)
+        xml = lv.domain_xml(dom, inactive=True) if dom is not None else None
+        defined = {d.target: d for d in lv.parse_disks(xml)} if xml else {}
+        disks, data = [], 0
+        for entry in manifest["disks"]:
+            dchain = catalog.disk_chain(point, entry["target"])
+            data += sum(d["size"] for _s, d in dchain)
+            disk = defined.get(entry["target"])
+            if disk is not None:
+                disks.append({"target": disk.target, "path": disk.source, "format": disk.driver_type,
+                              "virtual_size": int(entry["virtual_size"]), "chain": [sid for sid, _d in dchain], "bytes_read": 0})
+        vm_uuid = dom.UUIDString() if dom is not None else None
+        tpm_dir = os.path.join(SWTPM_DIR, vm_uuid) if vm_uuid else None
+        has_tpm = any(e.get("role") == "tpm" for e in manifest["files"].values())
         msg = f"domain {name!r} was already restored from set {point}; " + ("started it" if start else "nothing to do")
+        shown = redact_xml(xml) if xml else ""
         return {
             "changed": start,
             "msg": msg,
             "set_id": point,
             "point": _point_info(manifest),
             "chain": catalog.sets_of_chain(point),
-            "source_vm": {"name": manifest["vm"].get("name"), "uuid": catalog.vm_uuid},
-            "vm": {"name": name, "uuid": dom.UUIDString() if dom is not None else None,
-                   "state": lv.domain_state(dom) if dom is not None else None, "replaced": False},
-            "disks": [],
+            "source_vm": source,
+            "vm": {"name": name, "uuid": vm_uuid,
+                   "state": ("running" if start and not self.check_mode else lv.domain_state(dom)) if dom is not None else None,
+                   "replaced": False},
+            "identity": "original" if vm_uuid == catalog.vm_uuid else "new",
+            "disks": disks,
+            "dropped_disks": [],
+            "nvram": lv.nvram_path(xml) if xml else None,
+            "tpm_dir": tpm_dir if has_tpm and tpm_dir and os.path.isdir(tpm_dir) else None,
+            "domain_xml": shown,
+            "replaced_disks": [],
+            "removed_disks": [],
             "bytes_read": 0,
+            "estimated_bytes": data,
             "bytes_written": 0,
             "duration_s": round(time.monotonic() - started, 3),
+            "verify_s": 0.0,
+            "convert_s": 0.0,
             "throughput_mib_s": None,
             "started": start and not self.check_mode,
             "cleaned_up": self.cleaned,
+            "diff": {"before": shown, "after": shown, "before_header": f"domain {name}", "after_header": f"domain {name}"},
         }
 
     def _result(self, plan: Plan, started: float, changed: bool, check: bool = False,
@@ -657,10 +1000,15 @@ class Restorer(Backend):
         manifest = plan.catalog.sets[plan.point].manifest
         verb = "would restore" if check else "restored"
         data = sum(d.read_bytes for d in plan.disks)
+        identity = plan.identity.kind if plan.identity is not None else ("source" if plan.replacing is not None else "new")
+        how = {"new": "a new VM", "source": "replacing the shut-off VM itself, keeping its identity",
+               "target": "replacing the shut-off VM, keeping its own identity",
+               "original": "with its original identity"}.get(identity, identity)
+        shown = redact_xml(plan.xml)
         result = {
             "changed": changed,
             "msg": (f"{verb} point {plan.point} of {plan.source['name']} as {plan.target_name!r} "
-                    f"({'replacing the shut-off VM' if plan.replacing is not None else 'a new VM'}; "
+                    f"({how}; "
                     f"{len(plan.disks)} disks, {plan.read_bytes} bytes " + ("to read" if check else "read") + ("" if check else f", {seconds:.1f}s") + ")"),
             "set_id": plan.point,
             "point": _point_info(manifest),
@@ -668,11 +1016,12 @@ class Restorer(Backend):
             "source_vm": plan.source,
             "vm": {"name": plan.target_name, "uuid": plan.target_uuid, "state": stats.get("state"),
                    "replaced": plan.replacing is not None},
+            "identity": identity,
             "disks": [d.public(self.p.disk_format) for d in plan.disks],
             "dropped_disks": plan.dropped,
             "nvram": plan.nvram,
             "tpm_dir": stats.get("tpm_dir"),
-            "domain_xml": redact_xml(plan.xml),
+            "domain_xml": shown,
             "replaced_disks": plan.replaced_files,
             "removed_disks": stats.get("removed_disks", []),
             "bytes_read": 0 if check else plan.read_bytes,
@@ -684,6 +1033,13 @@ class Restorer(Backend):
             "throughput_mib_s": round(data / MIB / seconds, 1) if stats and seconds > 0 else None,
             "started": bool(self.p.start and not check),
             "cleaned_up": self.cleaned,
+            # --diff: the definition before (the replaced domain's, or nothing) and after.
+            "diff": {
+                "before": redact_xml(plan.before_xml) if plan.before_xml else "",
+                "after": shown,
+                "before_header": f"domain {plan.target_name}" if plan.before_xml else "(no domain)",
+                "after_header": f"domain {plan.target_name} (restored from set {plan.point})",
+            },
         }
         return result
 

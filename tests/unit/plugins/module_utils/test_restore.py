@@ -255,7 +255,7 @@ def test_removable_media_whose_file_is_missing_is_left_empty(exists, emptied):
         pytest.param(None, ["prod", "br0", "backup-net"], id="no-map"),
         pytest.param({"prod": "isolated"}, ["isolated", "br0", "backup-net"], id="network"),
         pytest.param({"br0": "br-test"}, ["prod", "br-test", "backup-net"], id="bridge"),
-        pytest.param({"prod": "isolated", "br0": "br-test", "nowhere": "x"}, ["isolated", "br-test", "backup-net"], id="both"),
+        pytest.param({"prod": "isolated", "br0": "br-test"}, ["isolated", "br-test", "backup-net"], id="both"),
         pytest.param({"prod": "backup-net", "backup-net": "prod"}, ["backup-net", "br0", "prod"], id="swap-is-not-chained"),
     ],
 )
@@ -501,3 +501,234 @@ def test_stale_journals_are_sorted_and_a_missing_directory_has_none(tmp_path, de
     paths = [_journal(tmp_path, token, {"pid": dead_pid, "n": i}) for i, token in enumerate(["c", "a", "b"])]
     assert [p for p, _data in stale_journals(str(tmp_path))] == sorted(paths)
     assert stale_journals(str(tmp_path / "missing")) == []
+
+
+# =========================================================================== identity, live disks, network_map, names
+# (issue 8 items 10-13, 15: the restore-identity work)
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._restore import (  # noqa: E402
+    Existing,
+    Identity,
+    decide_identity,
+    interface_macs,
+    redact_xml,
+    validate_name,
+)
+
+OTHER_UUID = "33333333-4444-4555-8666-777777777777"
+POINT = SET_ID
+OURS = {"vm_uuid": OLD_UUID, "set_id": POINT}
+
+
+def _decide(requested="new", replace=False, existing=None, uuid_holder=None, target_name="web01-restored"):
+    return decide_identity(source_uuid=OLD_UUID, source_name="web01", target_name=target_name, requested=requested,
+                           replace=replace, point=POINT, existing=existing, uuid_holder=uuid_holder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, kind, vm_uuid, macs, replacing",
+    [
+        pytest.param({}, "new", None, "new", False, id="new-name"),
+        pytest.param({"replace": True}, "new", None, "new", False, id="replace-nothing-there-is-a-new-vm"),
+        pytest.param({"replace": True, "existing": Existing(OLD_UUID, False, None, "shutoff")},
+                     "source", OLD_UUID, "saved", True, id="replace-source"),
+        pytest.param({"replace": True, "existing": Existing(OTHER_UUID, False, OURS, "shutoff")},
+                     "target", OTHER_UUID, "target", True, id="replace-other"),
+        pytest.param({"replace": True, "existing": Existing(OTHER_UUID, False, None, "shutoff")},
+                     "target", OTHER_UUID, "target", True, id="replace-other-not-restored-by-us"),
+        pytest.param({"requested": "original", "target_name": "web01"}, "original", OLD_UUID, "saved", False,
+                     id="disaster-restore"),
+        pytest.param({"existing": Existing(OTHER_UUID, False, OURS, "shutoff")}, "unchanged", OTHER_UUID, "saved", False,
+                     id="already-restored"),
+        pytest.param({"requested": "original", "target_name": "web01", "existing": Existing(OLD_UUID, False, OURS, "shutoff"),
+                      "uuid_holder": "web01"}, "unchanged", OLD_UUID, "saved", False, id="disaster-restore-rerun"),
+    ],
+)
+def test_identity_decision(kwargs, kind, vm_uuid, macs, replacing):
+    identity = _decide(**kwargs)
+    assert isinstance(identity, Identity)
+    assert (identity.kind, identity.uuid, identity.macs, identity.replacing) == (kind, vm_uuid, macs, replacing)
+    # Only the backed-up VM itself gets back its disks that were not restored.
+    assert identity.new_identity is (kind != "source")
+    assert identity.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, fragments",
+    [
+        pytest.param({"existing": Existing(OTHER_UUID, False, {"vm_uuid": OLD_UUID, "set_id": "20261124T000000Z-001"})},
+                     "TARGET_VM_EXISTS", ["web01-restored", "overwrite=replace"], id="other-point-no-replace"),
+        pytest.param({"existing": Existing(OTHER_UUID, False, {"vm_uuid": OTHER_UUID, "set_id": POINT})},
+                     "TARGET_VM_EXISTS", ["web01-restored"], id="same-point-of-another-vm"),
+        pytest.param({"replace": True, "existing": Existing(OTHER_UUID, True, None, "paused")},
+                     "TARGET_VM_RUNNING", ["paused"], id="replace-running"),
+        pytest.param({"requested": "original", "target_name": "web01", "existing": Existing(OLD_UUID, False, None, "shutoff"),
+                      "uuid_holder": "web01"}, "TARGET_VM_EXISTS", ["named 'web01'", OLD_UUID], id="original-source-still-defined"),
+        pytest.param({"requested": "original", "target_name": "web01", "existing": Existing(OTHER_UUID, False, OURS, "shutoff")},
+                     "TARGET_VM_EXISTS", ["named 'web01'"], id="original-name-taken-by-a-copy"),
+        pytest.param({"requested": "original", "target_name": "web01", "uuid_holder": "web01-renamed"},
+                     "TARGET_VM_EXISTS", ["web01-renamed", OLD_UUID], id="original-uuid-in-use"),
+    ],
+)
+def test_identity_decision_refuses(kwargs, code, fragments):
+    err = _raises(code, _decide, **kwargs)
+    for fragment in fragments:
+        assert fragment in err.msg
+
+
+def test_replacing_another_vm_keeps_its_macs_per_interface_and_no_unrestored_disk():
+    """Item 10: a copy restored before is replaced: its own MACs, in interface order; the
+    source's not-backed-up writable disk (vdc) is not attached."""
+    own = ["52:54:00:bb:00:01", None, "52:54:00:bb:00:03"]
+    root, dropped, _warnings = _restored(new_identity=True, macs=own)
+    assert [[m.get("address") for m in i.findall("mac")] for i in root.findall("./devices/interface")] == \
+        [[own[0]], [], [own[2]]]
+    assert not set(MACS) & {m.get("address") for m in root.iter("mac")}
+    assert dropped == ["vdc"] and _disk(root, "vdc") is None
+
+
+def test_disaster_restore_carries_the_saved_macs_but_no_unrestored_disk():
+    root, dropped, _warnings = _restored(name="web01", vm_uuid=OLD_UUID, new_identity=True, macs=interface_macs(SAVED_XML))
+    assert [m.get("address") for m in root.findall("./devices/interface/mac")] == MACS
+    assert root.findtext("uuid") == OLD_UUID and dropped == ["vdc"]
+
+
+def test_fewer_macs_than_interfaces_leaves_the_rest_to_libvirt():
+    root, _dropped, _warnings = _restored(macs=["52:54:00:bb:00:01"])
+    assert [m.get("address") for m in root.findall("./devices/interface/mac")] == ["52:54:00:bb:00:01"]
+
+
+def test_interface_macs():
+    assert interface_macs(SAVED_XML) == MACS
+    assert interface_macs("<domain><devices><interface type='user'/></devices></domain>") == [None]
+
+
+LIVE_XML = SAVED_XML.replace("</devices>", """
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/hot.qcow2' index='3'/>
+      <backingStore/>
+      <target dev='vde' bus='virtio'/>
+      <alias name='ua-vde'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x09' function='0x0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/hot2.qcow2'/>
+      <target dev='vdf' bus='virtio'/>
+      <alias name='virtio-disk5'/>
+    </disk>
+  </devices>""")
+
+
+def test_a_disk_attached_live_only_is_restored_from_the_live_xml():
+    """Item 11: vde/vdf were backed up but are only in the running VM's XML."""
+    disks = dict(BACKED_UP, vde=("/restore/vde.qcow2", "qcow2"), vdf=("/restore/vdf.qcow2", "raw"))
+    root, dropped, warnings = _restored(disks=disks, live_xml=LIVE_XML)
+    vde, vdf = _disk(root, "vde"), _disk(root, "vdf")
+    assert [s.attrib for s in vde.findall("source")] == [{"file": "/restore/vde.qcow2"}]
+    assert vde.find("backingStore") is None and vde.find("address") is None
+    assert vde.find("alias").get("name") == "ua-vde", "a user alias stays"
+    assert vdf.find("alias") is None, "libvirt's own alias goes"
+    assert vdf.find("driver").get("type") == "raw"
+    assert dropped == ["vdc"]
+    assert sum("attached to the running VM only" in w for w in warnings) == 2
+
+
+def test_a_backed_up_disk_found_nowhere_is_reported_dropped():
+    disks = dict(BACKED_UP, vde=("/restore/vde.qcow2", "qcow2"))
+    root, dropped, warnings = _restored(disks=disks)
+    assert _disk(root, "vde") is None
+    assert dropped == ["vdc", "vde"] and any("vde" in w and "not restored" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "network_map, unknown",
+    [
+        pytest.param({"prdo": "isolated"}, ["prdo"], id="typo"),
+        pytest.param({"prod": "isolated", "br1": "x", "Prod": "y"}, ["Prod", "br1"], id="two-typos-one-good"),
+    ],
+)
+def test_network_map_key_that_matches_nothing_fails(network_map, unknown):
+    """Item 12: a typo must not leave the VM on the production network."""
+    err = _raises("INVALID_ARGUMENT", _restored, network_map=network_map)
+    assert err.details["unknown_keys"] == unknown
+    for key in unknown:
+        assert repr(key) in err.msg
+    assert "network prod, bridge br0, network backup-net" in err.msg
+
+
+def test_network_map_on_a_vm_without_interfaces_fails():
+    err = _raises("INVALID_ARGUMENT", _restored, "<domain><name>x</name><devices/></domain>", disks={},
+                  network_map={"prod": "x"})
+    assert "no network or bridge interface" in err.msg
+
+
+@pytest.mark.parametrize("value", ["a\x01b", "tab\there", "new\nline", "del\x7f", "x" * 201, "a/b", ".", "..", "", None, 3])
+def test_validate_name_refuses(value):
+    _raises("INVALID_NAME", validate_name, value, "restore_as")
+
+
+@pytest.mark.parametrize(
+    "overrides, code, fragment",
+    [
+        pytest.param({"restore_as": "web\x01copy"}, "INVALID_NAME", "control", id="restore-as-control"),
+        pytest.param({"restore_as": "web\x7f"}, "INVALID_NAME", "control", id="restore-as-del"),
+        pytest.param({"restore_as": "web\ncopy"}, "INVALID_NAME", "control", id="restore-as-newline"),
+        pytest.param({"identity": "clone"}, "INVALID_ARGUMENT", "identity", id="bad-identity"),
+        pytest.param({"identity": "original", "overwrite": "replace"}, "INVALID_ARGUMENT", "overwrite=replace",
+                     id="original-and-replace"),
+        pytest.param({"original_paths": True}, "INVALID_ARGUMENT", "identity=original", id="original-paths-new-identity"),
+        pytest.param({"identity": "original", "original_paths": True, "disk_dir": "/srv/x"}, "INVALID_ARGUMENT",
+                     "original_paths", id="original-paths-and-disk-dir"),
+        pytest.param({"network_map": {"prod": "bad\x01"}}, "INVALID_ARGUMENT", "network_map", id="network-map-control"),
+        pytest.param({"disk_dir": "/srv/im\x01ages"}, "PATH_ESCAPE", "control", id="disk-dir-control"),
+    ],
+)
+def test_validate_params_refuses_identity_and_names(overrides, code, fragment):
+    err = _raises(code, validate_params, _params(**overrides))
+    assert fragment in err.msg
+
+
+def test_a_marker_value_xml_cannot_carry_does_not_break_the_definition():
+    """A manifest's VM name with a control character (restored under a valid restore_as)."""
+    xml, _dropped, _warnings = restored_xml("<domain><name>x</name></domain>", name="y", vm_uuid=NEW_UUID, disks={},
+                                            new_identity=True, network_map=None, nvram=None, metadata={"vm_name": "a\x01b"})
+    assert restore_marker(xml) == {"vm_name": "a\ufffdb"}
+    assert redact_xml(xml)
+
+
+def test_redact_xml_masks_graphics_passwords():
+    xml = "<domain><devices><graphics type='vnc' passwd='s3cret'/><graphics type='spice'/></devices></domain>"
+    out = redact_xml(xml)
+    assert "s3cret" not in out and "********" in out
+
+
+FS_XML = """<domain><name>x</name><devices>
+  <filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/><source dir='/srv/prod-data'/><target dir='data'/></filesystem>
+  <filesystem type='mount'><source dir='/srv/iso'/><target dir='iso'/><readonly/></filesystem>
+</devices></domain>"""
+
+
+@pytest.mark.parametrize("new_identity, kept", [(True, ["iso"]), (False, ["data", "iso"])])
+def test_a_read_write_shared_directory_is_not_given_to_a_copy(new_identity, kept):
+    """The class of item 10: a copy must not write what the original VM writes."""
+    root, _dropped, warnings = _restored(FS_XML, disks={}, new_identity=new_identity)
+    assert [f.find("target").get("dir") for f in root.findall("./devices/filesystem")] == kept
+    assert any("/srv/prod-data" in w for w in warnings) is new_identity
+
+
+@pytest.mark.parametrize("path", [None, "relative/vda.qcow2", "/srv/../etc/vda", "/srv//vda.qcow2", "/dev/vg0/vda",
+                                  "/srv/v\x01da", 3])
+def test_original_paths_refuses_a_recorded_path_it_cannot_write(path):
+    restorer = _restore.Restorer.__new__(_restore.Restorer)
+    restorer.p = _params(identity="original", original_paths=True)
+    err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": [{"target": "vda", "source": path}]})
+    assert "original_paths" in err.msg
+
+
+def test_original_paths_in_several_directories_are_refused(tmp_path):
+    restorer = _restore.Restorer.__new__(_restore.Restorer)
+    restorer.p = _params(identity="original", original_paths=True)
+    disks = [{"target": "vda", "source": str(tmp_path / "a" / "vda.qcow2")}, {"target": "vdb", "source": str(tmp_path / "vdb.qcow2")}]
+    err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": disks})
+    assert "several directories" in err.msg
