@@ -441,11 +441,14 @@ def partial_name(final: str, token: str) -> str:
     return f".{final}.partial-{token}"
 
 
+# A journal, or the temporary name it is written under (left when a run dies while writing it).
+_JOURNAL_NAME = re.compile(r"^" + re.escape(JOURNAL_PREFIX) + r"(?P<token>[^/]+?)\.json(?P<tmp>\.tmp-(?P=token))?$")
+
+
 def journal_token(path: str) -> str | None:
     """The token in a journal's file name (``.vmbackup-restore-<token>.json``), or None."""
-    name = os.path.basename(path)
-    token = name[len(JOURNAL_PREFIX):-len(".json")] if name.startswith(JOURNAL_PREFIX) and name.endswith(".json") else ""
-    return token if _TOKEN.match(token) else None
+    match = _JOURNAL_NAME.match(os.path.basename(path))
+    return match.group("token") if match and _TOKEN.match(match.group("token")) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,7 +570,14 @@ def stale_journals(disk_dir: str, host: str | None = None,
         return found
     try:
         dst = os.fstat(dir_fd)
-        names = sorted(n for n in os.listdir(dir_fd) if n.startswith(JOURNAL_PREFIX) and n.endswith(".json"))
+        listed = set(os.listdir(dir_fd))
+        names = []
+        for name in sorted(listed):
+            match = _JOURNAL_NAME.match(name)
+            # A temporary journal counts only when its run died before it became the journal.
+            if match and (not match.group("tmp") or (_TOKEN.match(match.group("token"))
+                                                     and name[:-len(match.group("tmp"))] not in listed)):
+                names.append(name)
         if names and (dst.st_uid not in repo_mod.trusted_owners() or dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
             notes.append(f"restore journals in {disk_dir} are ignored: the directory is owned by uid {dst.st_uid} "
                          f"with mode {stat.S_IMODE(dst.st_mode):04o}, so anyone could have written them")
@@ -1079,8 +1089,9 @@ class Restorer(Backend):
                     self.cleaned.append(f"removed {victim.path} of an interrupted restore")
                 elif reason is not None and victim.inode is None:
                     self.warnings.append(f"kept {victim.path} of an interrupted restore: {reason}")
-            remove_path(path)
-            self.cleaned.append(f"removed the journal {path} of an interrupted restore")
+            for leftover in (path, f"{path}.tmp-{journal_token(path)}"):
+                if remove_path(leftover)[0]:
+                    self.cleaned.append(f"removed the journal {leftover} of an interrupted restore")
 
     def _check_restored_files(self, name: str, dom) -> None:
         """An "already restored" domain must still have its disks: a run that lost them must not pass as done."""
