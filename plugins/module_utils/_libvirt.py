@@ -448,8 +448,9 @@ def paths_in_use(conn, backing_reader: BackingReader | None = None, exclude_uuid
                     continue
                 try:
                     chain = backing_reader(path, fmt)
-                except VmBackupError:
-                    used.unknown.append(f"{what} of domain {name!r} ({path})")
+                except VmBackupError as exc:
+                    if os.path.exists(path):  # not just removed meanwhile
+                        used.unknown.append(f"{what} of domain {name!r} ({path}: {exc.msg[:200]})")
                     continue
                 for backing in chain:
                     used.add(backing, f"a backing file of {what} of domain {name!r}")

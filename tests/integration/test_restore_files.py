@@ -237,10 +237,9 @@ def test_replace_never_deletes_through_a_swapped_directory_link(ansible, conn, d
     (work / "vm").symlink_to(victim_dir)
 
     result = expect_ok(ansible("restore", {"repository": str(repo), "name": name, "overwrite": "replace", "disk_dir": str(images)}))
+    assert victim.exists() and sha256(victim) == digest
     assert result["removed_disks"] == [], result
     assert [k["path"] for k in result["kept_disks"]] == [str(disk)] and "symbolic link" in result["kept_disks"][0]["reason"]
-    assert victim.exists() and sha256(victim) == digest
-    assert any(str(disk) in w for w in result.get("warnings", [])), result.get("warnings")
 
 
 # ----------------------------------------------------------------------------- item 2: private while written
@@ -307,7 +306,6 @@ def test_journal_planted_by_another_user_is_not_trusted(ansible, source, work, d
     for path, digest in victims.items():
         assert path.exists() and sha256(path) == digest, path
     assert journal.exists() and result["cleaned_up"] == []
-    assert any(str(journal) in w and f"uid {NOBODY}" in w for w in result.get("warnings", [])), result.get("warnings")
 
 
 def test_root_journal_removes_only_what_its_own_restore_made(ansible, source, work, domains):
@@ -381,11 +379,10 @@ def test_replace_keeps_an_old_image_another_domain_uses(ansible, conn, domain_ty
 
     predicted = ansible("restore", args, check=True)
     result = expect_ok(ansible("restore", args))
+    assert a.exists() and sha256(a) == digest
     assert result["removed_disks"] == [] and [k["path"] for k in result["kept_disks"]] == [str(a)], result
     assert name_b in result["kept_disks"][0]["reason"], result["kept_disks"]
     assert predicted["kept_disks"] == result["kept_disks"], (predicted.get("kept_disks"), result["kept_disks"])
-    assert any(str(a) in w for w in result.get("warnings", []))
-    assert a.exists() and sha256(a) == digest
     # A got its new image; B still starts and reads its data through the kept image.
     assert disk_sources(conn.lookupByName(name_a))["vda"] == result["disks"][0]["path"] != str(a)
     dom_b.create()
