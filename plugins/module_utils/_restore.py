@@ -395,12 +395,12 @@ def rename_noreplace(dir_fd: int, src: str, dst: str, shown: str) -> None:
 
 
 def remove_path(path: str, kind: str = "file", inode: t.Sequence[int] | None = None,
-                in_use: lv.InUse | None = None) -> tuple[bool, str | None]:
+                in_use: lv.InUse | None = None, dry_run: bool = False) -> tuple[bool, str | None]:
     """Delete ``path`` through its directory's fd, never through a link: (removed, why it was kept).
 
     Kept: a path that passes through a link, a name that is not a ``kind`` (a link planted in its
     place), another inode than ``inode`` (not the file this restore created), a file a domain uses.
-    A path that does not exist is (False, None).
+    A path that does not exist is (False, None). ``dry_run`` decides without deleting (check mode).
     """
     directory, name = os.path.split(path)
     try:
@@ -421,6 +421,8 @@ def remove_path(path: str, kind: str = "file", inode: t.Sequence[int] | None = N
         reason = in_use.reason(path, st) if in_use is not None else None
         if reason is not None:
             return False, f"it is in use: {reason}"
+        if dry_run:
+            return True, None
         if kind == "dir":
             shutil.rmtree(name, dir_fd=dir_fd)
         else:
@@ -964,6 +966,9 @@ class Restorer(Backend):
             os.fchmod(top, 0o700)
             for rel in plan.tpm_files:
                 parts = os.path.relpath(rel, "tpm").split("/")
+                if any(part in ("", ".", "..") for part in parts):
+                    raise VmBackupError("REPOSITORY_FORMAT", f"set {plan.point} names a TPM file outside tpm/: {rel!r}",
+                                        set_id=plan.point)
                 fd = os.dup(top)
                 try:
                     for part in parts[:-1]:
@@ -1029,13 +1034,9 @@ class Restorer(Backend):
         in_use = self._in_use(conn, exclude_uuids=[plan.target_uuid])
         kept = []
         for path in plan.replaced_files:
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            reason = in_use.reason(path, st)
+            _done, reason = remove_path(path, in_use=in_use, dry_run=True)
             if reason is not None:
-                kept.append({"path": path, "reason": f"it is in use: {reason}"})
+                kept.append({"path": path, "reason": reason})
         return kept
 
     def _undo(self, conn, plan: Plan, journal: Journal, renamed: list[dict[str, t.Any]], defined, old_xml, old_checkpoints) -> None:

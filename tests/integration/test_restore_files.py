@@ -236,8 +236,11 @@ def test_replace_never_deletes_through_a_swapped_directory_link(ansible, conn, d
     os.rename(vmdir, work / "vm-moved")
     (work / "vm").symlink_to(victim_dir)
 
-    result = expect_ok(ansible("restore", {"repository": str(repo), "name": name, "overwrite": "replace", "disk_dir": str(images)}))
+    args = {"repository": str(repo), "name": name, "overwrite": "replace", "disk_dir": str(images)}
+    predicted = ansible("restore", args, check=True)
+    result = expect_ok(ansible("restore", args))
     assert victim.exists() and sha256(victim) == digest
+    assert predicted["kept_disks"] == result["kept_disks"], predicted
     assert result["removed_disks"] == [], result
     assert [k["path"] for k in result["kept_disks"]] == [str(disk)] and "symbolic link" in result["kept_disks"][0]["reason"]
 
