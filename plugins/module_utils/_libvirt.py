@@ -394,8 +394,18 @@ class InUse:
         return isinstance(path, str) and self.reason(path) is not None
 
 
-def _domain_files(xml: str) -> t.Iterator[tuple[str, str, str | None, str]]:
-    """(path, what, driver type, source type) of every local file or device a domain XML names."""
+def _volume_path(conn, pool: str | None, volume: str | None) -> str | None:
+    if conn is None or not pool or not volume:
+        return None
+    try:
+        return conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).path()
+    except libvirt.libvirtError:
+        return None
+
+
+def _domain_files(xml: str, conn=None) -> t.Iterator[tuple[str, str, str | None, str]]:
+    """(path, what, driver type, source type) of every local file or device a domain XML names
+    (a storage pool volume by its path, when ``conn`` can look it up)."""
     root = ET.fromstring(xml)
     for el in root.findall("./devices/disk"):
         target_el = el.find("target")
@@ -404,10 +414,13 @@ def _domain_files(xml: str) -> t.Iterator[tuple[str, str, str | None, str]]:
         fmt = driver_el.get("type") if driver_el is not None else None
         source_el = el.find("source")
         source = None
+        kind = el.get("type", "file")
         if source_el is not None:
             source = source_el.get("file") or source_el.get("dev")
+            if kind == "volume":
+                source, kind = _volume_path(conn, source_el.get("pool"), source_el.get("volume")), "file"
         if source:
-            yield source, f"disk {target}", fmt, el.get("type", "file")
+            yield source, f"disk {target}", fmt, kind
         # libvirt puts the backing chain it knows into the live XML
         for backing in el.iter("backingStore"):
             bsource = backing.find("source")
@@ -439,12 +452,13 @@ def paths_in_use(conn, backing_reader: BackingReader | None = None, exclude_uuid
             continue  # undefined meanwhile
         seen = set()
         for xml in xmls:
-            for path, what, fmt, kind in _domain_files(xml):
+            for path, what, fmt, kind in _domain_files(xml, conn):
                 if (path, what) in seen:
                     continue
                 seen.add((path, what))
                 used.add(path, f"{what} of domain {name!r}")
-                if kind not in ("file", "block") or backing_reader is None or not os.path.exists(path):
+                # A raw image has no backing file; a qcow2 chain is read from the image headers.
+                if kind not in ("file", "block") or backing_reader is None or fmt == "raw" or not os.path.exists(path):
                     continue
                 try:
                     chain = backing_reader(path, fmt)

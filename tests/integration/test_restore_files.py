@@ -311,9 +311,13 @@ def test_journal_planted_by_another_user_is_not_trusted(ansible, source, work, d
     assert journal.exists() and result["cleaned_up"] == []
 
 
-def test_root_journal_removes_only_what_its_own_restore_made(ansible, source, work, domains):
+def test_root_journal_removes_only_what_its_own_restore_made(ansible, conn, domain_type, source, work, domains):
     disk_dir = make_dir(work / "images")
     victims = _victims(disk_dir)
+    # Its run's image that a domain uses (killed after defining, before the journal said so).
+    used = qcow2(disk_dir / "used-vda.qcow2", pattern=0x55)
+    victims[used] = sha256(used)
+    define_domain(conn, domain_type, domains.new_name("used"), file_disk(used, "vda"))
     token = "fedcba9876543210"
     # What the journal's run really left: its partial image (its token) and a renamed image
     # whose inode the journal recorded.
@@ -322,11 +326,11 @@ def test_root_journal_removes_only_what_its_own_restore_made(ansible, source, wo
     own_final = disk_dir / "mine-vda.qcow2"
     own_final.write_bytes(b"final")
     st = own_final.stat()
-    victim, other = list(victims)
+    victim, other = list(victims)[:2]
     files = [
         {"dir": str(disk_dir), "final": own_final.name, "partial": f".{own_final.name}.partial-{token}", "kind": "file",
          "dev": st.st_dev, "ino": st.st_ino},
-        {"dir": str(disk_dir), "final": "mine-vda.qcow2", "partial": own_partial.name, "kind": "file", "dev": None, "ino": None},
+        {"dir": str(disk_dir), "final": used.name, "kind": "file", "dev": used.stat().st_dev, "ino": used.stat().st_ino},
         # A final name without its inode, and one whose recorded inode is another file's.
         {"dir": str(disk_dir), "final": victim.name, "partial": "x", "kind": "file", "dev": None, "ino": None},
         {"dir": str(disk_dir), "final": other.name, "partial": "x", "kind": "file", "dev": st.st_dev, "ino": st.st_ino + 1},

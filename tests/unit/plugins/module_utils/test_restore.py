@@ -777,3 +777,23 @@ def test_an_unreadable_backing_chain_keeps_everything(tmp_path, libvirt_flags):
     # A disk whose file is gone has no chain to protect.
     gone = _restore.lv.paths_in_use(_Conn([_Dom("A", _dom_xml(tmp_path / "gone.qcow2"))]), unreadable)
     assert gone.unknown == [] and gone.reason(str(tmp_path / "anything.qcow2")) is None
+
+
+def test_a_pool_volume_counts_by_its_path(tmp_path, libvirt_flags):
+    image = tmp_path / "vol.qcow2"
+    image.write_text("x")
+
+    class _Pool:
+        def storageVolLookupByName(self, name):  # noqa: N802
+            assert name == "vol.qcow2"
+            return type("Vol", (), {"path": lambda _self: str(image)})()
+
+    class _PoolConn(_Conn):
+        def storagePoolLookupByName(self, name):  # noqa: N802
+            assert name == "images"
+            return _Pool()
+
+    xml = ("<domain><name>v</name><devices><disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>"
+           "<source pool='images' volume='vol.qcow2'/><target dev='vda'/></disk></devices></domain>")
+    used = _restore.lv.paths_in_use(_PoolConn([_Dom("V", xml)]))
+    assert used.reason(str(image)) == "disk vda of domain 'V'"
