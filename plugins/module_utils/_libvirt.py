@@ -445,11 +445,15 @@ def paths_in_use(conn, backing_reader: BackingReader | None = None, exclude_uuid
             if dom.UUIDString().lower() in skip:
                 continue
             name = dom.name()
-            xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
-            if dom.isActive():
-                xmls.append(dom.XMLDesc(0))
+            active = dom.isActive()
         except libvirt.libvirtError:
             continue  # undefined meanwhile
+        xmls = []
+        for flags in (libvirt.VIR_DOMAIN_XML_INACTIVE, 0) if active else (libvirt.VIR_DOMAIN_XML_INACTIVE,):
+            try:
+                xmls.append(dom.XMLDesc(flags))
+            except libvirt.libvirtError:
+                continue  # a transient domain has no persistent definition; gone meanwhile
         seen = set()
         for xml in xmls:
             for path, what, fmt, kind in _domain_files(xml, conn):
