@@ -511,7 +511,8 @@ class Journal:
         self.token = token
         self.name = f"{JOURNAL_PREFIX}{token}.json"
         self.data: dict[str, t.Any] = {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "token": token,
-                                       "pid": os.getpid(), "host": socket.gethostname(), "target": target,
+                                       "pid": os.getpid(), "started": (_proc_stat(os.getpid()) or ("", None))[1],
+                                       "host": socket.gethostname(), "target": target,
                                        "phase": "writing", "files": []}
 
     def add(self, directory: str, final: str, kind: str = "file") -> dict[str, t.Any]:
@@ -542,7 +543,19 @@ class Journal:
                 pass
 
 
-def _pid_alive(pid: t.Any) -> bool:
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, from /proc; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: t.Any, started: t.Any = None) -> bool:
+    """Whether the process that wrote a journal still runs: a zombie (killed, not yet reaped) is
+    dead, and so is a process under a reused pid (another start time than the journal's)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -551,7 +564,13 @@ def _pid_alive(pid: t.Any) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    info = _proc_stat(pid)
+    if info is None:
+        return True
+    state, start = info
+    if state in ("Z", "X"):
+        return False
+    return not (isinstance(started, int) and not isinstance(started, bool) and started != start)
 
 
 def stale_journals(disk_dir: str, host: str | None = None,
@@ -609,7 +628,7 @@ def stale_journals(disk_dir: str, host: str | None = None,
                 continue
             if not isinstance(data, dict) or (host is not None and data.get("host", host) != host):
                 continue
-            if not _pid_alive(data.get("pid")):
+            if not _pid_alive(data.get("pid"), data.get("started")):
                 found.append((path, data))
     finally:
         os.close(dir_fd)

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -797,3 +798,23 @@ def test_a_pool_volume_counts_by_its_path(tmp_path, libvirt_flags):
            "<source pool='images' volume='vol.qcow2'/><target dev='vda'/></disk></devices></domain>")
     used = _restore.lv.paths_in_use(_PoolConn([_Dom("V", xml)]))
     assert used.reason(str(image)) == "disk vda of domain 'V'"
+
+
+def test_journal_of_a_killed_unreaped_process_is_stale(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # pylint: disable=consider-using-with
+    try:
+        for _attempt in range(200):
+            if _restore._proc_stat(proc.pid)[0] == "Z":
+                break
+            time.sleep(0.01)
+        path = _journal(tmp_path, "zombie", {"pid": proc.pid, "phase": "writing"})
+        assert [p for p, _d in stale_journals(str(tmp_path))] == [path]
+    finally:
+        proc.wait()
+
+
+def test_journal_of_a_reused_pid_is_stale(tmp_path):
+    start = _restore._proc_stat(os.getpid())[1]
+    _journal(tmp_path, "mine", {"pid": os.getpid(), "started": start, "phase": "writing"})
+    reused = _journal(tmp_path, "reused", {"pid": os.getpid(), "started": start + 1, "phase": "writing"})
+    assert [p for p, _d in stale_journals(str(tmp_path))] == [reused]
