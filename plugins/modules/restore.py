@@ -44,6 +44,19 @@ description:
   - A failed restore undoes itself - no half-defined domain, no partial image. A restore that is killed leaves hidden
     C(.partial) files and a journal in the disk directory that the next restore into that directory (on the same host)
     removes; files a defined domain uses are never removed.
+  - The images' directory (O(disk_dir), or the directory of O(storage_pool)) and every directory above it must be real
+    directories (no symbolic link) owned by root that nobody else can write (C(UNSAFE_TARGET) otherwise, before anything
+    is written, also in check mode). Images and NVRAM/TPM files are created private (0600) and exclusively, renamed
+    into place without replacing anything (C(TARGET_PATH_EXISTS)), and nothing is deleted through a symbolic link.
+    Only journals written by this user in such a directory are trusted, and of them only files that journal's run
+    created are removed.
+  - Before any file is deleted (an old image after O(overwrite=replace), leftovers of a killed restore, the undo of a
+    failed one), every defined domain's disks and their whole backing chains (C(qemu-img info --backing-chain -U))
+    are checked; a file still in use is kept, with a warning, and listed in RV(kept_disks).
+  - Restores to the same target name (or the same image names in one directory) run one at a time on a host
+    (an flock under C(/run/vmbackup), waiting up to O(lock_timeout)); the second then finds the VM already restored.
+    A domain that carries this point's restore marker counts as restored only while its disk images exist
+    (C(TARGET_VM_EXISTS) otherwise).
   - The repository is all it needs - on another host, point O(repository) at the same (shared) directory.
 extends_documentation_fragment:
   - vmbackup.libvirt._connection
@@ -292,6 +305,21 @@ removed_disks:
   returned: success
   type: list
   elements: str
+kept_disks:
+  description:
+    - Old files of the replaced VM that were not deleted although O(keep_replaced_disks) is false - because another
+      domain uses them (as a disk or a backing file), or the path passes through a symbolic link - each with the reason.
+      In check mode, the files the replace would keep.
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    path:
+      description: The kept file.
+      type: str
+    reason:
+      description: Why it was kept (names the domain and disk that use it).
+      type: str
 bytes_read:
   description: Bytes of backup files read and checksummed.
   returned: success

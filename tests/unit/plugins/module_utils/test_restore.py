@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -732,3 +733,319 @@ def test_original_paths_in_several_directories_are_refused(tmp_path):
     disks = [{"target": "vda", "source": str(tmp_path / "a" / "vda.qcow2")}, {"target": "vdb", "source": str(tmp_path / "vdb.qcow2")}]
     err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": disks})
     assert "several directories" in err.msg
+
+
+# --------------------------------------------------------------------------- journals: trust and what they may remove
+TOKEN = "0123456789abcdef"
+
+
+def _v2(phase="writing", files=None, token=TOKEN):
+    return {"format": _restore.JOURNAL_FORMAT, "version": _restore.JOURNAL_VERSION, "token": token, "pid": 1,
+            "phase": phase, "files": files if files is not None else []}
+
+
+def _entry(directory="/d", final="vm-vda.qcow2", kind="file", dev=5, ino=7):
+    return {"dir": directory, "final": final, "kind": kind, "dev": dev, "ino": ino}
+
+
+@pytest.mark.parametrize("data, expected", [
+    # writing: its partial always, its final only as the recorded inode
+    (_v2(files=[_entry()]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None), ("/d/vm-vda.qcow2", "file", (5, 7))]),
+    # no inode recorded: the final name may be another restore's image
+    (_v2(files=[_entry(dev=None, ino=None)]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    (_v2(files=[_entry(dev=True, ino=7)]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    (_v2(files=[_entry(dev="5", ino=7)]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    # defined: the work finished, only leftover partials go
+    (_v2("defined", [_entry()]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    (_v2("odd", [_entry()]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    # allowed directories only, plain names only
+    (_v2(files=[_entry(directory="/etc")]), []),
+    (_v2(files=[_entry(final="../etc/passwd")]), []),
+    (_v2(files=[_entry(final="..")]), []),
+    (_v2(files=[_entry(final="")]), []),
+    (_v2(files=[_entry(kind="link")]), []),
+    (_v2(files=[_entry(directory="/n", final="x_VARS.fd")]), [("/n/.x_VARS.fd.partial-" + TOKEN, "file", None),
+                                                              ("/n/x_VARS.fd", "file", (5, 7))]),
+    (_v2(files=[_entry(directory="/n", final="uuid", kind="dir")]), [("/n/.uuid.partial-" + TOKEN, "dir", None),
+                                                                     ("/n/uuid", "dir", (5, 7))]),
+    # another token than the journal's own, another version, junk
+    (_v2(files=[_entry()], token="ffffffffffffffff"), []),
+    (dict(_v2(files=[_entry()]), version=3), []),
+    (_v2(files=["x", None, 3]), []),
+    ([1, 2], []),
+    # format 1: only its own partial names, never a final
+    ({"pid": 1, "phase": "writing", "temps": [f"/d/.vm-vda.qcow2.partial-{TOKEN}", "/d/victim.qcow2",
+                                             f"/etc/.x.partial-{TOKEN}", f"/d/.partial-{TOKEN}", "/d/.y.partial-other", 5],
+      "finals": ["/d/vm-vda.qcow2", "/d/victim.qcow2"]},
+     [(f"/d/.vm-vda.qcow2.partial-{TOKEN}", "file", None)]),
+])
+def test_journal_victims(data, expected):
+    victims = _restore.journal_victims(data, TOKEN, "/d", ["/n"])
+    assert [(v.path, v.kind, v.inode) for v in victims] == expected
+
+
+def test_journal_victims_need_a_real_token():
+    assert _restore.journal_victims(_v2(files=[_entry()], token="x"), "x", "/d") == []
+
+
+@pytest.mark.parametrize("name, token", [
+    (f"{JOURNAL_PREFIX}{TOKEN}.json", TOKEN),
+    (f"{JOURNAL_PREFIX}{TOKEN}.json.tmp-{TOKEN}", TOKEN),
+    (f"{JOURNAL_PREFIX}{TOKEN}.json.tmp-1234", None),
+    (f"{JOURNAL_PREFIX}dead.json", None),
+    ("x.json", None),
+])
+def test_journal_token(name, token):
+    assert _restore.journal_token(f"/d/{name}") == token
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+@needs_root
+def test_journal_of_another_user_is_not_trusted(tmp_path, dead_pid):
+    path = _journal(tmp_path, "theirs", {"pid": dead_pid, "phase": "writing"})
+    os.chown(path, 65534, 65534)
+    ignored = []
+    assert stale_journals(str(tmp_path), ignored=ignored) == []
+    assert "uid 65534" in ignored[0]
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602])
+def test_journal_writable_by_others_is_not_trusted(tmp_path, dead_pid, mode):
+    path = _journal(tmp_path, "open", {"pid": dead_pid, "phase": "writing"})
+    os.chmod(path, mode)
+    assert stale_journals(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_journals_in_a_directory_writable_by_others_are_not_trusted(tmp_path, dead_pid, mode):
+    _journal(tmp_path, "mine", {"pid": dead_pid, "phase": "writing"})
+    os.chmod(tmp_path, mode)
+    ignored = []
+    try:
+        assert stale_journals(str(tmp_path), ignored=ignored) == []
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert "directory" in ignored[0]
+
+
+def test_journals_through_a_linked_directory_are_not_read(tmp_path, dead_pid):
+    real = tmp_path / "real"
+    real.mkdir()
+    _journal(real, "mine", {"pid": dead_pid, "phase": "writing"})
+    os.symlink(real, tmp_path / "link")
+    assert stale_journals(str(tmp_path / "link")) == []
+    assert len(stale_journals(str(real))) == 1
+
+
+def test_a_temporary_journal_counts_only_without_its_journal(tmp_path, dead_pid):
+    data = {"pid": dead_pid, "phase": "writing"}
+    tmp = tmp_path / f"{JOURNAL_PREFIX}{TOKEN}.json.tmp-{TOKEN}"
+    tmp.write_text(json.dumps(data))
+    assert stale_journals(str(tmp_path)) == [(str(tmp), data)]
+    main = _journal(tmp_path, TOKEN, data)
+    assert stale_journals(str(tmp_path)) == [(main, data)]
+
+
+def test_a_fifo_journal_does_not_block(tmp_path, dead_pid):
+    os.mkfifo(tmp_path / f"{JOURNAL_PREFIX}fifo.json")
+    assert stale_journals(str(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------- files: never through a link
+def test_open_dir_refuses_a_link_anywhere_on_the_path(tmp_path):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.close(_restore.open_dir(str(tmp_path / "real" / "sub")))
+    for path in (tmp_path / "link", tmp_path / "link" / "sub"):
+        with pytest.raises(VmBackupError) as err:
+            _restore.open_dir(str(path))
+        assert err.value.error_code == "UNSAFE_TARGET" and err.value.details["unsafe_path"] == str(tmp_path / "link")
+
+
+def test_open_dir_creates_only_the_last_component_with_its_mode(tmp_path):
+    os.close(_restore.open_dir(str(tmp_path / "new"), create_mode=0o711))
+    assert (tmp_path / "new").stat().st_mode & 0o7777 == 0o711
+    with pytest.raises(FileNotFoundError):
+        _restore.open_dir(str(tmp_path / "a" / "b"), create_mode=0o700)
+
+
+def test_create_private_refuses_any_existing_name(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = _restore.create_private(fd, "new")
+        assert (tmp_path / "new").stat().st_ino == st.st_ino and st.st_mode & 0o777 == 0o600
+        target = tmp_path / "target"
+        target.write_text("keep")
+        os.symlink(target, tmp_path / "planted")
+        for name in ("new", "planted"):
+            with pytest.raises(FileExistsError):
+                _restore.create_private(fd, name)
+        assert target.read_text() == "keep"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("no_renameat2", [False, True])
+def test_rename_never_replaces(tmp_path, monkeypatch, no_renameat2):
+    if no_renameat2:
+        def missing(*_args):
+            raise OSError(_restore.errno.ENOSYS, "no renameat2")
+        monkeypatch.setattr(_restore, "_renameat2", missing)
+    (tmp_path / "src").write_text("new")
+    (tmp_path / "dst").write_text("theirs")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(VmBackupError) as err:
+            _restore.rename_noreplace(fd, "src", "dst", str(tmp_path / "dst"))
+        assert err.value.error_code == "TARGET_PATH_EXISTS"
+        assert (tmp_path / "dst").read_text() == "theirs" and (tmp_path / "src").read_text() == "new"
+        _restore.rename_noreplace(fd, "src", "free", str(tmp_path / "free"))
+        assert (tmp_path / "free").read_text() == "new" and not (tmp_path / "src").exists()
+    finally:
+        os.close(fd)
+
+
+def test_remove_path_never_through_a_link(tmp_path):
+    victim_dir = tmp_path / "victims"
+    victim_dir.mkdir()
+    (victim_dir / "a.qcow2").write_text("keep")
+    os.symlink(victim_dir, tmp_path / "vm")
+    os.symlink(victim_dir / "a.qcow2", tmp_path / "b.qcow2")
+    done, reason = _restore.remove_path(str(tmp_path / "vm" / "a.qcow2"))
+    assert not done and "symbolic link" in reason
+    done, reason = _restore.remove_path(str(tmp_path / "b.qcow2"))
+    assert not done and "not a regular file" in reason
+    assert (victim_dir / "a.qcow2").read_text() == "keep" and os.path.islink(tmp_path / "b.qcow2")
+    assert _restore.remove_path(str(tmp_path / "missing")) == (False, None)
+
+
+def test_remove_path_checks_inode_and_use(tmp_path):
+    path = tmp_path / "a.qcow2"
+    path.write_text("x")
+    st = path.stat()
+    assert _restore.remove_path(str(path), inode=(st.st_dev, st.st_ino + 1)) == (False, "it is not the file this restore created (another inode)")
+    os.link(path, tmp_path / "other-name")  # the same file under another name
+    in_use = _restore.lv.InUse()
+    in_use.add(str(tmp_path / "other-name"), "disk vda of domain 'b'")
+    done, reason = _restore.remove_path(str(path), in_use=in_use)
+    assert not done and "domain 'b'" in reason
+    assert _restore.remove_path(str(path), inode=(st.st_dev, st.st_ino), in_use=_restore.lv.InUse()) == (True, None)
+    assert not path.exists()
+
+
+# --------------------------------------------------------------------------- files in use
+class _Dom:
+    def __init__(self, name, inactive, live=None):
+        self._name, self._inactive, self._live = name, inactive, live
+
+    def UUIDString(self):  # noqa: N802 (libvirt's name)
+        return f"00000000-0000-0000-0000-{abs(hash(self._name)) % 10**12:012d}"
+
+    def name(self):
+        return self._name
+
+    def isActive(self):  # noqa: N802
+        return self._live is not None
+
+    def XMLDesc(self, flags):  # noqa: N802
+        return self._inactive if flags else self._live
+
+
+class _Conn:
+    def __init__(self, doms):
+        self.doms = doms
+
+    def listAllDomains(self, _flags):  # noqa: N802
+        return self.doms
+
+
+def _dom_xml(*disks, nvram=None):
+    body = "".join(f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{p}'/>"
+                   f"<target dev='vd{chr(97 + i)}'/></disk>" for i, p in enumerate(disks))
+    os_el = f"<os><nvram>{nvram}</nvram></os>" if nvram else "<os/>"
+    return f"<domain><name>x</name>{os_el}<devices>{body}</devices></domain>"
+
+
+@pytest.fixture
+def libvirt_flags(monkeypatch):
+    class _Flags:
+        VIR_DOMAIN_XML_INACTIVE = 2
+        libvirtError = RuntimeError
+    monkeypatch.setattr(_restore.lv, "libvirt", _Flags)
+
+
+def test_paths_in_use_follows_backing_chains_and_live_disks(tmp_path, libvirt_flags):
+    files = {n: tmp_path / n for n in ("a.qcow2", "b.qcow2", "base.qcow2", "live.qcow2", "nv.fd", "free.qcow2")}
+    for path in files.values():
+        path.write_text("x")
+    chains = {str(files["b.qcow2"]): [str(files["base.qcow2"])]}
+    doms = [_Dom("A", _dom_xml(files["a.qcow2"], nvram=files["nv.fd"])),
+            _Dom("B", _dom_xml(files["b.qcow2"]), live=_dom_xml(files["b.qcow2"], files["live.qcow2"]))]
+    used = _restore.lv.paths_in_use(_Conn(doms), lambda path, fmt: chains.get(path, []))
+    assert used.reason(str(files["a.qcow2"])) == "disk vda of domain 'A'"
+    assert used.reason(str(files["nv.fd"])) == "nvram of domain 'A'"
+    assert used.reason(str(files["base.qcow2"])) == "a backing file of disk vda of domain 'B'"
+    assert used.reason(str(files["live.qcow2"])) == "disk vdb of domain 'B'"
+    assert used.reason(str(files["free.qcow2"]), os.lstat(files["free.qcow2"])) is None
+    # Through a link to a used file, by its inode.
+    os.symlink(files["base.qcow2"], tmp_path / "alias.qcow2")
+    used2 = _restore.lv.paths_in_use(_Conn([_Dom("C", _dom_xml(tmp_path / "alias.qcow2"))]))
+    assert used2.reason(str(files["base.qcow2"]), os.lstat(files["base.qcow2"])) == "disk vda of domain 'C'"
+    # Excluded: the domain being replaced.
+    assert _restore.lv.paths_in_use(_Conn(doms), exclude_uuids=[doms[0].UUIDString()]).reason(str(files["a.qcow2"])) is None
+
+
+def test_an_unreadable_backing_chain_keeps_everything(tmp_path, libvirt_flags):
+    top = tmp_path / "top.qcow2"
+    top.write_text("x")
+
+    def unreadable(_path, _fmt):
+        raise VmBackupError("BACKUP_FAILED", "qemu-img info failed")
+
+    used = _restore.lv.paths_in_use(_Conn([_Dom("A", _dom_xml(top))]), unreadable)
+    assert "could not be read" in used.reason(str(tmp_path / "anything.qcow2"))
+    # A disk whose file is gone has no chain to protect.
+    gone = _restore.lv.paths_in_use(_Conn([_Dom("A", _dom_xml(tmp_path / "gone.qcow2"))]), unreadable)
+    assert gone.unknown == [] and gone.reason(str(tmp_path / "anything.qcow2")) is None
+
+
+def test_a_pool_volume_counts_by_its_path(tmp_path, libvirt_flags):
+    image = tmp_path / "vol.qcow2"
+    image.write_text("x")
+
+    class _Pool:
+        def storageVolLookupByName(self, name):  # noqa: N802
+            assert name == "vol.qcow2"
+            return type("Vol", (), {"path": lambda _self: str(image)})()
+
+    class _PoolConn(_Conn):
+        def storagePoolLookupByName(self, name):  # noqa: N802
+            assert name == "images"
+            return _Pool()
+
+    xml = ("<domain><name>v</name><devices><disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>"
+           "<source pool='images' volume='vol.qcow2'/><target dev='vda'/></disk></devices></domain>")
+    used = _restore.lv.paths_in_use(_PoolConn([_Dom("V", xml)]))
+    assert used.reason(str(image)) == "disk vda of domain 'V'"
+
+
+def test_journal_of_a_killed_unreaped_process_is_stale(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # pylint: disable=consider-using-with
+    try:
+        for _attempt in range(200):
+            if _restore._proc_stat(proc.pid)[0] == "Z":
+                break
+            time.sleep(0.01)
+        path = _journal(tmp_path, "zombie", {"pid": proc.pid, "phase": "writing"})
+        assert [p for p, _d in stale_journals(str(tmp_path))] == [path]
+    finally:
+        proc.wait()
+
+
+def test_journal_of_a_reused_pid_is_stale(tmp_path):
+    start = _restore._proc_stat(os.getpid())[1]
+    _journal(tmp_path, "mine", {"pid": os.getpid(), "started": start, "phase": "writing"})
+    reused = _journal(tmp_path, "reused", {"pid": os.getpid(), "started": start + 1, "phase": "writing"})
+    assert [p for p, _d in stale_journals(str(tmp_path))] == [reused]
