@@ -727,7 +727,8 @@ class Exporter(Backend):
             "chain_id": plan.chain_id,
             "parent": would["parent"],
             "checkpoint": plan.checkpoint,
-            "disks": [dict(d, bytes=d["estimated_bytes"]) for d in would["disks"]],
+            # The fields of a committed disk (no file yet; the estimate as size and bytes).
+            "disks": [_disk_result(dict(d, file=None, size=d["estimated_bytes"])) for d in would["disks"]],
             "skipped_disks": plan.skipped,
             "estimated_bytes": plan.estimated_bytes,
             "bytes_written": 0,
