@@ -337,7 +337,9 @@ class Exporter(Backend):
         2. Every disk's size sentinel must be intact: a bitmap does not notice a shrink followed
            by a grow back (see _libvirt's sentinel notes).
         """
-        report = lv.checkpoint_bitmap_report(dom, checkpoint) or {}
+        report = lv.checkpoint_bitmap_report(dom, checkpoint)
+        if report is None:  # not a verdict on the bitmaps (the VM stopped, libvirt failed): keep it
+            return f"cannot read the bitmaps of checkpoint {checkpoint} of set {set_id} from libvirt"
         broken = [tg for tg in targets if report.get(tg) is None]
         if broken:
             why = (f"checkpoint {checkpoint} of set {set_id} has a missing or broken bitmap for {', '.join(broken)} "
@@ -412,7 +414,9 @@ class Exporter(Backend):
                     checkpoint = json.load(fh).get("checkpoint")
             except (OSError, ValueError):
                 checkpoint = None
-            if checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint):
+            # The interrupted run's own checkpoint only: never one a committed set relies on.
+            if (checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint)
+                    and checkpoint not in self._committed_checkpoints(repo, vm_uuid)):
                 error = self._delete_checkpoint(dom, checkpoint)
                 if error:
                     self.warnings.append(f"could not delete checkpoint {checkpoint} of an interrupted run: {error}")
@@ -420,6 +424,18 @@ class Exporter(Backend):
                     self.cleaned.append(f"deleted checkpoint {checkpoint} of an interrupted run")
         for path in repo.remove_leftovers(vm_uuid):
             self.cleaned.append(f"removed incomplete set {path}")
+
+    @staticmethod
+    def _committed_checkpoints(repo: repo_mod.Repository, vm_uuid: str) -> set[str]:
+        names = set()
+        for set_id in repo.set_ids(vm_uuid):
+            try:
+                manifest, _sha = repo.read_manifest(vm_uuid, set_id)
+            except VmBackupError:
+                continue
+            if manifest.get("checkpoint"):
+                names.add(manifest["checkpoint"])
+        return names
 
     def _retire_checkpoints(self, dom, repo: repo_mod.Repository, vm_uuid: str, keep: str | None) -> None:
         """Delete this repository's checkpoints that no future run can use: each is a live
