@@ -342,16 +342,16 @@ class Exporter(Backend):
             return f"cannot read the bitmaps of checkpoint {checkpoint} of set {set_id} from libvirt"
         broken = [tg for tg in targets if report.get(tg) is None]
         if broken:
+            # The same reason in check mode and in the real run; the deletion is in cleaned_up.
             why = (f"checkpoint {checkpoint} of set {set_id} has a missing or broken bitmap for {', '.join(broken)} "
-                   "(QEMU stopped without storing it, or the disk image was replaced)")
-            if dry:
-                return why + "; a real run deletes that checkpoint"
-            error = self._delete_checkpoint(dom, checkpoint)
-            if error:
-                self.warnings.append(f"could not delete the broken checkpoint {checkpoint}: {error}")
-                return why
-            self.cleaned.append(f"deleted the broken checkpoint {checkpoint}")
-            return why + "; deleted that checkpoint"
+                   "(QEMU stopped without storing it, or the disk image was replaced), so the checkpoint is removed")
+            if not dry:
+                error = self._delete_checkpoint(dom, checkpoint)
+                if error:
+                    self.warnings.append(f"could not delete the broken checkpoint {checkpoint}: {error}")
+                else:
+                    self.cleaned.append(f"deleted the broken checkpoint {checkpoint}")
+            return why
         try:
             nodes = lv.block_nodes(dom)
         except VmBackupError as exc:

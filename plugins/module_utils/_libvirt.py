@@ -353,19 +353,24 @@ def block_nodes(dom) -> dict[str, BlockNode]:
     libvirt names node ``libvirt-<index>-format`` after the ``index`` of the disk's live
     <source>; the match is checked against the file QEMU has open.
     """
-    by_node = {}
+    by_node, by_file = {}, {}
     for dev in qmp(dom, "query-block") or []:
         inserted = dev.get("inserted") or {}
         if inserted.get("node-name"):
             by_node[inserted["node-name"]] = inserted
+        if inserted.get("file"):
+            by_file.setdefault(os.path.realpath(inserted["file"]), []).append(inserted)
     nodes = {}
     root = ET.fromstring(domain_xml(dom, inactive=False))
     for el in root.findall("./devices/disk"):
         target_el, source_el = el.find("target"), el.find("source")
-        if target_el is None or source_el is None or source_el.get("index") is None:
+        if target_el is None or source_el is None:
             continue
-        inserted = by_node.get(f"libvirt-{source_el.get('index')}-format")
         source = source_el.get("file") or source_el.get("dev")
+        inserted = by_node.get(f"libvirt-{source_el.get('index')}-format") if source_el.get("index") is not None else None
+        if inserted is None:  # no node index in the XML (or a filter on top): the one device with this file open
+            found = by_file.get(os.path.realpath(source), []) if source else []
+            inserted = found[0] if len(found) == 1 else None
         if inserted is None or (source and inserted.get("file") and os.path.realpath(inserted["file"]) != os.path.realpath(source)):
             continue
         bitmaps = {b["name"]: b for b in inserted.get("dirty-bitmaps") or []}

@@ -172,6 +172,7 @@ def test_qemu_killed_gives_a_full_and_removes_the_broken_checkpoint(ansible, vms
     again = ansible("export", args)
     assert again["changed"] and again["type"] == "full", again
     assert broken in again["reason"] and "missing or broken bitmap" in again["reason"], again
+    assert again["reason"] == predicted["reason"]
     assert f"deleted the broken checkpoint {broken}" in again["cleaned_up"], again
     assert vm.checkpoints() == [again["checkpoint"]]
     assert_point([again], ref)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -408,3 +409,59 @@ def test_abort_backup_into_only_aborts_a_job_writing_into_the_directory(targets,
     dom = FakeJobDom(targets)
     assert lv.abort_backup_into(dom, STAGING) is aborted
     assert dom.aborted == (1 if aborted else 0)
+
+
+LIVE_XML = """<domain><devices>
+  <disk type='file' device='disk'><driver type='qcow2'/><source file='/img/a.qcow2' index='2'/><target dev='vda'/></disk>
+  <disk type='file' device='disk'><driver type='qcow2'/><source file='/img/b.qcow2'/><target dev='vdb'/></disk>
+  <disk type='file' device='disk'><driver type='qcow2'/><source file='/img/c.qcow2' index='3'/><target dev='vdc'/></disk>
+  <disk type='file' device='cdrom'><target dev='hdc'/></disk>
+</devices></domain>"""
+
+QUERY_BLOCK = [
+    {"qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+     "inserted": {"node-name": "libvirt-2-format", "file": "/img/a.qcow2", "image": {"virtual-size": 1 << 26},
+                  "dirty-bitmaps": [{"name": "cp", "count": 0}, {"name": "cp.size", "count": 512}]}},
+    {"qdev": "vdb", "inserted": {"node-name": "#block123", "file": "/img/b.qcow2", "image": {"virtual-size": 1 << 20}}},
+    # libvirt's node 3 runs another file than the XML says: never trusted as vdc's node
+    {"qdev": "vdc", "inserted": {"node-name": "libvirt-3-format", "file": "/img/other.qcow2", "image": {"virtual-size": 1}}},
+    {"qdev": "hdc"},
+]
+
+
+class FakeMonitorDom:
+    def XMLDesc(self, _flags):
+        return LIVE_XML
+
+
+def test_block_nodes_maps_targets_to_the_nodes_qemu_runs(monkeypatch):
+    calls = []
+
+    class FakeQemu:
+        VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP = 1
+
+        @staticmethod
+        def qemuMonitorCommand(_dom, cmd, _flags):
+            calls.append(json.loads(cmd))
+            return json.dumps({"return": QUERY_BLOCK})
+
+    monkeypatch.setattr(lv, "libvirt_qemu", FakeQemu)
+    nodes = lv.block_nodes(FakeMonitorDom())
+    assert calls == [{"execute": "query-block"}]
+    assert sorted(nodes) == ["vda", "vdb"]
+    assert nodes["vda"].node == "libvirt-2-format" and nodes["vda"].size == 1 << 26
+    assert set(nodes["vda"].bitmaps) == {"cp", "cp.size"}
+    assert nodes["vdb"].node == "#block123" and nodes["vdb"].bitmaps == {}
+
+
+def test_qmp_error_is_a_backup_failure(monkeypatch):
+    class FakeQemu:
+        @staticmethod
+        def qemuMonitorCommand(_dom, _cmd, _flags):
+            return json.dumps({"error": {"class": "GenericError", "desc": "Bitmap 'x' not found"}})
+
+    monkeypatch.setattr(lv, "libvirt_qemu", FakeQemu)
+    with pytest.raises(lv.VmBackupError) as exc:
+        lv.qmp(FakeMonitorDom(), "block-dirty-bitmap-remove", node="n", name="x")
+    assert exc.value.error_code == "BACKUP_FAILED" and "Bitmap 'x' not found" in exc.value.msg
+    assert lv.remove_bitmap_live(FakeMonitorDom(), "n", "x") == "QEMU refused block-dirty-bitmap-remove: Bitmap 'x' not found"
