@@ -373,7 +373,8 @@ def block_nodes(dom) -> dict[str, BlockNode]:
             inserted = found[0] if len(found) == 1 else None
         if inserted is None or (source and inserted.get("file") and os.path.realpath(inserted["file"]) != os.path.realpath(source)):
             continue
-        bitmaps = {b["name"]: b for b in inserted.get("dirty-bitmaps") or []}
+        # A running backup job adds anonymous bitmaps (no name): they are no one's checkpoint.
+        bitmaps = {b["name"]: b for b in inserted.get("dirty-bitmaps") or [] if isinstance(b, dict) and b.get("name")}
         nodes[target_el.get("dev")] = BlockNode(target_el.get("dev"), inserted["node-name"],
                                                 int((inserted.get("image") or {}).get("virtual-size", 0)), bitmaps)
     return nodes

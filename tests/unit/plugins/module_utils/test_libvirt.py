@@ -421,7 +421,8 @@ LIVE_XML = """<domain><devices>
 QUERY_BLOCK = [
     {"qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
      "inserted": {"node-name": "libvirt-2-format", "file": "/img/a.qcow2", "image": {"virtual-size": 1 << 26},
-                  "dirty-bitmaps": [{"name": "cp", "count": 0}, {"name": "cp.size", "count": 512}]}},
+                  "dirty-bitmaps": [{"name": "cp", "count": 0}, {"name": "cp.size", "count": 512},
+                                    {"granularity": 65536, "count": 0, "busy": True}]}},  # a running job's anonymous bitmap
     {"qdev": "vdb", "inserted": {"node-name": "#block123", "file": "/img/b.qcow2", "image": {"virtual-size": 1 << 20}}},
     # libvirt's node 3 runs another file than the XML says: never trusted as vdc's node
     {"qdev": "vdc", "inserted": {"node-name": "libvirt-3-format", "file": "/img/other.qcow2", "image": {"virtual-size": 1}}},
