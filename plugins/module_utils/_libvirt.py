@@ -526,6 +526,12 @@ def abort_backup_into(dom, directory: str, timeout: float = 30.0) -> bool:
     (a run's own staging directory): another tool's job, or a job started after ours ended,
     is never touched. Returns whether a job was aborted."""
     targets = backup_targets(dom)
+    for _attempt in range(20):
+        # libvirt answers "backup job data missing" for a moment while a job starts or ends.
+        if targets is not None or active_job(dom) is None:
+            break
+        time.sleep(0.1)
+        targets = backup_targets(dom)
     prefix = directory.rstrip("/") + "/"
     if not targets or not all(os.path.normpath(path).startswith(prefix) for path in targets):
         return False

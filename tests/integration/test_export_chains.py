@@ -13,7 +13,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import time
 
 import libvirt
 import pytest
@@ -128,6 +127,9 @@ def test_disk_shrunk_and_grown_back_gives_a_full(ansible, vms, repo, scratch, ho
     assert inc["type"] == "incremental" and inc["parent"] == again["set_id"], inc
     assert_no_warnings(inc)
     assert_point([again, inc], ref2)
+    # Only the newest checkpoint's bitmap and its sentinel stay in the image (QEMU stores them on stop).
+    vm.dom.destroy()
+    assert sorted(b["name"] for b in image_bitmaps(vm.disks["vda"])) == [inc["checkpoint"], inc["checkpoint"] + ".size"]
 
 
 def test_disk_grown_only_gives_a_full(ansible, vms, repo, scratch):
