@@ -458,8 +458,9 @@ class Exporter(Backend):
                 self.warnings.append(f"could not delete old checkpoint {name}: {error}")
         if not lv.is_active(dom):
             return
-        # Size sentinels of our chains whose checkpoint is gone (a run killed between arming
-        # them and starting its job, or a checkpoint libvirt lost for good).
+        # Bitmaps of our chains whose checkpoint libvirt no longer has: a checkpoint lost for good
+        # (not redefinable) leaves a bitmap QEMU updates on every guest write forever, and a run
+        # killed between arming its size sentinels and starting its job leaves those.
         try:
             nodes = lv.block_nodes(dom)
         except VmBackupError:
@@ -467,13 +468,15 @@ class Exporter(Backend):
         live = set(lv.checkpoint_names(dom))
         for node in nodes.values():
             for bitmap in node.bitmaps:
-                checkpoint = bitmap[:-len(lv.SENTINEL_SUFFIX)] if bitmap.endswith(lv.SENTINEL_SUFFIX) else None
-                parsed = _manifest.parse_checkpoint_name(checkpoint) if checkpoint else None
+                checkpoint = bitmap[:-len(lv.SENTINEL_SUFFIX)] if bitmap.endswith(lv.SENTINEL_SUFFIX) else bitmap
+                parsed = _manifest.parse_checkpoint_name(checkpoint)
                 if parsed is None or parsed[0] not in ours or checkpoint in live or checkpoint == keep:
                     continue
                 error = lv.remove_bitmap_live(dom, node.node, bitmap)
                 if error:
-                    self.warnings.append(f"could not remove the stale size sentinel {bitmap} of {node.target}: {error}")
+                    self.warnings.append(f"could not remove the orphaned bitmap {bitmap} of {node.target}: {error}")
+                else:
+                    self.cleaned.append(f"removed the orphaned bitmap {bitmap} of {node.target}")
 
     def _delete_checkpoint(self, dom, name: str) -> str | None:
         """Delete one of our checkpoints and its size sentinels. libvirt cannot delete the bitmaps

@@ -15,6 +15,7 @@ import signal
 import subprocess
 
 import libvirt
+import libvirt_qemu
 import pytest
 
 from harness import (
@@ -238,6 +239,37 @@ def test_lost_checkpoint_is_redefined_at_every_position_of_a_chain(ansible, vms,
         results.append(inc)
         assert_point(results, ref)
         assert vm.checkpoints() == [inc["checkpoint"]]
+
+
+def qemu_bitmaps(vm, target: str = "vda") -> list[str]:
+    """Names of the dirty bitmaps QEMU holds for the disk now (QMP query-block)."""
+    out = json.loads(libvirt_qemu.qemuMonitorCommand(vm.dom, json.dumps({"execute": "query-block"}), 0))
+    for dev in out["return"]:
+        inserted = dev.get("inserted") or {}
+        if inserted.get("file") == str(vm.disks[target]):
+            return sorted(b["name"] for b in inserted.get("dirty-bitmaps", []) if b.get("name"))
+    raise AssertionError(f"{target} not in query-block")
+
+
+def test_checkpoint_lost_for_good_leaves_no_bitmap_behind(ansible, vms, repo, scratch):
+    """libvirt lost the checkpoint and the set cannot give it back (its checkpoint.xml is gone):
+    the run takes a full, and the orphaned bitmap (QEMU would update it on every guest write,
+    forever) and its sentinel are removed; a foreign bitmap is left alone."""
+    vm = vms.create([DiskSpec("64M", fill=[(0x91, "0", "4M")])])
+    args = {"name": vm.name, "repository": str(existing_repo(repo))}
+    full = ansible("export", args)
+    cp = full["checkpoint"]
+    vm.dom.checkpointLookupByName(cp).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    libvirt_qemu.qemuMonitorCommand(vm.dom, json.dumps({"execute": "block-dirty-bitmap-add", "arguments": {
+        "node": "libvirt-1-format", "name": "other-tool", "persistent": True}}), 0)
+    xml = pathlib.Path(full["repository_path"]) / "checkpoint.xml"
+    os.chmod(xml.parent, 0o700)
+    xml.unlink()
+    assert qemu_bitmaps(vm) == sorted([cp, cp + ".size", "other-tool"])
+    again = ansible("export", args)
+    assert again["type"] == "full" and "no longer exists in libvirt" in again["reason"], again
+    assert qemu_bitmaps(vm) == sorted([again["checkpoint"], again["checkpoint"] + ".size", "other-tool"])
+    assert f"removed the orphaned bitmap {cp} of vda" in again["cleaned_up"], again
 
 
 # ----------------------------------------------------------------------------- item 7: foreign jobs
