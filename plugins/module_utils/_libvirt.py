@@ -7,6 +7,8 @@
 
 This module is private to the vmbackup.libvirt collection; it is not a public API.
 Only the libvirt API is used (never virsh), and a VM's name is only ever passed to libvirt.
+The QEMU monitor is reached through libvirt (libvirt_qemu) for what libvirt does not offer:
+reading a disk's dirty bitmaps and keeping the size sentinels (see below).
 """
 
 from __future__ import annotations
