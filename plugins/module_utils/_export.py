@@ -146,7 +146,7 @@ class Exporter(Backend):
             # Observe and decide before anything is written: bad input fails here, untouched.
             done = self._period_match(repo, vm["uuid"])
             if done is not None:
-                return self._unchanged_result(repo, vm, done, started_mono)
+                return self._unchanged_result(repo, vm, done, started_mono, lv.domain_state(dom))
             plan = self._plan(dom, repo, vm["uuid"], dry=True)
             self._check_space(plan, repo_state)
             if plan.vm_state != "shutoff":
@@ -162,7 +162,7 @@ class Exporter(Backend):
                 self._clean_leftovers(dom, repo, vm["uuid"])
                 done = self._period_match(repo, vm["uuid"])
                 if done is not None:
-                    return self._unchanged_result(repo, vm, done, started_mono)
+                    return self._unchanged_result(repo, vm, done, started_mono, lv.domain_state(dom))
                 # Re-decide under the lock: another run may have committed a set meanwhile.
                 plan = self._plan(dom, repo, vm["uuid"])
                 self._check_space(plan, repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions))
@@ -214,7 +214,9 @@ class Exporter(Backend):
         sizes = {}
         for disk in selected:
             chain = self.qemu_img.info_chain(disk.source, disk.driver_type, force_share=active)
-            sizes[disk.target] = (int(chain[0]["virtual-size"]), sum(int(i.get("actual-size", 0)) for i in chain))
+            # Data bytes from the allocation map, not the files' actual-size (compressed images).
+            sizes[disk.target] = (int(chain[0]["virtual-size"]),
+                                  self.qemu_img.allocated_bytes(disk.source, disk.driver_type, force_share=active))
 
         def planned(disk: lv.Disk, method: str, dirty: dict[str, int] | None = None) -> PlannedDisk:
             virtual, allocated = sizes[disk.target]
@@ -299,30 +301,67 @@ class Exporter(Backend):
         redefined = False
         if lv.lookup_checkpoint(dom, checkpoint) is None:
             xml_path = os.path.join(repo.set_dir(vm_uuid, set_id), "checkpoint.xml")
-            restored = False
-            if os.path.isfile(xml_path) and not dry:
-                with open(xml_path, encoding="utf-8") as fh:
-                    restored = lv.redefine_checkpoint(dom, fh.read())
-                if restored:
-                    self.warnings.append(f"checkpoint {checkpoint} was missing from libvirt and was redefined from set {set_id}")
-                    redefined = True
-            if dry and os.path.isfile(xml_path):
-                redefined = True  # a real run will try to redefine it
-            elif not restored:
+            if not os.path.isfile(xml_path):
                 return None, f"checkpoint {checkpoint} of set {set_id} no longer exists in libvirt"
-        else:
-            bitmaps = lv.checkpoint_bitmap_disks(dom, checkpoint) or set()
-            wanted = {d.target for d in selected if d.checkpointable}
-            if bitmaps != wanted:
-                return None, f"the disks changed since set {set_id}: checkpoint covers {sorted(bitmaps)}, now {sorted(wanted)}"
-        return {
-            "set_id": set_id,
-            "manifest_sha256": sha,
-            "checkpoint": checkpoint,
-            "chain_id": manifest["chain_id"],
-            "seq": parsed[1],
-            "redefined": redefined,
-        }, ""
+            if dry:
+                # A real run will try to redefine it; its bitmap can only be checked then.
+                return self._parent(set_id, sha, manifest, parsed, redefined=True), ""
+            with open(xml_path, encoding="utf-8") as fh:
+                error = lv.redefine_checkpoint(dom, fh.read())
+            if error:
+                return None, f"checkpoint {checkpoint} of set {set_id} no longer exists in libvirt and cannot be redefined ({error})"
+            self.warnings.append(f"checkpoint {checkpoint} was missing from libvirt and was redefined from set {set_id}")
+            redefined = True
+        bitmaps = lv.checkpoint_bitmap_disks(dom, checkpoint) or set()
+        wanted = {d.target for d in selected if d.checkpointable}
+        if bitmaps != wanted:
+            return None, f"the disks changed since set {set_id}: checkpoint covers {sorted(bitmaps)}, now {sorted(wanted)}"
+        why_not = self._check_bitmaps(dom, set_id, checkpoint, sorted(wanted), dry)
+        if why_not:
+            return None, why_not
+        return self._parent(set_id, sha, manifest, parsed, redefined), ""
+
+    @staticmethod
+    def _parent(set_id: str, sha: str, manifest: dict[str, t.Any], parsed: tuple[str, int], redefined: bool) -> dict[str, t.Any]:
+        return {"set_id": set_id, "manifest_sha256": sha, "checkpoint": manifest["checkpoint"],
+                "chain_id": manifest["chain_id"], "seq": parsed[1], "redefined": redefined}
+
+    def _check_bitmaps(self, dom, set_id: str, checkpoint: str, targets: list[str], dry: bool) -> str:
+        """Why the parent checkpoint's bitmaps cannot give a correct incremental, or "".
+
+        1. Every bitmap must be usable: after QEMU died (kill, host crash) a bitmap is missing
+           (never stored) or loaded as inconsistent (stored in-use), and a disk replaced by
+           another image has none; libvirt then reports no dirty size for it. Such a checkpoint
+           can never serve again, so it is deleted here (not in check mode) instead of failing
+           every later run.
+        2. Every disk's size sentinel must be intact: a bitmap does not notice a shrink followed
+           by a grow back (see _libvirt's sentinel notes).
+        """
+        report = lv.checkpoint_bitmap_report(dom, checkpoint)
+        if report is None:  # not a verdict on the bitmaps (the VM stopped, libvirt failed): keep it
+            return f"cannot read the bitmaps of checkpoint {checkpoint} of set {set_id} from libvirt"
+        broken = [tg for tg in targets if report.get(tg) is None]
+        if broken:
+            # The same reason in check mode and in the real run; the deletion is in cleaned_up.
+            why = (f"checkpoint {checkpoint} of set {set_id} has a missing or broken bitmap for {', '.join(broken)} "
+                   "(QEMU stopped without storing it, or the disk image was replaced), so the checkpoint is removed")
+            if not dry:
+                error = self._delete_checkpoint(dom, checkpoint)
+                if error:
+                    self.warnings.append(f"could not delete the broken checkpoint {checkpoint}: {error}")
+                else:
+                    self.cleaned.append(f"deleted the broken checkpoint {checkpoint}")
+            return why
+        try:
+            nodes = lv.block_nodes(dom)
+        except VmBackupError as exc:
+            return f"the disks changed since set {set_id}: cannot read their size sentinels ({exc.msg})"
+        for target in targets:
+            node = nodes.get(target)
+            state = "is not known to QEMU by its node" if node is None else lv.sentinel_state(node, checkpoint)
+            if state:
+                return f"the disks changed since set {set_id}: {target} {state}"
+        return ""
 
     def _check_space(self, plan: Plan, repo_state: repo_mod.RepoState) -> None:
         need = int(plan.estimated_bytes * SPACE_FACTOR) + SPACE_HEADROOM
@@ -365,10 +404,8 @@ class Exporter(Backend):
         leftovers = repo.leftovers(vm_uuid)
         if not leftovers:
             return
-        staging_root = repo.staging_root(vm_uuid) + "/"
-        targets = lv.backup_targets(dom) if lv.is_active(dom) else None
-        if targets and all(path.startswith(staging_root) for path in targets):
-            lv.abort_job(dom)
+        # Only a job that writes into one interrupted run's staging directory is ours to abort.
+        if lv.is_active(dom) and any(lv.abort_backup_into(dom, path) for path in leftovers):
             self.cleaned.append("aborted the backup job of an interrupted run")
         for path in leftovers:
             run_file = os.path.join(path, RUN_FILE)
@@ -377,7 +414,9 @@ class Exporter(Backend):
                     checkpoint = json.load(fh).get("checkpoint")
             except (OSError, ValueError):
                 checkpoint = None
-            if checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint):
+            # The interrupted run's own checkpoint only: never one a committed set relies on.
+            if (checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint)
+                    and checkpoint not in self._committed_checkpoints(repo, vm_uuid)):
                 error = self._delete_checkpoint(dom, checkpoint)
                 if error:
                     self.warnings.append(f"could not delete checkpoint {checkpoint} of an interrupted run: {error}")
@@ -385,6 +424,18 @@ class Exporter(Backend):
                     self.cleaned.append(f"deleted checkpoint {checkpoint} of an interrupted run")
         for path in repo.remove_leftovers(vm_uuid):
             self.cleaned.append(f"removed incomplete set {path}")
+
+    @staticmethod
+    def _committed_checkpoints(repo: repo_mod.Repository, vm_uuid: str) -> set[str]:
+        names = set()
+        for set_id in repo.set_ids(vm_uuid):
+            try:
+                manifest, _sha = repo.read_manifest(vm_uuid, set_id)
+            except VmBackupError:
+                continue
+            if manifest.get("checkpoint"):
+                names.add(manifest["checkpoint"])
+        return names
 
     def _retire_checkpoints(self, dom, repo: repo_mod.Repository, vm_uuid: str, keep: str | None) -> None:
         """Delete this repository's checkpoints that no future run can use: each is a live
@@ -405,22 +456,62 @@ class Exporter(Backend):
             error = self._delete_checkpoint(dom, name)
             if error:
                 self.warnings.append(f"could not delete old checkpoint {name}: {error}")
+        if not lv.is_active(dom):
+            return
+        # Bitmaps of our chains whose checkpoint libvirt no longer has: a checkpoint lost for good
+        # (not redefinable) leaves a bitmap QEMU updates on every guest write forever, and a run
+        # killed between arming its size sentinels and starting its job leaves those.
+        try:
+            nodes = lv.block_nodes(dom)
+        except VmBackupError:
+            return
+        live = set(lv.checkpoint_names(dom))
+        for node in nodes.values():
+            for bitmap in node.bitmaps:
+                checkpoint = bitmap[:-len(lv.SENTINEL_SUFFIX)] if bitmap.endswith(lv.SENTINEL_SUFFIX) else bitmap
+                parsed = _manifest.parse_checkpoint_name(checkpoint)
+                if parsed is None or parsed[0] not in ours or checkpoint in live or checkpoint == keep:
+                    continue
+                error = lv.remove_bitmap_live(dom, node.node, bitmap)
+                if error:
+                    self.warnings.append(f"could not remove the orphaned bitmap {bitmap} of {node.target}: {error}")
+                else:
+                    self.cleaned.append(f"removed the orphaned bitmap {bitmap} of {node.target}")
 
     def _delete_checkpoint(self, dom, name: str) -> str | None:
-        """Delete one of our checkpoints. libvirt cannot delete the bitmaps of a shut-off VM,
-        so then its metadata goes and qemu-img removes the bitmap from each image."""
+        """Delete one of our checkpoints and its size sentinels. libvirt cannot delete the bitmaps
+        of a shut-off VM, so then its metadata goes and qemu-img removes the bitmaps from each image."""
         active = lv.is_active(dom)
         disks = [] if active else [d for d in lv.parse_disks(lv.domain_xml(dom, inactive=True))
                                    if d.checkpointable and d.source_type == "file" and d.source]
         error = lv.delete_checkpoint(dom, name)
-        if error or active:
+        if error:
             return error
+        if active:
+            return self._remove_sentinels(dom, {name})
         for disk in disks:
             try:
-                if name in self.qemu_img.bitmaps(disk.source):
-                    self.qemu_img.remove_bitmap(disk.source, name)
+                present = self.qemu_img.bitmaps(disk.source)
+                for bitmap in (name, lv.sentinel_name(name)):
+                    if bitmap in present:
+                        self.qemu_img.remove_bitmap(disk.source, bitmap)
             except VmBackupError as exc:
                 return exc.msg
+        return None
+
+    @staticmethod
+    def _remove_sentinels(dom, checkpoints: set[str]) -> str | None:
+        """Remove the size sentinels of ``checkpoints`` from a running VM's disks."""
+        try:
+            nodes = lv.block_nodes(dom)
+        except VmBackupError as exc:
+            return exc.msg
+        for node in nodes.values():
+            for checkpoint in sorted(checkpoints):
+                if lv.sentinel_name(checkpoint) in node.bitmaps:
+                    error = lv.remove_bitmap_live(dom, node.node, lv.sentinel_name(checkpoint))
+                    if error:
+                        return error
         return None
 
     # ------------------------------------------------------------------ act
@@ -428,7 +519,8 @@ class Exporter(Backend):
         started = _manifest.utcnow()
         set_id = _manifest.new_set_id(started, repo.all_ids(vm["uuid"]))
         staging = repo.create_staging(vm["uuid"], set_id)
-        job_started = False
+        checkpoint_is_ours = False
+        armed: list[tuple[str, str]] = []  # (disk target, QEMU node) of each sentinel this run created
         try:
             repo_mod.write_file_atomic(
                 os.path.join(staging, RUN_FILE),
@@ -450,10 +542,14 @@ class Exporter(Backend):
                                              list(targets) + skip)
                 bxml = lv.backup_xml(targets, skip, plan.parent["checkpoint"] if plan.parent else None,
                                      [pd.disk.target for pd in plan.disks if pd.method == "full"])
-                job_started = True
+                if plan.checkpoint:
+                    # Only a checkpoint that did not exist before is this run's to delete on failure.
+                    if lv.lookup_checkpoint(dom, plan.checkpoint) is not None:
+                        raise VmBackupError("BACKUP_FAILED", f"checkpoint {plan.checkpoint} exists already; it is not this run's")
+                    checkpoint_is_ours = True
+                    self._arm_sentinels(dom, plan, armed)
                 lv.begin_backup(dom, bxml, cxml)
                 job_stats = lv.wait_backup(dom)
-                job_started = False
                 for pd in plan.disks:
                     if pd.method == "incremental":
                         self.qemu_img.drop_backing_reference(targets[pd.disk.target])
@@ -498,13 +594,17 @@ class Exporter(Backend):
             os.unlink(os.path.join(staging, RUN_FILE))
             final = repo.commit(vm["uuid"], set_id, staging, manifest)
         except BaseException:
-            # Undo this run (failure contract): job, checkpoint, staging data. Then re-raise.
-            if job_started or lv.backup_targets(dom):
-                lv.abort_job(dom)
-            if plan.checkpoint:
+            # Undo this run (failure contract): its job, checkpoint, sentinels, staging data; never
+            # another tool's job (one may have started after ours ended) or a checkpoint that
+            # existed before. Then re-raise.
+            if plan.set_type != "copy" and lv.is_active(dom):
+                lv.abort_backup_into(dom, staging)
+            if checkpoint_is_ours and lv.lookup_checkpoint(dom, plan.checkpoint) is not None:
                 error = self._delete_checkpoint(dom, plan.checkpoint)
                 if error:
                     self.warnings.append(f"could not delete checkpoint {plan.checkpoint} of the failed run: {error}")
+            if armed:
+                self._remove_armed(dom, plan, armed)
             if os.path.isdir(staging):
                 repo_mod.remove_tree(staging)
             raise
@@ -524,11 +624,46 @@ class Exporter(Backend):
             "data_bytes": data_bytes,
             "duration_s": round(duration, 3),
             "throughput_mib_s": round(data_bytes / MIB / copy_seconds, 1) if copy_seconds > 0 else None,
+            "estimated_bytes": plan.estimated_bytes,
             "repository_path": final,
             "vm": dict(vm, state=plan.vm_state),
             "period": self.p.period,
             "cleaned_up": self.cleaned,
+            "would_clean_up": [],
         }
+
+    @staticmethod
+    def _arm_sentinels(dom, plan: Plan, armed: list[tuple[str, str]]) -> None:
+        """Give the new checkpoint a size sentinel on every disk it has a bitmap for, before the
+        job creates the checkpoint: a shrink in between clears it, which errs on the safe side."""
+        nodes = lv.block_nodes(dom)
+        for pd in plan.disks:
+            if not pd.disk.checkpointable:
+                continue
+            node = nodes.get(pd.disk.target)
+            if node is None:
+                raise VmBackupError("BACKUP_FAILED", f"QEMU runs no block node libvirt names for disk {pd.disk.target}")
+            name = lv.sentinel_name(plan.checkpoint)
+            if name in node.bitmaps:
+                # A stale one of an interrupted run (its checkpoint does not exist): start afresh.
+                error = lv.remove_bitmap_live(dom, node.node, name)
+                if error:
+                    raise VmBackupError("BACKUP_FAILED", f"cannot remove the stale size sentinel {name} of {pd.disk.target}: {error}")
+            lv.arm_sentinel(dom, node, plan.checkpoint)
+            armed.append((pd.disk.target, node.node))
+
+    def _remove_armed(self, dom, plan: Plan, armed: list[tuple[str, str]]) -> None:
+        """Remove the sentinels this run armed (rollback); from the images when QEMU is gone."""
+        name = lv.sentinel_name(plan.checkpoint)
+        sources = {pd.disk.target: pd.disk.source for pd in plan.disks}
+        for target, node in armed:
+            try:
+                if lv.is_active(dom):
+                    lv.remove_bitmap_live(dom, node, name)  # fails harmlessly when already gone
+                elif name in self.qemu_img.bitmaps(sources[target]):
+                    self.qemu_img.remove_bitmap(sources[target], name)
+            except VmBackupError as exc:
+                self.warnings.append(f"could not remove the size sentinel {name} of {target} of the failed run: {exc.msg}")
 
     @staticmethod
     def _disk_targets(plan: Plan) -> set[str]:
@@ -573,7 +708,8 @@ class Exporter(Backend):
             return dict(pool.map(one, rels))
 
     # ------------------------------------------------------------------ results without a new set
-    def _unchanged_result(self, repo, vm, manifest: dict[str, t.Any], started_mono: float) -> dict[str, t.Any]:
+    def _unchanged_result(self, repo, vm, manifest: dict[str, t.Any], started_mono: float, vm_state: str) -> dict[str, t.Any]:
+        """The existing set of the period, with every field a run that takes a set returns."""
         set_id = manifest["set_id"]
         return {
             "changed": False,
@@ -590,10 +726,12 @@ class Exporter(Backend):
             "data_bytes": 0,
             "duration_s": round(time.monotonic() - started_mono, 3),
             "throughput_mib_s": None,
+            "estimated_bytes": 0,
             "repository_path": repo.set_dir(vm["uuid"], set_id),
-            "vm": vm,
+            "vm": dict(vm, state=vm_state),
             "period": self.p.period,
             "cleaned_up": self.cleaned,
+            "would_clean_up": [],
         }
 
     def _check_mode_result(self, repo, vm, plan: Plan, repo_state, started_mono: float) -> dict[str, t.Any]:
@@ -608,7 +746,8 @@ class Exporter(Backend):
             "chain_id": plan.chain_id,
             "parent": would["parent"],
             "checkpoint": plan.checkpoint,
-            "disks": [dict(d, bytes=d["estimated_bytes"]) for d in would["disks"]],
+            # The fields of a committed disk (no file yet; the estimate as size and bytes).
+            "disks": [_disk_result(dict(d, file=None, size=d["estimated_bytes"])) for d in would["disks"]],
             "skipped_disks": plan.skipped,
             "estimated_bytes": plan.estimated_bytes,
             "bytes_written": 0,

@@ -7,12 +7,15 @@
 
 This module is private to the vmbackup.libvirt collection; it is not a public API.
 Only the libvirt API is used (never virsh), and a VM's name is only ever passed to libvirt.
+The QEMU monitor is reached through libvirt (libvirt_qemu) for what libvirt does not offer:
+reading a disk's dirty bitmaps and keeping the size sentinels (see below).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 import typing as t
@@ -21,6 +24,11 @@ import xml.etree.ElementTree as ET
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+
+try:  # ships with libvirt-python; only the size sentinels (QEMU monitor) need it
+    import libvirt_qemu
+except ImportError:
+    libvirt_qemu = None
 
 # What the binding raises; a stand-in when it is missing, so that except clauses still work.
 LibvirtError = libvirt.libvirtError if libvirt is not None else type("LibvirtError", (Exception,), {})
@@ -170,7 +178,21 @@ def lookup_checkpoint(dom, name: str):
 
 
 def checkpoint_dirty_bytes(dom, name: str) -> dict[str, int] | None:
-    """Bytes changed per disk since checkpoint ``name`` (libvirt's size report), None if unknown."""
+    """Bytes changed per disk since checkpoint ``name`` (libvirt's size report), None if unknown.
+
+    A disk whose bitmap is missing or broken has no entry: libvirt then reports no size.
+    """
+    report = checkpoint_bitmap_report(dom, name)
+    if report is None:
+        return None
+    return {target: size for target, size in report.items() if size is not None}
+
+
+def checkpoint_bitmap_report(dom, name: str) -> dict[str, int | None] | None:
+    """Per disk the checkpoint has a bitmap for: the bytes dirty since it, or None when the
+    bitmap is missing or broken (libvirt computes sizes from QEMU's live bitmaps and leaves the
+    attribute out when QEMU has no usable bitmap: QEMU died before storing it, the image was
+    replaced, or QEMU loaded it marked in-use, i.e. inconsistent). None when unknown."""
     cp = lookup_checkpoint(dom, name)
     if cp is None:
         return None
@@ -178,11 +200,11 @@ def checkpoint_dirty_bytes(dom, name: str) -> dict[str, int] | None:
         xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE | libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
     except libvirt.libvirtError:
         return None
-    sizes = {}
+    report: dict[str, int | None] = {}
     for el in ET.fromstring(xml).findall("./disks/disk"):
-        if el.get("checkpoint") == "bitmap" and el.get("size") is not None:
-            sizes[el.get("name")] = int(el.get("size"))
-    return sizes
+        if el.get("checkpoint") == "bitmap":
+            report[el.get("name")] = int(el.get("size")) if el.get("size") is not None else None
+    return report
 
 
 def checkpoint_bitmap_disks(dom, name: str) -> set[str] | None:
@@ -193,26 +215,217 @@ def checkpoint_bitmap_disks(dom, name: str) -> set[str] | None:
     return {el.get("name") for el in ET.fromstring(xml).findall("./disks/disk") if el.get("checkpoint") == "bitmap"}
 
 
-def redefine_checkpoint(dom, xml: str) -> bool:
-    """Give libvirt back a checkpoint it lost (its bitmap must still be in the image)."""
+def strip_missing_parent(xml: str, existing: t.Iterable[str]) -> tuple[str, str | None]:
+    """Checkpoint XML without a <parent> that libvirt no longer knows; returns (xml, dropped name).
+
+    A set's saved XML names the checkpoint of the set before it, which is retired once the
+    set is committed; libvirt refuses to redefine a checkpoint whose parent does not exist.
+    The parent link is only libvirt's bookkeeping: each bitmap is independent of it.
+    """
+    root = ET.fromstring(xml)
+    parent = root.find("parent")
+    if parent is None:
+        return xml, None
+    name = parent.findtext("name")
+    if name and name in set(existing):
+        return xml, None
+    root.remove(parent)
+    return ET.tostring(root, encoding="unicode"), name
+
+
+def redefine_checkpoint(dom, xml: str) -> str | None:
+    """Give libvirt back a checkpoint it lost (its bitmap must still be in the image).
+
+    Returns None on success, else libvirt's reason.
+    """
+    xml, _dropped = strip_missing_parent(xml, checkpoint_names(dom))
     flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
     try:
         dom.checkpointCreateXML(xml, flags)
-    except libvirt.libvirtError:
-        return False
-    return True
+    except libvirt.libvirtError as exc:
+        return exc.get_error_message()
+    return None
 
 
 def delete_checkpoint(dom, name: str) -> str | None:
-    """Delete one of our checkpoints; return an error text instead of raising."""
+    """Delete one of our checkpoints; return an error text instead of raising.
+
+    On a running VM libvirt deletes the bitmaps with the metadata. When a bitmap is gone
+    (QEMU died before storing it, or the disk image was replaced) libvirt refuses that; then the
+    checkpoint's bitmaps that do exist are removed through QEMU and the metadata alone is deleted.
+    """
     cp = lookup_checkpoint(dom, name)
     if cp is None:
         return None
-    flags = 0 if is_active(dom) else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+    active = is_active(dom)
+    flags = 0 if active else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
     try:
         cp.delete(flags)
+        return None
+    except libvirt.libvirtError as exc:
+        if not active:
+            return exc.get_error_message()
+        first = exc.get_error_message()
+    try:
+        nodes = block_nodes(dom)
+    except VmBackupError as exc:
+        return f"{first}; {exc.msg}"
+    targets = checkpoint_bitmap_disks(dom, name) or set()
+    if not any(name not in nodes.get(tg, BlockNode("", "", 0, {})).bitmaps for tg in targets):
+        return first  # every bitmap is there: the failure is not a missing bitmap
+    for target in targets:
+        node = nodes.get(target)
+        if node is not None and name in node.bitmaps:
+            error = remove_bitmap_live(dom, node.node, name)
+            if error:
+                return error
+    try:
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except libvirt.libvirtError as exc:
         return exc.get_error_message()
+    return None
+
+
+# -- QEMU block nodes and size sentinels ------------------------------------------------------
+#
+# Nothing in libvirt or QEMU records that a disk was resized: libvirt's checkpoint XML has no
+# disk size, and QEMU truncates every dirty bitmap to the new size on a resize, leaving a re-grown
+# area clean. A disk shrunk and grown back to its old size therefore looks unchanged, while the
+# guest reads zeros in the re-grown area and an incremental would not carry them.
+# So each checkpoint gets a sentinel: a persistent, *disabled* bitmap (guest writes never touch
+# it) with exactly one bit set, the one of the disk's last sector. The only thing that clears a bit
+# of a disabled bitmap is a shrink below that sector (QEMU's hbitmap_truncate), and re-growing
+# never sets it again; so "sentinel present, consistent and not empty" proves that the disk was
+# never smaller than its size at the checkpoint, on every path (live block_resize, or qemu-img
+# resize on the shut-off image, which loads and truncates persistent bitmaps the same way).
+# QEMU never clears a partial granularity group on shrink, so the sentinel's granularity bounds
+# the smallest shrink it sees: see sentinel_granularity().
+
+SENTINEL_SUFFIX = ".size"
+SENTINEL_MAX_BITS = 1 << 26  # 8 MiB of bitmap memory in QEMU at most
+
+
+def sentinel_name(checkpoint: str) -> str:
+    return checkpoint + SENTINEL_SUFFIX
+
+
+def sentinel_granularity(size: int) -> int:
+    """The sentinel's granularity for a disk of ``size`` bytes: 512 (any shrink is seen) up to
+    32 GiB, then the smallest power of two that keeps the bitmap within SENTINEL_MAX_BITS."""
+    granularity = 512
+    while size > granularity * SENTINEL_MAX_BITS and granularity < (1 << 31):
+        granularity *= 2
+    return granularity
+
+
+@dataclasses.dataclass
+class BlockNode:
+    """The format node QEMU runs for a disk, with its dirty bitmaps (name -> QMP info)."""
+
+    target: str
+    node: str
+    size: int
+    bitmaps: dict[str, dict[str, t.Any]]
+
+
+def qmp(dom, command: str, **arguments: t.Any) -> dict[str, t.Any]:
+    """One QMP command through libvirt; VmBackupError BACKUP_FAILED when QEMU refuses it."""
+    if libvirt_qemu is None:
+        raise VmBackupError("MISSING_DEPENDENCY", "the libvirt_qemu binding (part of libvirt-python) is missing")
+    cmd = {"execute": command, "arguments": arguments} if arguments else {"execute": command}
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("BACKUP_FAILED", f"QEMU monitor command {command} failed: {exc.get_error_message()}") from None
+    if "error" in reply:
+        raise VmBackupError("BACKUP_FAILED", f"QEMU refused {command}: {reply['error'].get('desc')}")
+    return reply.get("return")
+
+
+def _hmp(dom, command: str) -> str:
+    try:
+        return libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("BACKUP_FAILED", f"QEMU monitor command failed: {exc.get_error_message()}") from None
+
+
+def block_nodes(dom) -> dict[str, BlockNode]:
+    """Disk target -> the top format node QEMU runs for it (running VM only).
+
+    libvirt names node ``libvirt-<index>-format`` after the ``index`` of the disk's live
+    <source>; the match is checked against the file QEMU has open.
+    """
+    by_node, by_file = {}, {}
+    for dev in qmp(dom, "query-block") or []:
+        inserted = dev.get("inserted") or {}
+        if inserted.get("node-name"):
+            by_node[inserted["node-name"]] = inserted
+        if inserted.get("file"):
+            by_file.setdefault(os.path.realpath(inserted["file"]), []).append(inserted)
+    nodes = {}
+    root = ET.fromstring(domain_xml(dom, inactive=False))
+    for el in root.findall("./devices/disk"):
+        target_el, source_el = el.find("target"), el.find("source")
+        if target_el is None or source_el is None:
+            continue
+        source = source_el.get("file") or source_el.get("dev")
+        inserted = by_node.get(f"libvirt-{source_el.get('index')}-format") if source_el.get("index") is not None else None
+        if inserted is None:  # no node index in the XML (or a filter on top): the one device with this file open
+            found = by_file.get(os.path.realpath(source), []) if source else []
+            inserted = found[0] if len(found) == 1 else None
+        if inserted is None or (source and inserted.get("file") and os.path.realpath(inserted["file"]) != os.path.realpath(source)):
+            continue
+        # A running backup job adds anonymous bitmaps (no name): they are no one's checkpoint.
+        bitmaps = {b["name"]: b for b in inserted.get("dirty-bitmaps") or [] if isinstance(b, dict) and b.get("name")}
+        nodes[target_el.get("dev")] = BlockNode(target_el.get("dev"), inserted["node-name"],
+                                                int((inserted.get("image") or {}).get("virtual-size", 0)), bitmaps)
+    return nodes
+
+
+def sentinel_state(node: BlockNode, checkpoint: str) -> str | None:
+    """None when the sentinel of ``checkpoint`` proves the disk was not shrunk since; else why not."""
+    info = node.bitmaps.get(sentinel_name(checkpoint))
+    if info is None:
+        return "has no size sentinel (the image was replaced, or the set was taken by an older version)"
+    if info.get("inconsistent"):
+        return "has a broken size sentinel (QEMU stopped without storing it)"
+    if info.get("recording") or int(info.get("count", 0)) == 0:
+        return "was shrunk (and maybe grown back) since its checkpoint: its size sentinel was cleared"
+    return None
+
+
+def arm_sentinel(dom, node: BlockNode, checkpoint: str) -> None:
+    """Create ``checkpoint``'s size sentinel on ``node``: a persistent disabled bitmap with
+    only the last sector's bit set. QMP cannot set a bit directly, so a scratch null-co node
+    of the same size gets a bitmap, a write to its last sector marks it, and the disk's new
+    bitmap is merged from it (QEMU merges bitmaps of equal size across nodes)."""
+    granularity = sentinel_granularity(node.size)
+    name = sentinel_name(checkpoint)
+    scratch = "vmbackup-" + os.urandom(6).hex()
+    qmp(dom, "blockdev-add", driver="null-co", size=node.size, **{"node-name": scratch})
+    try:
+        qmp(dom, "block-dirty-bitmap-add", node=scratch, name="mark", granularity=granularity)
+        out = _hmp(dom, f'qemu-io {scratch} "write {node.size - 512} 512"')
+        if "error" in out.lower() or "fail" in out.lower():
+            raise VmBackupError("BACKUP_FAILED", f"cannot mark the size sentinel of {node.target}: {out.strip()}")
+        qmp(dom, "block-dirty-bitmap-add", node=node.node, name=name, granularity=granularity, persistent=True, disabled=True)
+        try:
+            qmp(dom, "block-dirty-bitmap-merge", node=node.node, target=name, bitmaps=[{"node": scratch, "name": "mark"}])
+        except VmBackupError:
+            remove_bitmap_live(dom, node.node, name)
+            raise
+    finally:
+        try:
+            qmp(dom, "blockdev-del", **{"node-name": scratch})
+        except VmBackupError:
+            pass
+
+
+def remove_bitmap_live(dom, node: str, name: str) -> str | None:
+    try:
+        qmp(dom, "block-dirty-bitmap-remove", node=node, name=name)
+    except VmBackupError as exc:
+        return exc.msg
     return None
 
 
@@ -310,7 +523,26 @@ def wait_backup(dom, poll: float = 0.2) -> dict[str, t.Any]:
     return done
 
 
+def abort_backup_into(dom, directory: str, timeout: float = 30.0) -> bool:
+    """Abort the running backup job only if every file it writes is inside ``directory``
+    (a run's own staging directory): another tool's job, or a job started after ours ended,
+    is never touched. Returns whether a job was aborted."""
+    targets = backup_targets(dom)
+    for _attempt in range(20):
+        # libvirt answers "backup job data missing" for a moment while a job starts or ends.
+        if targets is not None or active_job(dom) is None:
+            break
+        time.sleep(0.1)
+        targets = backup_targets(dom)
+    prefix = directory.rstrip("/") + "/"
+    if not targets or not all(os.path.normpath(path).startswith(prefix) for path in targets):
+        return False
+    abort_job(dom, timeout)
+    return True
+
+
 def abort_job(dom, timeout: float = 30.0) -> None:
+    """Abort whatever job runs: only for callers that checked the job is theirs (abort_backup_into)."""
     try:
         dom.abortJob()
     except libvirt.libvirtError:

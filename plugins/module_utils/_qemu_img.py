@@ -54,8 +54,28 @@ class QemuImg:
         return data if isinstance(data, list) else [data]
 
     def allocated_bytes(self, path: str, fmt: str | None, force_share: bool) -> int:
-        """Host bytes the whole backing chain occupies: an upper bound of the data to copy."""
-        return sum(int(img.get("actual-size", 0)) for img in self.info_chain(path, fmt, force_share))
+        """Guest bytes that hold data anywhere in the backing chain: what a copy writes at most.
+
+        Not the files' ``actual-size``: a compressed (or otherwise dense) image occupies far
+        less on the host than the uncompressed data a backup writes.
+        """
+        return data_bytes(self.map(path, fmt, force_share))
+
+    def map(self, path: str, fmt: str | None, force_share: bool) -> list[dict[str, t.Any]]:
+        """``qemu-img map --output=json`` of the image as the guest sees it (the whole chain)."""
+        args = ["map", "--output=json"]
+        if force_share:
+            args.append("-U")
+        if fmt:
+            args += ["-f", fmt]
+        out = self._call(args + [path], f"map of {path}")
+        try:
+            data = json.loads(out)
+        except ValueError:
+            raise VmBackupError("BACKUP_FAILED", f"qemu-img map of {path} printed no JSON: {out[:200]!r}") from None
+        if not isinstance(data, list):
+            raise VmBackupError("BACKUP_FAILED", f"qemu-img map of {path} printed no extent list")
+        return data
 
     def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str = "qcow2") -> None:
         """A sparse copy (zero clusters are not written) with out-of-order parallel writes."""
@@ -90,6 +110,11 @@ class QemuImg:
         explicitly (see chain_spec) and the header keeps no reference.
         """
         self._call(["rebase", "-u", "-f", "qcow2", "-b", "", path], f"rebase -u of {path}")
+
+
+def data_bytes(extents: list[dict[str, t.Any]]) -> int:
+    """Bytes of the extents that hold data (zero and unallocated extents are not copied)."""
+    return sum(int(e.get("length", 0)) for e in extents if isinstance(e, dict) and e.get("data"))
 
 
 def chain_spec(files: list[str]) -> str:

@@ -22,8 +22,11 @@ description:
     recorded. Raw disks cannot carry a dirty bitmap, so they are copied in full in every set (method C(full)).
   - The domain XML (inactive and live), the checkpoint XML, and NVRAM and TPM state when present are saved in the set.
   - Every file is checksummed (sha256) in the manifest, which is written last; the set becomes visible only when its
-    staging directory is renamed into C(sets/). A failed run deletes its checkpoint and staging data; a run that was
+    staging directory is renamed into C(sets/). A failed run deletes its checkpoint and staging data and aborts its own
+    backup job, never another job (one that writes anywhere but into this run's staging directory); a run that was
     killed leaves them for the next run, which removes them and reports it in RV(cleaned_up).
+  - Each checkpoint of the collection gets a size sentinel on every disk it has a bitmap for, so that an incremental is
+    never built across a resize; see O(mode) and the notes.
   - Directories are named after the VM's UUID and the set id, never after the VM's name.
 extends_documentation_fragment:
   - vmbackup.libvirt._connection
@@ -61,9 +64,15 @@ options:
         and a full otherwise; RV(reason) says why.
       - C(full) starts a new chain. C(incremental) fails with C(PARENT_CHECKPOINT_INVALID) or C(TOPOLOGY_CHANGED)
         when no valid parent exists.
-      - A parent is valid when its checkpoint still exists in libvirt (or could be redefined from the set), the VM has the same
-        disks with the same sizes, its chain back to the full is intact, and no set of that chain has a failed
-        verdict from M(vmbackup.libvirt.verify).
+      - A parent is valid when its checkpoint still exists in libvirt (or could be redefined from the set's saved XML,
+        whatever its position in the chain), its dirty bitmaps are usable in QEMU, the VM has the same disks, no disk was
+        resized since the checkpoint (also not shrunk and grown back to the same size), its chain back to the full is
+        intact, and no set of that chain has a failed verdict from M(vmbackup.libvirt.verify).
+      - A checkpoint whose bitmap is missing or broken (QEMU was killed or the host crashed before QEMU stored it, or the
+        disk image was replaced by another one at the same target) can never serve again; a real run deletes it (its
+        bitmaps too where QEMU still has them), reports it in RV(cleaned_up), and O(mode=auto) takes a full that says why
+        in RV(reason) (O(mode=incremental) fails with C(PARENT_CHECKPOINT_INVALID)). Check mode only predicts this.
+      - A resize since the parent's checkpoint gives a full in O(mode=auto) and C(TOPOLOGY_CHANGED) with O(mode=incremental).
       - A shut-off VM is always backed up as a C(copy); O(mode=incremental) then fails.
     type: str
     choices: [auto, full, incremental]
@@ -90,8 +99,18 @@ options:
 notes:
   - QEMU runs as an unprivileged user and writes a live backup into the repository itself, so every directory above the
     repository must be traversable by others (C(o+x)); the module checks this first (C(TARGET_NOT_ACCESSIBLE)).
-  - Free space is checked before anything is written, from the allocated size of the disks (full) or from the size
-    libvirt reports for the changed blocks (incremental).
+  - Free space is checked before anything is written, from the data the disks hold (for a full, the data extents of the whole
+    backing chain that C(qemu-img map) reports, so a compressed or otherwise dense image is counted at the size the backup
+    writes, not at its file size) or from the size libvirt reports for the changed blocks (incremental).
+  - "Size sentinels: QEMU truncates every dirty bitmap on a resize and leaves a re-grown area clean, and neither libvirt nor
+    QEMU records that a resize happened. So before each backup job the module adds to every qcow2 disk a persistent,
+    disabled dirty bitmap named C(<checkpoint>.size) with only the bit of the disk's last sector set; guest writes never
+    change it, only a shrink clears it (live C(virsh blockresize) as well as C(qemu-img resize --shrink) of the shut-off
+    image). It is deleted with its checkpoint. The bitmap is created through the QEMU monitor (libvirt-python's
+    C(libvirt_qemu)), which makes libvirt mark the domain as tainted (C(custom-monitor)) in its log. Its granularity is
+    512 bytes up to 32 GiB disks and grows beyond (16 KiB at 1 TiB, keeping it at 8 MiB of memory); a shrink by less than
+    the granularity is not seen."
+  - A set taken by an earlier version has no size sentinel, so the first run after an upgrade takes a full.
 seealso:
   - name: libvirt backup API
     description: Push-mode backups and checkpoints.
@@ -169,10 +188,18 @@ disks:
       description: Virtual size of the disk in bytes.
       type: int
     allocated_bytes:
-      description: Host bytes allocated by the disk's image chain when the backup started.
+      description:
+        - Bytes of data in the disk's whole image chain when the backup started (the data extents C(qemu-img map) reports;
+          for a compressed image its uncompressed data, not its file size).
       type: int
     bytes:
       description: Bytes of the backup file (in check mode the estimate).
+      type: int
+    file:
+      description: The disk's file in the set, relative to the set directory; None in check mode.
+      type: str
+    size:
+      description: Size of that file in bytes (in check mode the estimate).
       type: int
 skipped_disks:
   description: Disks not backed up, with the reason.
@@ -180,8 +207,8 @@ skipped_disks:
   type: list
   elements: dict
 estimated_bytes:
-  description: Bytes the backup is expected to write.
-  returned: check mode
+  description: Bytes the backup was expected to write (what the free-space check used); 0 when no backup was taken.
+  returned: success
   type: int
 bytes_written:
   description: Bytes of all files of the new set (0 when nothing was written).
@@ -204,7 +231,7 @@ repository_path:
   returned: success
   type: str
 vm:
-  description: The VM's name, UUID and run state.
+  description: The VM's name, UUID and run state (C(state), also when an existing set of the period is returned).
   returned: success
   type: dict
 cleaned_up:
@@ -213,8 +240,8 @@ cleaned_up:
   type: list
   elements: str
 would_clean_up:
-  description: Staging directories of interrupted runs that a real run would remove.
-  returned: check mode
+  description: Staging directories of interrupted runs that a real run would remove (check mode); empty otherwise.
+  returned: success
   type: list
   elements: str
 error_code:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -289,3 +290,179 @@ def test_backup_xml_escapes_paths():
     path = "/repo/a b&c<d>'\"/vda.qcow2"
     root = ET.fromstring(lv.backup_xml({"vda": path}, [], None))
     assert root.find("./disks/disk/target").get("file") == path
+
+
+# --------------------------------------------------------------------------- chains: redefine, sentinels, own jobs
+SAVED_CHECKPOINT = """\
+<domaincheckpoint>
+  <name>vmbackup-abc123def456-2</name>
+  <parent><name>vmbackup-abc123def456-1</name></parent>
+  <creationTime>1796115921</creationTime>
+  <disks><disk name='vda' checkpoint='bitmap' bitmap='vmbackup-abc123def456-2'/></disks>
+</domaincheckpoint>"""
+
+
+@pytest.mark.parametrize(
+    "existing, dropped",
+    [
+        pytest.param([], "vmbackup-abc123def456-1", id="parent-retired"),
+        pytest.param(["vmbackup-abc123def456-0"], "vmbackup-abc123def456-1", id="other-checkpoints-only"),
+        pytest.param(["vmbackup-abc123def456-1"], None, id="parent-exists"),
+    ],
+)
+def test_strip_missing_parent(existing, dropped):
+    xml, name = lv.strip_missing_parent(SAVED_CHECKPOINT, existing)
+    assert name == dropped
+    root = ET.fromstring(xml)
+    assert (root.find("parent") is None) == (dropped is not None)
+    # Everything else is kept as saved: name, time, disks and bitmap names.
+    assert root.findtext("name") == "vmbackup-abc123def456-2"
+    assert root.findtext("creationTime") == "1796115921"
+    assert root.find("./disks/disk").get("bitmap") == "vmbackup-abc123def456-2"
+
+
+def test_strip_missing_parent_of_a_first_set_changes_nothing():
+    xml = "<domaincheckpoint><name>vmbackup-abc123def456-0</name></domaincheckpoint>"
+    assert lv.strip_missing_parent(xml, []) == (xml, None)
+
+
+@pytest.mark.parametrize(
+    "size, granularity",
+    [
+        (512, 512),
+        (64 * 1024 * 1024, 512),
+        (32 * 1024 ** 3, 512),  # 2**26 bits exactly
+        (32 * 1024 ** 3 + 512, 1024),
+        (1024 ** 4, 16384),
+        (1 << 60, 1 << 31),  # capped at QEMU's maximum granularity
+    ],
+)
+def test_sentinel_granularity(size, granularity):
+    got = lv.sentinel_granularity(size)
+    assert got == granularity
+    assert got & (got - 1) == 0 and 512 <= got <= 1 << 31
+    assert size <= got * lv.SENTINEL_MAX_BITS or got == 1 << 31
+
+
+CP = "vmbackup-abc123def456-2"
+OK_SENTINEL = {"name": CP + ".size", "recording": False, "persistent": True, "granularity": 512, "count": 512}
+
+
+@pytest.mark.parametrize(
+    "info, expected",
+    [
+        pytest.param(OK_SENTINEL, None, id="intact"),
+        pytest.param(None, "has no size sentinel", id="missing"),
+        pytest.param(dict(OK_SENTINEL, count=0), "was shrunk", id="cleared-by-shrink"),
+        pytest.param(dict(OK_SENTINEL, inconsistent=True), "broken size sentinel", id="inconsistent"),
+        pytest.param(dict(OK_SENTINEL, recording=True), "was shrunk", id="recording-is-not-ours"),
+    ],
+)
+def test_sentinel_state(info, expected):
+    node = lv.BlockNode("vda", "libvirt-1-format", 1 << 26, {} if info is None else {CP + ".size": info})
+    state = lv.sentinel_state(node, CP)
+    assert (state is None) if expected is None else (expected in state)
+
+
+def test_sentinel_of_another_checkpoint_does_not_count():
+    node = lv.BlockNode("vda", "n", 1 << 26, {"vmbackup-abc123def456-1.size": dict(OK_SENTINEL, name="vmbackup-abc123def456-1.size")})
+    assert "no size sentinel" in lv.sentinel_state(node, CP)
+
+
+class FakeJobDom:
+    """A domain whose running backup job writes ``targets``; records abortJob calls."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.aborted = 0
+
+    def backupGetXMLDesc(self, _flags):
+        if self.targets is None:
+            raise lv.LibvirtError("no job")
+        disks = "".join(f"<disk name='vd{i}'><target file='{p}'/></disk>" for i, p in enumerate(self.targets))
+        return f"<domainbackup mode='push'><disks>{disks}</disks></domainbackup>"
+
+    def abortJob(self):
+        self.aborted += 1
+        self.targets = None
+
+    def jobStats(self, _flags):
+        return {"type": 0}
+
+
+STAGING = "/srv/repo/vms/u/.incomplete/20261201T090000Z-001"
+
+
+@pytest.mark.parametrize(
+    "targets, aborted",
+    [
+        pytest.param([STAGING + "/disks/vda.qcow2", STAGING + "/disks/vdb.qcow2"], True, id="ours"),
+        pytest.param(["/var/tmp/other-tool/vda.qcow2"], False, id="foreign"),
+        pytest.param([STAGING + "/disks/vda.qcow2", "/var/tmp/other/vdb.qcow2"], False, id="mixed"),
+        pytest.param([STAGING + "-002/disks/vda.qcow2"], False, id="sibling-name-prefix"),
+        pytest.param([STAGING + "/../20261201T090000Z-002/disks/vda.qcow2"], False, id="dot-dot"),
+        pytest.param([], False, id="pull-mode-no-targets"),
+        pytest.param(None, False, id="no-job"),
+    ],
+)
+def test_abort_backup_into_only_aborts_a_job_writing_into_the_directory(targets, aborted):
+    dom = FakeJobDom(targets)
+    assert lv.abort_backup_into(dom, STAGING) is aborted
+    assert dom.aborted == (1 if aborted else 0)
+
+
+LIVE_XML = """<domain><devices>
+  <disk type='file' device='disk'><driver type='qcow2'/><source file='/img/a.qcow2' index='2'/><target dev='vda'/></disk>
+  <disk type='file' device='disk'><driver type='qcow2'/><source file='/img/b.qcow2'/><target dev='vdb'/></disk>
+  <disk type='file' device='disk'><driver type='qcow2'/><source file='/img/c.qcow2' index='3'/><target dev='vdc'/></disk>
+  <disk type='file' device='cdrom'><target dev='hdc'/></disk>
+</devices></domain>"""
+
+QUERY_BLOCK = [
+    {"qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+     "inserted": {"node-name": "libvirt-2-format", "file": "/img/a.qcow2", "image": {"virtual-size": 1 << 26},
+                  "dirty-bitmaps": [{"name": "cp", "count": 0}, {"name": "cp.size", "count": 512},
+                                    {"granularity": 65536, "count": 0, "busy": True}]}},  # a running job's anonymous bitmap
+    {"qdev": "vdb", "inserted": {"node-name": "#block123", "file": "/img/b.qcow2", "image": {"virtual-size": 1 << 20}}},
+    # libvirt's node 3 runs another file than the XML says: never trusted as vdc's node
+    {"qdev": "vdc", "inserted": {"node-name": "libvirt-3-format", "file": "/img/other.qcow2", "image": {"virtual-size": 1}}},
+    {"qdev": "hdc"},
+]
+
+
+class FakeMonitorDom:
+    def XMLDesc(self, _flags):
+        return LIVE_XML
+
+
+def test_block_nodes_maps_targets_to_the_nodes_qemu_runs(monkeypatch):
+    calls = []
+
+    class FakeQemu:
+        VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP = 1
+
+        @staticmethod
+        def qemuMonitorCommand(_dom, cmd, _flags):
+            calls.append(json.loads(cmd))
+            return json.dumps({"return": QUERY_BLOCK})
+
+    monkeypatch.setattr(lv, "libvirt_qemu", FakeQemu)
+    nodes = lv.block_nodes(FakeMonitorDom())
+    assert calls == [{"execute": "query-block"}]
+    assert sorted(nodes) == ["vda", "vdb"]
+    assert nodes["vda"].node == "libvirt-2-format" and nodes["vda"].size == 1 << 26
+    assert set(nodes["vda"].bitmaps) == {"cp", "cp.size"}
+    assert nodes["vdb"].node == "#block123" and nodes["vdb"].bitmaps == {}
+
+
+def test_qmp_error_is_a_backup_failure(monkeypatch):
+    class FakeQemu:
+        @staticmethod
+        def qemuMonitorCommand(_dom, _cmd, _flags):
+            return json.dumps({"error": {"class": "GenericError", "desc": "Bitmap 'x' not found"}})
+
+    monkeypatch.setattr(lv, "libvirt_qemu", FakeQemu)
+    with pytest.raises(lv.VmBackupError) as exc:
+        lv.qmp(FakeMonitorDom(), "block-dirty-bitmap-remove", node="n", name="x")
+    assert exc.value.error_code == "BACKUP_FAILED" and "Bitmap 'x' not found" in exc.value.msg
+    assert lv.remove_bitmap_live(FakeMonitorDom(), "n", "x") == "QEMU refused block-dirty-bitmap-remove: Bitmap 'x' not found"

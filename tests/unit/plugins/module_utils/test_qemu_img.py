@@ -110,9 +110,15 @@ INFO_CHAIN = json.dumps(
         ),
         pytest.param(
             lambda q: q.allocated_bytes("/dev/vg0/lv", "raw", False),
-            INFO_ONE,
-            [BIN, "info", "--output=json", "--backing-chain", "-f", "raw", "/dev/vg0/lv"],
+            "[]",
+            [BIN, "map", "--output=json", "-f", "raw", "/dev/vg0/lv"],
             id="allocated-bytes",
+        ),
+        pytest.param(
+            lambda q: q.allocated_bytes("/r/a.qcow2", "qcow2", True),
+            "[]",
+            [BIN, "map", "--output=json", "-U", "-f", "qcow2", "/r/a.qcow2"],
+            id="allocated-bytes-force-share",
         ),
         pytest.param(
             lambda q: q.convert("/img/src.raw", "raw", NASTY),
@@ -165,9 +171,25 @@ def test_info_chain(out, expected):
     assert QemuImg(FakeRun(out=out), BIN).info_chain("/r/a.qcow2", None, False) == expected
 
 
-@pytest.mark.parametrize("out, expected", [(INFO_ONE, 200), (INFO_CHAIN, 5096), ("[]", 0)])
-def test_allocated_bytes(out, expected):
+# qemu-img map of a compressed image: few host bytes, but 3 MiB of data that a backup writes.
+MAP_COMPRESSED = json.dumps([
+    {"start": 0, "length": 2097152, "depth": 0, "present": True, "zero": False, "data": True, "compressed": True},
+    {"start": 2097152, "length": 1048576, "depth": 1, "present": True, "zero": False, "data": True, "offset": 327680},
+    {"start": 3145728, "length": 1048576, "depth": 0, "present": True, "zero": True, "data": False},
+    {"start": 4194304, "length": 62914560, "depth": 1, "present": False, "zero": True, "data": False},
+])
+
+
+@pytest.mark.parametrize("out, expected", [(MAP_COMPRESSED, 3 * 1048576), ("[]", 0)])
+def test_allocated_bytes_counts_data_extents_of_the_whole_chain(out, expected):
     assert QemuImg(FakeRun(out=out), BIN).allocated_bytes("/r/a.qcow2", None, True) == expected
+
+
+@pytest.mark.parametrize("out", ["not json", json.dumps({"a": 1})])
+def test_map_without_an_extent_list_is_an_error(out):
+    with pytest.raises(VmBackupError) as exc:
+        QemuImg(FakeRun(out=out), BIN).allocated_bytes("/r/a.qcow2", None, True)
+    assert exc.value.error_code == "BACKUP_FAILED"
 
 
 # --------------------------------------------------------------------------- failures
