@@ -865,6 +865,7 @@ class Restorer(Backend):
         repo = open_for_reading(validate_params(self.p), self.p.allow_unsafe_permissions)
         catalog = self._catalog(repo)
         point = self._point(catalog)
+        catalog.sets_of_chain(point)  # CHAIN_BROKEN / REPOSITORY_FORMAT before any manifest field is read
         with lv.session(self.p.uri) as conn, contextlib.ExitStack() as held:
             # UNSAFE_TARGET before anything is written, check mode too.
             disk_dir = self._disk_dir(conn, catalog.sets[point].manifest)
