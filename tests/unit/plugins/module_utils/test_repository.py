@@ -144,12 +144,25 @@ def test_validate_repository_path_keeps_dotdot_lookalikes():
 
 
 def test_inspect_missing_directory_creates_nothing(base):
-    path = os.path.join(base, "a", "b", "repo")
-    state = repo_mod.inspect_repository(path)
+    path = os.path.join(base, "repo")
+    state = repo_mod.inspect_repository(path, create=True)
     assert state.exists is False
     assert state.repo_id is None
     assert state.path == path
     assert state.free_bytes > 0
+    assert os.listdir(base) == []
+
+
+def test_inspect_missing_directory_without_create_is_not_found(base):
+    err = _raises("REPOSITORY_NOT_FOUND", repo_mod.inspect_repository, os.path.join(base, "repo"), create=False)
+    assert "create_repository" in err.msg and "mounted" in err.msg
+    assert os.listdir(base) == []
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_inspect_missing_parent_is_not_found_even_with_create(base, create):
+    err = _raises("REPOSITORY_NOT_FOUND", repo_mod.inspect_repository, os.path.join(base, "a", "b", "repo"), create=create)
+    assert os.path.join(base, "a", "b") in err.msg
     assert os.listdir(base) == []
 
 
@@ -185,7 +198,7 @@ def test_inspect_path_through_symlinked_parent(base, depth):
     os.symlink(real, os.path.join(base, "link"))
     path = os.path.join(base, "link", "x", "repo") if depth == 2 else os.path.join(base, "link", "x")
     err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, path)
-    assert "passes through a symbolic link" in err.msg
+    assert f"{os.path.join(base, 'link')} is a symbolic link" in err.msg
 
 
 def test_inspect_missing_directory_under_symlinked_parent(base):
@@ -218,9 +231,19 @@ def test_inspect_writable_by_others(base, mode, who):
     assert state.exists is True
 
 
-def test_inspect_checks_only_the_repository_mode_not_a_missing_one(base):
-    # A missing repository has no mode yet; its writable parent is not the repository.
+def test_inspect_refuses_a_new_repository_in_a_world_writable_parent(base):
+    # Another user could rename the new repository away and put a link in its place.
     os.chmod(base, 0o777)
+    try:
+        err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, os.path.join(base, "repo"))
+        assert f"{base} is world-writable" in err.msg
+        assert os.listdir(base) == []
+    finally:
+        os.chmod(base, 0o700)
+
+
+def test_inspect_accepts_a_new_repository_in_a_root_owned_sticky_parent(base):
+    os.chmod(base, 0o1777)
     try:
         assert repo_mod.inspect_repository(os.path.join(base, "repo")).exists is False
     finally:
@@ -299,6 +322,7 @@ def test_inspect_marker_without_repo_id(base):
 
 @pytest.mark.parametrize("relative", ["repo", "a/b/repo"])
 def test_initialise(base, relative, umask_022):
+    os.makedirs(os.path.dirname(os.path.join(base, relative)), exist_ok=True)
     path = os.path.join(base, relative)
     repo = repo_mod.Repository(path)
     assert repo.initialise() is True
