@@ -673,7 +673,7 @@ def test_scopes(ansible, copy):
         ({"name": "no-such-vm"}, "SET_NOT_FOUND"),
         ({"uuid": str(uuid.uuid4())}, "SET_NOT_FOUND"),
         ({"set_id": "latest"}, "INVALID_NAME"),
-        ({"repository": str(cp.path / "nope")}, "REPOSITORY_FORMAT"),
+        ({"repository": str(cp.path / "nope")}, "REPOSITORY_NOT_FOUND"),
     ]
     by_uuid, by_name, *results = verify_side_by_side(
         ansible, cp, [(False, {"uuid": built.vm.uuid.upper(), "record": False}), (False, {"name": built.other.name, "record": False})]
