@@ -71,24 +71,31 @@ def test_repository_owned_by_another_user_is_refused_by_every_module(ansible, vm
         "verify": ansible("verify", {"repository": str(repo), "uuid": vm.uuid}),
         "restore": ansible("restore", {"repository": str(repo), "uuid": vm.uuid, "restore_as": vm.name + "-r"}),
     }
+    assert tree_state(victims) == before, "root followed a link planted by another user"
+    assert (victims / "file").read_bytes() == b"precious root data\n" * 100
+    assert tree_state(repo) == repo_before
     for what, result in runs.items():
         assert result["failed"] and result["error_code"] == "UNSAFE_TARGET", (what, result)
         assert f"owned by uid {NOBODY}" in result["msg"], (what, result)
         assert result["unsafe_path"] == str(repo)
-    assert tree_state(victims) == before, "root followed a link planted by another user"
-    assert tree_state(repo) == repo_before
-    assert (victims / "file").read_bytes() == b"precious root data\n" * 100
 
 
 def test_a_parent_owned_by_another_user_is_refused(ansible, vms, repo_root):
+    """The repository is root's, but the user owning the directory above could rename it away."""
     parent = repo_root / "users-dir"
     parent.mkdir(mode=0o711)
+    (parent / "repo").mkdir(mode=0o711)
     os.chown(parent, NOBODY, NOBODY)
     vm = vms.create([DiskSpec("16M")])
-    result = ansible("export", {"name": vm.name, "repository": str(parent / "repo"), "create_repository": True})
+    before = tree_state(parent)
+    result = ansible("export", {"name": vm.name, "repository": str(parent / "repo")})
+    assert tree_state(parent) == before
     assert result["failed"] and result["error_code"] == "UNSAFE_TARGET", result
     assert result["unsafe_path"] == str(parent)
-    assert os.listdir(parent) == []
+    # Nor may a new repository be created there.
+    result = ansible("export", {"name": vm.name, "repository": str(parent / "new"), "create_repository": True})
+    assert result["failed"] and result["error_code"] == "UNSAFE_TARGET", result
+    assert tree_state(parent) == before
 
 
 @pytest.mark.parametrize("planted", ["lock", ".incomplete", "sets", "staging"])
@@ -109,6 +116,7 @@ def test_a_link_planted_in_a_writable_repository_is_never_followed(ansible, vms,
     before = tree_state(victims)
 
     result = ansible("export", {"name": vm.name, "repository": str(repo), "allow_unsafe_permissions": True})
+    assert tree_state(victims) == before, f"root followed the link planted as {planted}"
     if planted == "staging":
         # A leftover in the staging root is removed - the link itself, not what it points to.
         assert result["changed"] and not result["failed"], result
@@ -129,16 +137,23 @@ def test_a_link_planted_in_a_writable_repository_is_never_followed(ansible, vms,
 def test_a_parent_others_can_write_is_refused_unless_sticky(ansible, vms, repo_root, mode, code):
     parent = repo_root / "shared"
     parent.mkdir()
+    (parent / "repo").mkdir(mode=0o711)
     os.chmod(parent, mode)
     vm = vms.create([DiskSpec("16M")])
-    result = ansible("export", {"name": vm.name, "repository": str(parent / "repo"), "create_repository": True})
+    before = tree_state(parent)
+    result = ansible("export", {"name": vm.name, "repository": str(parent / "repo")})
     if code is None:
         assert result["changed"] and not result["failed"], result
         assert stat.S_IMODE((parent / "repo").stat().st_mode) == 0o711
+        created = ansible("export", {"name": vm.name, "repository": str(parent / "new"), "create_repository": True})
+        assert created["changed"] and not created["failed"], created
     else:
+        assert tree_state(parent) == before
         assert result["failed"] and result["error_code"] == code, result
         assert result["unsafe_path"] == str(parent)
-        assert os.listdir(parent) == []
+        result = ansible("export", {"name": vm.name, "repository": str(parent / "new"), "create_repository": True})
+        assert result["failed"] and result["error_code"] == code, result
+        assert tree_state(parent) == before
 
 
 # --------------------------------------------------------------------------- item 2: private while written
@@ -256,7 +271,8 @@ def test_required_mount_detects_an_unmounted_share(ansible, vms, repo_root):
     mnt = repo_root / "share"
     mnt.mkdir(mode=0o711)
     repo = mnt / "vmbackup"
-    vm = vms.create([DiskSpec("16M", fill=[(0x73, "0", "1M")])])
+    # Shut off: a running QEMU lives in its own mount namespace and would not see a mount made after it started.
+    vm = vms.create([DiskSpec("16M", fill=[(0x73, "0", "1M")])], running=False)
     args = {"name": vm.name, "repository": str(repo), "required_mount": str(mnt)}
 
     # Not mounted: the mount point is an ordinary empty directory of the root file system.
@@ -267,7 +283,7 @@ def test_required_mount_detects_an_unmounted_share(ansible, vms, repo_root):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,mode=0711", "tmpfs", str(mnt)], check=True)
     try:
         done = ansible("export", dict(args, create_repository=True))
-        assert done["changed"] and not done["failed"], done
+        assert done["changed"] and not done["failed"], done["msg"]
         assert os.stat(repo).st_dev == os.stat(mnt).st_dev != os.stat(repo_root).st_dev
         assert not ansible("verify", {"repository": str(repo), "required_mount": str(mnt)})["failed"]
         # The repository must be below the mount point, on its file system.
