@@ -159,10 +159,12 @@ def test_a_parent_others_can_write_is_refused_unless_sticky(ansible, vms, repo_r
 # --------------------------------------------------------------------------- item 2: private while written
 
 
-def test_shut_off_copy_is_private_from_the_first_byte(ansible, vms, repo):
-    """Watch every file of the staging directory while qemu-img writes a shut-off VM's copy:
-    none may ever be readable by group or others, and nothing is opened up later."""
-    vm = vms.create([DiskSpec("1G", fill=[(0x5A, "0", "600M")])], running=False)
+@pytest.mark.parametrize("running", [False, True], ids=["shut-off-copy", "live-push-backup"])
+def test_backup_data_is_private_from_the_first_byte(ansible, vms, repo, running):
+    """Watch every file of the staging directory while qemu-img (a shut-off VM's copy) or QEMU
+    (a push-mode backup) writes it: none may ever be readable by group or others, and nothing is
+    opened up later."""
+    vm = vms.create([DiskSpec("1G", fill=[(0x5A, "0", "600M")])], running=running)
     incomplete = repo / "vms" / vm.uuid / ".incomplete"
     seen: dict[str, set[int]] = {}
     sizes: dict[str, set[int]] = {}
@@ -189,7 +191,7 @@ def test_shut_off_copy_is_private_from_the_first_byte(ansible, vms, repo):
     finally:
         stop.set()
         watcher.join(10)
-    assert result["changed"] and result["type"] == "copy", result
+    assert result["changed"] and result["type"] == ("full" if running else "copy"), result
     disk = "disks/vda.qcow2"
     assert disk in sizes and len(sizes[disk]) > 1, f"the copy was not observed while it was written: {sizes}"
     for rel, modes in sorted(seen.items()):
