@@ -93,7 +93,7 @@ options:
       - Without it a missing O(repository) fails with C(REPOSITORY_NOT_FOUND), so that a typo or an unmounted
         share does not silently become a new repository on the root file system. An existing empty directory is
         initialised either way.
-      - Only the repository directory itself is created: when its parent directory does not exist the module fails with
+      - Only the repository directory itself is created. When its parent directory does not exist the module fails with
         C(REPOSITORY_NOT_FOUND) even with O(create_repository=true).
       - In check mode nothing is created; the result says what a real run would do.
     type: bool
