@@ -31,8 +31,9 @@ options:
         C(/mnt/backup/vmbackup).
       - Before anything is written or read, the module checks that this path is a mount point now and that
         O(repository) is below it, on the file system mounted there; otherwise it fails with C(REPOSITORY_NOT_MOUNTED).
-      - This is how to detect an unmounted share. Without it, an unmounted mount point is an ordinary empty directory
-        of the root file system, which M(vmbackup.libvirt.export) would initialise as a repository.
+      - This is how to detect an unmounted share. Without it, only a mount point listed in C(/etc/fstab) that is not
+        mounted is detected (also C(REPOSITORY_NOT_MOUNTED)); any other unmounted mount point is an ordinary empty
+        directory of the root file system, which M(vmbackup.libvirt.export) would initialise as a repository.
     type: path
   lock_timeout:
     description:

@@ -33,6 +33,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import typing as t
 import uuid
@@ -347,6 +348,7 @@ def inspect_repository(path: str, allow_unsafe_permissions: bool = False, create
     """
     warnings: list[str] = []
     check_trusted_path(path, "repository", allow_unsafe_permissions)
+    check_expected_mounts(path)
     exists = os.path.isdir(path)
     if not exists:
         parent = os.path.dirname(path)
@@ -385,6 +387,7 @@ def open_repository(path: str, allow_unsafe_permissions: bool = False) -> "Repos
     a VM from what it holds. REPOSITORY_NOT_FOUND for a path that is not one, REPOSITORY_FORMAT for
     a marker this collection cannot read."""
     check_trusted_path(path, "repository", allow_unsafe_permissions)
+    check_expected_mounts(path)
     hint = "check the path, and that its file system is mounted"
     if not os.path.isdir(path):
         raise VmBackupError("REPOSITORY_NOT_FOUND", f"repository {path} does not exist; {hint}")
@@ -399,6 +402,59 @@ def open_repository(path: str, allow_unsafe_permissions: bool = False) -> "Repos
     return Repository(path, allow_unsafe_permissions)
 
 
+FSTAB = "/etc/fstab"
+MOUNTINFO = "/proc/self/mountinfo"
+# fstab entries that are not file systems at a directory.
+_NOT_A_MOUNT = ("none", "swap", "")
+
+
+def _unescape_mount_path(field: str) -> str:
+    """fstab and mountinfo write a space as \\040, a tab as \\011 (octal escapes)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mount_points(mountinfo: str = MOUNTINFO) -> set[str]:
+    """Directories something is mounted on now (bind mounts too, which os.path.ismount misses)."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            return {_unescape_mount_path(line.split()[4]) for line in fh if len(line.split()) > 4}
+    except OSError:
+        return set()
+
+
+def is_mount_point(path: str, mountinfo: str = MOUNTINFO) -> bool:
+    return os.path.ismount(path) or path in _mount_points(mountinfo)
+
+
+def check_expected_mounts(path: str, fstab: str = FSTAB, mountinfo: str = MOUNTINFO) -> None:
+    """REPOSITORY_NOT_MOUNTED when /etc/fstab names a mount point at or above the repository that
+    is not mounted now: the repository would be (or is) the empty directory the share left on the
+    file system below, which is the classic way backups fill / and are lost with the host."""
+    try:
+        with open(fstab, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return
+    mounted = None
+    for line in lines:
+        fields = line.split()
+        if not fields or fields[0].startswith("#") or len(fields) < 3:
+            continue
+        where = _unescape_mount_path(fields[1])
+        if fields[2] in _NOT_A_MOUNT or not where.startswith("/") or where in _NOT_A_MOUNT:
+            continue
+        where = "/" + os.path.normpath(where).lstrip("/")
+        if where == "/" or not (path == where or path.startswith(where + "/")):
+            continue
+        if mounted is None:
+            mounted = _mount_points(mountinfo)
+        if where not in mounted and not os.path.ismount(where):
+            raise VmBackupError(
+                "REPOSITORY_NOT_MOUNTED",
+                f"repository {path} is below {where}, which {fstab} lists ({fields[0]}, {fields[2]}) but which is not "
+                "mounted now; mount it first (nothing was written)", required_mount=where)
+
+
 def check_required_mount(path: str, required_mount: str | None) -> None:
     """REPOSITORY_NOT_MOUNTED unless ``required_mount`` is a mount point now and the repository
     ``path`` is below it, on the file system mounted there (an unmounted share leaves an empty
@@ -411,7 +467,7 @@ def check_required_mount(path: str, required_mount: str | None) -> None:
     if mount != "/" and not (path == mount or path.startswith(mount + "/")):
         raise VmBackupError(
             "REPOSITORY_NOT_MOUNTED", f"repository {path} is not below required_mount {mount}", required_mount=mount)
-    if not os.path.ismount(mount):
+    if not is_mount_point(mount):
         raise VmBackupError(
             "REPOSITORY_NOT_MOUNTED",
             f"required_mount {mount} is not a mount point now (is the share mounted?); nothing was written to "

@@ -13,11 +13,10 @@ import pathlib
 import stat
 import subprocess
 import threading
-import time
 
 import pytest
 
-from harness import DiskSpec, tree_state, wait_for
+from harness import DiskSpec, parse_result, tree_state
 
 NOBODY = 65534
 
@@ -302,3 +301,39 @@ def test_required_mount_detects_an_unmounted_share(ansible, vms, repo_root):
         assert result["failed"] and result["error_code"] == "REPOSITORY_NOT_MOUNTED", (module, result)
         assert "not a mount point" in result["msg"]
     assert tree_state(mnt) == before == {".": before["."]}
+
+
+def test_an_unmounted_fstab_share_is_refused_without_required_mount(ansible, vms, repo_root):
+    """The classic accident: /etc/fstab mounts a share at the repository's place, the share is
+    not mounted, and its empty mount point would become a repository on the root file system.
+    The run sees its own /etc/fstab through a private mount namespace (the host's stays as it is)."""
+    mnt = repo_root / "share"
+    mnt.mkdir(mode=0o711)
+    fstab = repo_root / "fstab"
+    fstab.write_text(f"# test fstab\nUUID=0000 / ext4 defaults 0 1\nnfs.example:/backup {mnt} nfs4 defaults,_netdev 0 0\n")
+    vm = vms.create([DiskSpec("16M", fill=[(0x74, "0", "1M")])], running=False)
+
+    def in_namespace(module: str, args: dict) -> dict:
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", 'mount --bind "$0" /etc/fstab; exec "$@"',
+                str(fstab)] + ansible.argv(module, args)
+        proc = subprocess.run(argv, env=ansible.env, capture_output=True, text=True, timeout=600, check=False)
+        return parse_result(proc.stdout, proc.stderr)
+
+    before = tree_state(mnt)
+    for module, args in (("export", {"name": vm.name, "repository": str(mnt)}),  # the empty mount point itself
+                         ("export", {"name": vm.name, "repository": str(mnt / "vmbackup"), "create_repository": True}),
+                         ("verify", {"repository": str(mnt / "vmbackup")}),
+                         ("restore", {"repository": str(mnt / "vmbackup"), "name": vm.name})):
+        result = in_namespace(module, args)
+        assert result["failed"] and result["error_code"] == "REPOSITORY_NOT_MOUNTED", (module, result)
+        assert f"below {mnt}," in result["msg"] and "/etc/fstab" in result["msg"]
+    assert tree_state(mnt) == before == {".": before["."]}
+
+    # Mounted (in the run's namespace, as the fstab says), the same export works.
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+            'mount --bind "$0" /etc/fstab; mount -t tmpfs -o size=32M,mode=0711 tmpfs "$1"; shift; exec "$@"',
+            str(fstab), str(mnt)] + ansible.argv("export", {"name": vm.name, "repository": str(mnt)})
+    proc = subprocess.run(argv, env=ansible.env, capture_output=True, text=True, timeout=600, check=False)
+    done = parse_result(proc.stdout, proc.stderr)
+    assert done["changed"] and not done["failed"], done
+    assert tree_state(mnt) == before, "the backup went to the namespace's tmpfs, not to the directory below it"

@@ -1013,3 +1013,57 @@ def test_required_mount_same_file_system():
 
 def test_required_mount_relative_is_invalid():
     _raises("INVALID_ARGUMENT", repo_mod.check_required_mount, "/srv/repo", "srv")
+
+
+# --------------------------------------------------------------------------- fstab: a mount point that should be mounted
+
+
+def _files(base, fstab: str, mounted: list[str]) -> tuple[str, str]:
+    fstab_path, info_path = os.path.join(base, "fstab"), os.path.join(base, "mountinfo")
+    with open(fstab_path, "w", encoding="utf-8") as fh:
+        fh.write(fstab)
+    with open(info_path, "w", encoding="utf-8") as fh:
+        for i, where in enumerate(["/"] + mounted):
+            fh.write(f"{20 + i} 1 0:{30 + i} / {where.replace(' ', chr(92) + '040')} rw,relatime - ext4 /dev/x rw\n")
+    return fstab_path, info_path
+
+
+FSTAB = """# /etc/fstab
+UUID=1234 / ext4 defaults 0 1
+/dev/vdb1 none swap sw 0 0
+nfs:/export/backup /mnt/backup nfs4 defaults,_netdev 0 0
+//srv/share /mnt/with\\040space cifs noauto 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    "path, mounted, refused",
+    [
+        pytest.param("/mnt/backup/vmbackup", [], "/mnt/backup", id="below-an-unmounted-share"),
+        pytest.param("/mnt/backup", [], "/mnt/backup", id="the-unmounted-mount-point-itself"),
+        pytest.param("/mnt/backup/vmbackup", ["/mnt/backup"], None, id="mounted"),
+        pytest.param("/mnt/backup2/vmbackup", [], None, id="a-name-that-only-starts-alike"),
+        pytest.param("/srv/vmbackup", [], None, id="not-below-any-entry"),
+        pytest.param("/mnt/with space/repo", [], "/mnt/with space", id="escaped-space"),
+        pytest.param("/mnt/with space/repo", ["/mnt/with space"], None, id="escaped-space-mounted"),
+    ],
+)
+def test_check_expected_mounts(base, path, mounted, refused):
+    fstab, info = _files(base, FSTAB, mounted)
+    if refused is None:
+        repo_mod.check_expected_mounts(path, fstab, info)
+    else:
+        err = _raises("REPOSITORY_NOT_MOUNTED", repo_mod.check_expected_mounts, path, fstab, info)
+        assert f"below {refused}," in err.msg and "not mounted" in err.msg
+        assert err.details["required_mount"] == refused
+
+
+def test_check_expected_mounts_without_fstab(base):
+    repo_mod.check_expected_mounts("/mnt/backup/repo", os.path.join(base, "missing"), os.path.join(base, "missing"))
+
+
+def test_is_mount_point_sees_bind_mounts_in_mountinfo(base):
+    _fstab, info = _files(base, "", ["/srv/bound"])
+    assert repo_mod.is_mount_point("/srv/bound", info)
+    assert repo_mod.is_mount_point("/", info)
+    assert not repo_mod.is_mount_point(base, info)
