@@ -941,7 +941,7 @@ def test_set_ids_ignore_links_and_read_manifest_does_not_follow_them(repo, base)
 
 
 def test_sidecar_through_a_symlink_is_unreadable(repo, base):
-    victim, _ = _victim(base)
+    victim, _before = _victim(base)
     os.symlink(victim, os.path.join(repo.sets_dir(VM), "20261125T073512Z-001.verify.json"))
     assert repo.read_verify_sidecar(VM, "20261125T073512Z-001") == {"outcome": "unreadable"}
 
