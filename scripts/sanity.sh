@@ -8,7 +8,7 @@
 # Environment:
 #   VENV            virtualenv holding ansible-core/ansible-test (default: <repo>/.venv)
 #   PYTHON_VERSION  Python version to test with (default: 3.11)
-#   SANITY_WORKDIR  scratch root (default: ${TMPDIR:-/tmp}/vmbackup-sanity); wiped on each run
+#   SANITY_WORKDIR  scratch root (default: ${TMPDIR:-/tmp}/vmbackup-sanity-<hash of the checkout path>); wiped on each run
 #
 # How it works:
 #   * ansible-test insists on running from .../ansible_collections/<ns>/<name> (real path,
@@ -32,7 +32,8 @@ set -euo pipefail
 REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 VENV=${VENV:-$REPO/.venv}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
-WORKROOT=${SANITY_WORKDIR:-${TMPDIR:-/tmp}/vmbackup-sanity}
+# One scratch root per checkout, so that runs from two worktrees do not wipe each other.
+WORKROOT=${SANITY_WORKDIR:-${TMPDIR:-/tmp}/vmbackup-sanity-$(printf %s "$REPO" | sha256sum | cut -c1-8)}
 
 ANSIBLE_TEST=$VENV/bin/ansible-test
 VENV_PYTHON=$VENV/bin/python

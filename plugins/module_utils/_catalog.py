@@ -103,11 +103,8 @@ class Catalog:
         """
         for set_id in reversed(self.ids()):
             entry = self.sets[set_id]
-            stamp = entry.manifest.get("completed") if entry.manifest else None
-            try:
-                completed = _manifest.parse_iso(stamp) if stamp else _set_id_time(set_id)
-            except (TypeError, ValueError):  # hand-edited: "completed" is not checked on load
-                completed = _set_id_time(set_id)
+            # A valid manifest has a completion time; an unreadable one is ordered by its id.
+            completed = _manifest.parse_iso(entry.manifest["completed"]) if entry.manifest else _set_id_time(set_id)
             if completed <= when:
                 return set_id
         return None
@@ -240,7 +237,10 @@ def parse_as_of(text: str) -> dt.datetime:
         raise VmBackupError("INVALID_ARGUMENT", f"as_of {text!r} is not an ISO 8601 time such as 2026-11-25T07:00:00Z") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
+    try:
+        return parsed.astimezone(dt.timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-23:59 is past the last representable UTC time
+        raise VmBackupError("INVALID_ARGUMENT", f"as_of {text!r} is out of range once converted to UTC") from None
 
 
 def vm_uuids(repo: repo_mod.Repository) -> list[str]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import typing as t
 
 # Every code a module can return in ``error_code``. docs/error-codes.md documents each one;
-# tests/unit checks that the two lists agree.
+# tests/unit checks that the two lists agree. A code joins the list with the module that can
+# return it (QUIESCE_FAILED comes with snapshot, RETENTION_POLICY_EMPTY with prune).
 ERROR_CODES: dict[str, str] = {
     "MISSING_DEPENDENCY": "a Python library or a command the module needs is not installed",
     "LIBVIRT_UNAVAILABLE": "the libvirt daemon at `uri` cannot be reached or refused the call",
@@ -22,7 +23,8 @@ ERROR_CODES: dict[str, str] = {
     "INVALID_NAME": "a name, UUID, disk target, period or set id is malformed",
     "INVALID_ARGUMENT": "an option value is out of range or options contradict each other",
     "PATH_ESCAPE": "a path is relative or contains `..`",
-    "UNSAFE_TARGET": "a directory root would write in (repository, disk directory) or one above it is a symlink, is owned by another user, or is writable by others",
+    "UNSAFE_TARGET": ("a directory root would write in (repository, disk directory) or one above it is a symlink, "
+                      "is owned by another user, or is writable by others"),
     "REPOSITORY_NOT_FOUND": "the repository path does not exist (or holds no repository) and creating one was not asked for",
     "REPOSITORY_NOT_MOUNTED": "`required_mount` is not a mount point, or the repository is not on the file system mounted there",
     "TARGET_NOT_ACCESSIBLE": "QEMU (user libvirt-qemu) cannot reach the repository to write a live backup",
@@ -34,7 +36,6 @@ ERROR_CODES: dict[str, str] = {
     "PARENT_CHECKPOINT_INVALID": "`mode: incremental` was asked for but no valid parent exists",
     "TOPOLOGY_CHANGED": "`mode: incremental` was asked for but the VM's disks changed since the parent",
     "VM_STOPPED_DURING_BACKUP": "the VM stopped while its backup job ran",
-    "QUIESCE_FAILED": "the guest agent could not freeze the guest's file systems",
     "CHECKSUM_MISMATCH": "a file's sha256 differs from its manifest",
     "SIZE_MISMATCH": "a file's size differs from its manifest",
     "FILE_MISSING": "a file the manifest lists is missing (or is not a regular file)",
@@ -45,7 +46,6 @@ ERROR_CODES: dict[str, str] = {
     "TARGET_PATH_EXISTS": "a restore target file already exists",
     "TARGET_VM_RUNNING": "`overwrite: replace` was asked for but the VM to replace is not shut off",
     "RESTORE_FAILED": "qemu-img or libvirt failed while restoring; everything the run wrote was removed",
-    "RETENTION_POLICY_EMPTY": "a retention policy would keep nothing",
     "REPOSITORY_FORMAT": "the repository or a manifest has an unknown or unreadable format",
     "IO_ERROR": "reading or writing the repository failed (disk full, permissions, I/O error)",
     "CANCELLED": "the run received SIGINT or SIGTERM (an AWX job cancel) and rolled back",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 import typing as t
 import xml.etree.ElementTree as ET
@@ -351,18 +352,126 @@ def domain_exists_uuid(conn, vm_uuid: str) -> bool:
     return True
 
 
-def paths_in_use(conn) -> set[str]:
-    """Every file a defined domain (running or not) uses as a disk or NVRAM."""
-    used = set()
+# (path, driver type) -> backing files below it, top first excluded; raises VmBackupError when unreadable.
+BackingReader = t.Callable[[str, t.Optional[str]], t.List[str]]
+
+
+@dataclasses.dataclass
+class InUse:
+    """Every file a defined domain uses, and why: what restore must never delete.
+
+    A file counts by its path, by the path a symbolic link leads to, and by its inode (a hard
+    link, or the same file under another name). ``unknown`` lists disks whose backing chain
+    could not be read: any file might be one of their backing files.
+    """
+
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    inodes: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+    unknown: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, path: str, reason: str) -> None:
+        self.reasons.setdefault(path, reason)
+        try:
+            st = os.stat(path)  # the file the domain opens (through any link)
+        except OSError:
+            return
+        self.inodes.setdefault((st.st_dev, st.st_ino), reason)
+        real = os.path.realpath(path)
+        if real != path:
+            self.reasons.setdefault(real, reason)
+
+    def reason(self, path: str, st: os.stat_result | None = None) -> str | None:
+        """Why ``path`` (whose lstat is ``st``, when known) must be kept, or None when no domain uses it."""
+        if path in self.reasons:
+            return self.reasons[path]
+        if st is not None and (st.st_dev, st.st_ino) in self.inodes:
+            return self.inodes[(st.st_dev, st.st_ino)]
+        if self.unknown:
+            return f"the backing chain of {self.unknown[0]} could not be read, so it may use this file"
+        return None
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.reason(path) is not None
+
+
+def _volume_path(conn, pool: str | None, volume: str | None) -> str | None:
+    if conn is None or not pool or not volume:
+        return None
+    try:
+        return conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).path()
+    except libvirt.libvirtError:
+        return None
+
+
+def _domain_files(xml: str, conn=None) -> t.Iterator[tuple[str, str, str | None, str]]:
+    """(path, what, driver type, source type) of every local file or device a domain XML names
+    (a storage pool volume by its path, when ``conn`` can look it up)."""
+    root = ET.fromstring(xml)
+    for el in root.findall("./devices/disk"):
+        target_el = el.find("target")
+        target = target_el.get("dev") if target_el is not None else "?"
+        driver_el = el.find("driver")
+        fmt = driver_el.get("type") if driver_el is not None else None
+        source_el = el.find("source")
+        source = None
+        kind = el.get("type", "file")
+        if source_el is not None:
+            source = source_el.get("file") or source_el.get("dev")
+            if kind == "volume":
+                source, kind = _volume_path(conn, source_el.get("pool"), source_el.get("volume")), "file"
+        if source:
+            yield source, f"disk {target}", fmt, kind
+        # libvirt puts the backing chain it knows into the live XML
+        for backing in el.iter("backingStore"):
+            bsource = backing.find("source")
+            path = (bsource.get("file") or bsource.get("dev")) if bsource is not None else None
+            if path:
+                yield path, f"a backing file of disk {target}", None, "backing"
+    for tag in ("loader", "nvram", "kernel", "initrd", "dtb"):
+        text = root.findtext(f"./os/{tag}")
+        if text and text.strip().startswith("/"):
+            yield text.strip(), tag, None, "os"
+
+
+def paths_in_use(conn, backing_reader: BackingReader | None = None, exclude_uuids: t.Iterable[str] = ()) -> InUse:
+    """Every file a defined domain (running or not, other than ``exclude_uuids``) uses: its disks,
+    their whole backing chains (read with ``backing_reader``, as ``qemu-img info --backing-chain
+    -U`` does), NVRAM, loader and kernel. A running domain counts with its live and its
+    persistent definition (a disk attached live only is in use too)."""
+    used = InUse()
+    skip = {str(u).lower() for u in exclude_uuids}
     for dom in conn.listAllDomains(0):
         try:
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            if dom.UUIDString().lower() in skip:
+                continue
+            name = dom.name()
+            active = dom.isActive()
         except libvirt.libvirtError:
             continue  # undefined meanwhile
-        used.update(d.source for d in parse_disks(xml) if d.source)
-        nvram = nvram_path(xml)
-        if nvram:
-            used.add(nvram)
+        xmls = []
+        for flags in (libvirt.VIR_DOMAIN_XML_INACTIVE, 0) if active else (libvirt.VIR_DOMAIN_XML_INACTIVE,):
+            try:
+                xmls.append(dom.XMLDesc(flags))
+            except libvirt.libvirtError:
+                continue  # a transient domain has no persistent definition; gone meanwhile
+        seen = set()
+        for xml in xmls:
+            for path, what, fmt, kind in _domain_files(xml, conn):
+                if (path, what) in seen:
+                    continue
+                seen.add((path, what))
+                used.add(path, f"{what} of domain {name!r}")
+                # A raw image has no backing file; a qcow2 chain is read from the image headers.
+                if kind not in ("file", "block") or backing_reader is None or fmt == "raw" or not os.path.exists(path):
+                    continue
+                try:
+                    chain = backing_reader(path, fmt)
+                except VmBackupError as exc:
+                    if os.path.exists(path):  # not just removed meanwhile
+                        used.unknown.append(f"{what} of domain {name!r} ({path}: {exc.msg[:200]})")
+                    continue
+                for backing in chain:
+                    used.add(backing, f"a backing file of {what} of domain {name!r}")
     return used
 
 

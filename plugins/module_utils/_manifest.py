@@ -35,6 +35,8 @@ _CHECKPOINT_RE = re.compile(r"^vmbackup-([0-9a-f]{12})-(\d+)$")
 # Disk targets become file names; libvirt's own targets (vda, sdb, hdc, xvdaa, ...) fit this.
 _TARGET_RE = re.compile(r"^[a-z]{1,4}[a-z0-9]{0,12}$")
 _PERIOD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CONSISTENCY = ("crash", "application")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 
@@ -173,8 +175,30 @@ def _require(cond: bool, what: str, set_id: str | None, **details: t.Any) -> Non
         raise VmBackupError("REPOSITORY_FORMAT", f"manifest{where} is invalid: {what}", set_id=set_id, **details)
 
 
+def _is_count(value: t.Any) -> bool:
+    """A non-negative integer from JSON (``true`` is not a size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: t.Any) -> bool:
+    return isinstance(value, str) and bool(_SHA256_RE.fullmatch(value))
+
+
+def _is_timestamp(value: t.Any) -> bool:
+    try:
+        parse_iso(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# Which disk methods each set type may hold: a full or incremental set copies raw disks in full.
+_METHODS_OF_TYPE = {"full": ("full",), "incremental": ("incremental", "full"), "copy": ("copy",)}
+
+
 def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str, t.Any]:
-    """Check the structure of a parsed manifest; raise REPOSITORY_FORMAT naming the first fault."""
+    """Check every field of a parsed manifest that the collection reads; raise REPOSITORY_FORMAT
+    naming the first fault. After this, readers may index the fields without further checks."""
     sid = expected_set_id
     _require(isinstance(m, dict), "not a JSON object", sid)
     _require(m.get("format") == MANIFEST_FORMAT, f"format is {m.get('format')!r}", sid)
@@ -187,36 +211,53 @@ def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str,
     if expected_set_id is not None:
         _require(m["set_id"] == expected_set_id, f"set_id {m['set_id']!r} does not match its directory", sid)
     _require(m.get("type") in SET_TYPES, f"type {m.get('type')!r} is unknown", sid)
-    _require(isinstance(m.get("vm"), dict) and "uuid" in m["vm"], "vm.uuid is missing", sid)
+    vm = m.get("vm")
+    _require(isinstance(vm, dict) and "uuid" in vm, "vm.uuid is missing", sid)
+    _require(isinstance(vm["uuid"], str) and bool(_UUID_RE.fullmatch(vm["uuid"])), "vm.uuid is not a UUID", sid)
+    _require(vm.get("name") is None or isinstance(vm.get("name"), str), "vm.name is not a string", sid)
+    for key in ("started", "completed"):
+        _require(_is_timestamp(m.get(key)), f"{key} is not a UTC timestamp like 2026-11-25T07:35:12Z", sid)
+    _require(m.get("chain_id") is None or bool(isinstance(m["chain_id"], str) and _CHAIN_ID_RE.fullmatch(m["chain_id"])),
+             "chain_id is malformed", sid)
+    _require(m.get("checkpoint") is None or isinstance(m["checkpoint"], str), "checkpoint is not a string", sid)
+    _require(m.get("period") is None or isinstance(m["period"], str), "period is not a string", sid)
+    _require(m.get("consistency") in CONSISTENCY, f"consistency {m.get('consistency')!r} is unknown", sid)
+    _require(isinstance(m.get("skipped_disks", []), list), "skipped_disks is not a list", sid)
     files = m.get("files")
     _require(isinstance(files, dict), "files is not a mapping", sid)
     for rel, entry in files.items():
         _require(_is_safe_relpath(rel), f"file path {rel!r} escapes the set", sid)
         _require(
-            isinstance(entry, dict)
-            and isinstance(entry.get("size"), int)
-            and isinstance(entry.get("sha256"), str)
-            and len(entry["sha256"]) == 64,
+            isinstance(entry, dict) and _is_count(entry.get("size")) and _is_sha256(entry.get("sha256")),
             f"file {rel!r} has no size or sha256",
             sid,
         )
+        _require(entry.get("role") is None or isinstance(entry["role"], str), f"file {rel!r} has a role that is not a string", sid)
     disks = m.get("disks")
     _require(isinstance(disks, list) and disks, "disks is empty", sid)
+    targets = set()
     for disk in disks:
         _require(isinstance(disk, dict) and disk.get("method") in DISK_METHODS, "a disk has no valid method", sid)
+        target = disk.get("target")
+        _require(isinstance(target, str) and bool(_TARGET_RE.fullmatch(target)), f"a disk has an invalid target {target!r}", sid)
+        _require(target not in targets, f"disk {target} is listed twice", sid)
+        targets.add(target)
         _require(
             isinstance(disk.get("file"), str) and disk["file"] in files,
-            f"disk {disk.get('target')!r} references a file without a checksum",
+            f"disk {target!r} references a file without a checksum",
             sid,
             unchecked_file=disk.get("file"),
         )
+        _require(disk["method"] in _METHODS_OF_TYPE[m["type"]],
+                 f"disk {target} has method {disk['method']} in a {m['type']} set", sid)
+        _require(_is_count(disk.get("virtual_size")) and disk["virtual_size"] > 0,
+                 f"disk {target} has no virtual_size", sid)
+        _require(_is_count(disk.get("size")), f"disk {target} has no size", sid)
+        _require(disk.get("format") is None or isinstance(disk["format"], str), f"disk {target} has a format that is not a string", sid)
     if m["type"] == "incremental":
         parent = m.get("parent")
         _require(
-            isinstance(parent, dict)
-            and is_set_id(parent.get("set_id"))
-            and isinstance(parent.get("manifest_sha256"), str)
-            and len(parent["manifest_sha256"]) == 64,
+            isinstance(parent, dict) and is_set_id(parent.get("set_id")) and _is_sha256(parent.get("manifest_sha256")),
             "an incremental set has no parent reference",
             sid,
         )

@@ -359,8 +359,15 @@ class Verifier(Backend):
     def _result(self, sets, written, bytes_read, read_seconds, seconds) -> dict[str, t.Any]:
         failed = [s for s in sets if s["outcome"] != "ok"]
         findings = sorted(self.findings, key=lambda f: (f["vm_uuid"], f["set_id"], _code_rank(f["code"]), f["file"] or ""))
+        # Each finding is listed once, at the top; a set refers to those that affect it by index
+        # (a bit flip in a full would otherwise be copied into every point of its chain).
+        index = {id(f): i for i, f in enumerate(findings)}
+        sets = [dict({k: v for k, v in s.items() if k != "findings"}, finding_refs=sorted(index[id(f)] for f in s["findings"]))
+                for s in sets]
+        # A real run records a verdict beside every set it checks: that is the change check mode predicts.
+        changed = bool(sets) and self.p.record if self.check_mode else bool(written)
         result: dict[str, t.Any] = {
-            "changed": bool(written),
+            "changed": changed,
             "outcome": "failed" if failed else "ok",
             "level": self.p.level,
             "sets": sets,

@@ -36,7 +36,8 @@ attributes:
     description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
-      - Verifies everything and writes nothing (no verdict file, no lock).
+      - Verifies everything and writes nothing (no verdict file, no lock). Reports C(changed=true) when a real run would
+        record verdicts (O(record=true) and at least one set checked).
   diff_mode:
     description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
@@ -152,10 +153,10 @@ sets:
       description: Error codes of the findings that affect this point.
       type: list
       elements: str
-    findings:
-      description: The findings that affect this point.
+    finding_refs:
+      description: Indexes into RV(findings) of the findings that affect this point (each finding is listed once).
       type: list
-      elements: dict
+      elements: int
     files_checked:
       description: Files of this set that were checked.
       type: int

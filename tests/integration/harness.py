@@ -310,8 +310,21 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL ansible and every process below it: Ansible's worker calls setsid(), so a
     process-group kill would miss the module."""
-    os.kill(proc.pid, signal.SIGSTOP)  # freeze the tree while it is listed
-    pids = descendants(proc.pid)
+    # Freeze the whole tree first, then kill it: a process that outlives its parent for a
+    # moment may be sent a catchable signal (Ansible's worker dying) and would then roll back
+    # like a cancelled run, which is not the hard kill this simulates.
+    frozen: set[int] = set()
+    while True:
+        pids = [p for p in [proc.pid] + descendants(proc.pid) if p not in frozen]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+            frozen.add(pid)
+    pids = sorted(frozen - {proc.pid})
     for pid in [proc.pid] + pids:
         try:
             os.kill(pid, signal.SIGKILL)

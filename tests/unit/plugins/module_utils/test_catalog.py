@@ -387,6 +387,12 @@ def test_parse_as_of_rejects(text):
     assert "ISO 8601" in err.msg
 
 
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
+def test_parse_as_of_out_of_range_offset_is_invalid_argument(text):
+    err = _raises("INVALID_ARGUMENT", _catalog.parse_as_of, text)
+    assert "out of range" in err.msg and text in err.msg
+
+
 # --------------------------------------------------------------------------- which VMs
 def test_resolve_vms_by_uuid(builder, chain):
     builder.add(7, vm_uuid=OTHER_VM, name="db-01")
@@ -439,9 +445,11 @@ def test_resolve_vms_finds_nothing(builder, tmp_path):
 @pytest.mark.parametrize("completed", [123, None, ["2026-11-25T09:05:00Z"], "09:05", "2026-11-25T09:05:00+01:00"],
                          ids=["number", "null", "list", "time-only", "with-zone"])
 def test_as_of_falls_back_to_the_set_id_time_for_a_malformed_completion_time(builder, chain, completed):
-    """``completed`` is not checked when a manifest is loaded; a hand-edited one must not crash as_of."""
+    """A hand-edited ``completed`` makes the manifest invalid (REPOSITORY_FORMAT); as_of still
+    orders that set by its id's time and does not crash."""
     builder.rewrite(chain["i2"], lambda m: m.update(completed=completed))
     catalog = builder.catalog()
-    assert catalog.sets[chain["i2"]].manifest is not None
+    entry = catalog.sets[chain["i2"]]
+    assert entry.manifest is None and entry.error.error_code == "REPOSITORY_FORMAT" and "completed" in entry.error.msg
     assert catalog.as_of(T0.replace(hour=9)) == chain["i2"]
     assert catalog.as_of(T0.replace(hour=8, minute=59)) == chain["i1"]

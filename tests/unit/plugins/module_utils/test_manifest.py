@@ -364,8 +364,9 @@ def _manifest_kwargs(set_type: str = "full", set_id: str = f"{S0}-001") -> dict:
         consistency="crash",
         period="2026-W48",
         disks=[
-            {"target": "vda", "method": method, "format": "qcow2", "file": "disks/vda.qcow2", "size": 10},
-            {"target": "vdb", "method": "full" if incremental else method, "format": "raw", "file": "disks/vdb.qcow2", "size": 20},
+            {"target": "vda", "method": method, "format": "qcow2", "file": "disks/vda.qcow2", "size": 10, "virtual_size": 1 << 30},
+            {"target": "vdb", "method": "full" if incremental else method, "format": "raw", "file": "disks/vdb.qcow2", "size": 20,
+             "virtual_size": 1 << 29},
         ],
         skipped_disks=[{"target": "sda", "reason": "cdrom device"}],
         files={
@@ -501,6 +502,30 @@ _REJECTIONS = [
     ),
     pytest.param(_make_incremental({"set_id": "latest", "manifest_sha256": SHA_A}), "no parent reference", id="incremental-parent-bad-set-id"),
     pytest.param(_make_incremental("20261124T073512Z-001"), "no parent reference", id="incremental-parent-is-a-string"),
+    # Every field a reader indexes is checked here, so verify and restore never meet a KeyError.
+    pytest.param(_delete(("disks", 0, "virtual_size")), "disk vda has no virtual_size", id="missing-virtual-size"),
+    pytest.param(_set(("disks", 0, "virtual_size"), "1G"), "disk vda has no virtual_size", id="virtual-size-is-a-string"),
+    pytest.param(_set(("disks", 0, "virtual_size"), 0), "disk vda has no virtual_size", id="virtual-size-zero"),
+    pytest.param(_set(("disks", 0, "virtual_size"), True), "disk vda has no virtual_size", id="virtual-size-is-a-bool"),
+    pytest.param(_delete(("disks", 0, "size")), "disk vda has no size", id="disk-without-size"),
+    pytest.param(_set(("disks", 0, "size"), "11"), "disk vda has no size", id="disk-size-is-a-string"),
+    pytest.param(_delete(("disks", 0, "target")), "invalid target None", id="disk-without-target"),
+    pytest.param(_set(("disks", 0, "target"), "../vda"), "invalid target", id="disk-target-is-a-path"),
+    pytest.param(_set(("disks", 1, "target"), "vda"), "disk vda is listed twice", id="disk-listed-twice"),
+    pytest.param(_set(("disks", 0, "method"), "copy"), "method copy in a full set", id="method-does-not-fit-type"),
+    pytest.param(_set(("disks", 0, "format"), 2), "format that is not a string", id="disk-format-is-a-number"),
+    pytest.param(_set(("files", "disks/vda.qcow2", "size"), -1), "has no size or sha256", id="negative-size"),
+    pytest.param(_set(("files", "disks/vda.qcow2", "sha256"), "A" * 64), "has no size or sha256", id="uppercase-sha256"),
+    pytest.param(_set(("files", "domain.xml", "role"), 1), "role that is not a string", id="role-is-a-number"),
+    pytest.param(_set(("vm", "uuid"), "web-01"), "vm.uuid is not a UUID", id="vm-uuid-not-a-uuid"),
+    pytest.param(_set(("vm", "name"), ["web-01"]), "vm.name is not a string", id="vm-name-is-a-list"),
+    pytest.param(_delete(("completed",)), "completed is not a UTC timestamp", id="missing-completed"),
+    pytest.param(_set(("started",), "yesterday"), "started is not a UTC timestamp", id="started-not-a-time"),
+    pytest.param(_set(("chain_id",), "xyz"), "chain_id is malformed", id="bad-chain-id"),
+    pytest.param(_set(("checkpoint",), 5), "checkpoint is not a string", id="checkpoint-is-a-number"),
+    pytest.param(_set(("period",), 5), "period is not a string", id="period-is-a-number"),
+    pytest.param(_set(("consistency",), "shutoff"), "consistency 'shutoff' is unknown", id="unknown-consistency"),
+    pytest.param(_set(("skipped_disks",), "none"), "skipped_disks is not a list", id="skipped-disks-not-a-list"),
 ]
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -255,7 +256,7 @@ def test_removable_media_whose_file_is_missing_is_left_empty(exists, emptied):
         pytest.param(None, ["prod", "br0", "backup-net"], id="no-map"),
         pytest.param({"prod": "isolated"}, ["isolated", "br0", "backup-net"], id="network"),
         pytest.param({"br0": "br-test"}, ["prod", "br-test", "backup-net"], id="bridge"),
-        pytest.param({"prod": "isolated", "br0": "br-test", "nowhere": "x"}, ["isolated", "br-test", "backup-net"], id="both"),
+        pytest.param({"prod": "isolated", "br0": "br-test"}, ["isolated", "br-test", "backup-net"], id="both"),
         pytest.param({"prod": "backup-net", "backup-net": "prod"}, ["backup-net", "br0", "prod"], id="swap-is-not-chained"),
     ],
 )
@@ -501,3 +502,550 @@ def test_stale_journals_are_sorted_and_a_missing_directory_has_none(tmp_path, de
     paths = [_journal(tmp_path, token, {"pid": dead_pid, "n": i}) for i, token in enumerate(["c", "a", "b"])]
     assert [p for p, _data in stale_journals(str(tmp_path))] == sorted(paths)
     assert stale_journals(str(tmp_path / "missing")) == []
+
+
+# =========================================================================== identity, live disks, network_map, names
+# (issue 8 items 10-13, 15: the restore-identity work)
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._restore import (  # noqa: E402
+    Existing,
+    Identity,
+    decide_identity,
+    interface_macs,
+    redact_xml,
+    validate_name,
+)
+
+OTHER_UUID = "33333333-4444-4555-8666-777777777777"
+POINT = SET_ID
+OURS = {"vm_uuid": OLD_UUID, "set_id": POINT}
+
+
+def _decide(requested="new", replace=False, existing=None, uuid_holder=None, target_name="web01-restored"):
+    return decide_identity(source_uuid=OLD_UUID, source_name="web01", target_name=target_name, requested=requested,
+                           replace=replace, point=POINT, existing=existing, uuid_holder=uuid_holder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, kind, vm_uuid, macs, replacing",
+    [
+        pytest.param({}, "new", None, "new", False, id="new-name"),
+        pytest.param({"replace": True}, "new", None, "new", False, id="replace-nothing-there-is-a-new-vm"),
+        pytest.param({"replace": True, "existing": Existing(OLD_UUID, False, None, "shutoff")},
+                     "source", OLD_UUID, "saved", True, id="replace-source"),
+        pytest.param({"replace": True, "existing": Existing(OTHER_UUID, False, OURS, "shutoff")},
+                     "target", OTHER_UUID, "target", True, id="replace-other"),
+        pytest.param({"replace": True, "existing": Existing(OTHER_UUID, False, None, "shutoff")},
+                     "target", OTHER_UUID, "target", True, id="replace-other-not-restored-by-us"),
+        pytest.param({"requested": "original", "target_name": "web01"}, "original", OLD_UUID, "saved", False,
+                     id="disaster-restore"),
+        pytest.param({"existing": Existing(OTHER_UUID, False, OURS, "shutoff")}, "unchanged", OTHER_UUID, "saved", False,
+                     id="already-restored"),
+        pytest.param({"requested": "original", "target_name": "web01", "existing": Existing(OLD_UUID, False, OURS, "shutoff"),
+                      "uuid_holder": "web01"}, "unchanged", OLD_UUID, "saved", False, id="disaster-restore-rerun"),
+    ],
+)
+def test_identity_decision(kwargs, kind, vm_uuid, macs, replacing):
+    identity = _decide(**kwargs)
+    assert isinstance(identity, Identity)
+    assert (identity.kind, identity.uuid, identity.macs, identity.replacing) == (kind, vm_uuid, macs, replacing)
+    # Only the backed-up VM itself gets back its disks that were not restored.
+    assert identity.new_identity is (kind != "source")
+    assert identity.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, fragments",
+    [
+        pytest.param({"existing": Existing(OTHER_UUID, False, {"vm_uuid": OLD_UUID, "set_id": "20261124T000000Z-001"})},
+                     "TARGET_VM_EXISTS", ["web01-restored", "overwrite=replace"], id="other-point-no-replace"),
+        pytest.param({"existing": Existing(OTHER_UUID, False, {"vm_uuid": OTHER_UUID, "set_id": POINT})},
+                     "TARGET_VM_EXISTS", ["web01-restored"], id="same-point-of-another-vm"),
+        pytest.param({"replace": True, "existing": Existing(OTHER_UUID, True, None, "paused")},
+                     "TARGET_VM_RUNNING", ["paused"], id="replace-running"),
+        pytest.param({"requested": "original", "target_name": "web01", "existing": Existing(OLD_UUID, False, None, "shutoff"),
+                      "uuid_holder": "web01"}, "TARGET_VM_EXISTS", ["named 'web01'", OLD_UUID], id="original-source-still-defined"),
+        pytest.param({"requested": "original", "target_name": "web01", "existing": Existing(OTHER_UUID, False, OURS, "shutoff")},
+                     "TARGET_VM_EXISTS", ["named 'web01'"], id="original-name-taken-by-a-copy"),
+        pytest.param({"requested": "original", "target_name": "web01", "uuid_holder": "web01-renamed"},
+                     "TARGET_VM_EXISTS", ["web01-renamed", OLD_UUID], id="original-uuid-in-use"),
+    ],
+)
+def test_identity_decision_refuses(kwargs, code, fragments):
+    err = _raises(code, _decide, **kwargs)
+    for fragment in fragments:
+        assert fragment in err.msg
+
+
+def test_replacing_another_vm_keeps_its_macs_per_interface_and_no_unrestored_disk():
+    """Item 10: a copy restored before is replaced: its own MACs, in interface order; the
+    source's not-backed-up writable disk (vdc) is not attached."""
+    own = ["52:54:00:bb:00:01", None, "52:54:00:bb:00:03"]
+    root, dropped, _warnings = _restored(new_identity=True, macs=own)
+    assert [[m.get("address") for m in i.findall("mac")] for i in root.findall("./devices/interface")] == \
+        [[own[0]], [], [own[2]]]
+    assert not set(MACS) & {m.get("address") for m in root.iter("mac")}
+    assert dropped == ["vdc"] and _disk(root, "vdc") is None
+
+
+def test_disaster_restore_carries_the_saved_macs_but_no_unrestored_disk():
+    root, dropped, _warnings = _restored(name="web01", vm_uuid=OLD_UUID, new_identity=True, macs=interface_macs(SAVED_XML))
+    assert [m.get("address") for m in root.findall("./devices/interface/mac")] == MACS
+    assert root.findtext("uuid") == OLD_UUID and dropped == ["vdc"]
+
+
+def test_fewer_macs_than_interfaces_leaves_the_rest_to_libvirt():
+    root, _dropped, _warnings = _restored(macs=["52:54:00:bb:00:01"])
+    assert [m.get("address") for m in root.findall("./devices/interface/mac")] == ["52:54:00:bb:00:01"]
+
+
+def test_interface_macs():
+    assert interface_macs(SAVED_XML) == MACS
+    assert interface_macs("<domain><devices><interface type='user'/></devices></domain>") == [None]
+
+
+LIVE_XML = SAVED_XML.replace("</devices>", """
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/hot.qcow2' index='3'/>
+      <backingStore/>
+      <target dev='vde' bus='virtio'/>
+      <alias name='ua-vde'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x09' function='0x0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/hot2.qcow2'/>
+      <target dev='vdf' bus='virtio'/>
+      <alias name='virtio-disk5'/>
+    </disk>
+  </devices>""")
+
+
+def test_a_disk_attached_live_only_is_restored_from_the_live_xml():
+    """Item 11: vde/vdf were backed up but are only in the running VM's XML."""
+    disks = dict(BACKED_UP, vde=("/restore/vde.qcow2", "qcow2"), vdf=("/restore/vdf.qcow2", "raw"))
+    root, dropped, warnings = _restored(disks=disks, live_xml=LIVE_XML)
+    vde, vdf = _disk(root, "vde"), _disk(root, "vdf")
+    assert [s.attrib for s in vde.findall("source")] == [{"file": "/restore/vde.qcow2"}]
+    assert vde.find("backingStore") is None and vde.find("address") is None
+    assert vde.find("alias").get("name") == "ua-vde", "a user alias stays"
+    assert vdf.find("alias") is None, "libvirt's own alias goes"
+    assert vdf.find("driver").get("type") == "raw"
+    assert dropped == ["vdc"]
+    assert sum("attached to the running VM only" in w for w in warnings) == 2
+
+
+def test_a_backed_up_disk_found_nowhere_is_reported_dropped():
+    disks = dict(BACKED_UP, vde=("/restore/vde.qcow2", "qcow2"))
+    root, dropped, warnings = _restored(disks=disks)
+    assert _disk(root, "vde") is None
+    assert dropped == ["vdc", "vde"] and any("vde" in w and "not restored" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "network_map, unknown",
+    [
+        pytest.param({"prdo": "isolated"}, ["prdo"], id="typo"),
+        pytest.param({"prod": "isolated", "br1": "x", "Prod": "y"}, ["Prod", "br1"], id="two-typos-one-good"),
+    ],
+)
+def test_network_map_key_that_matches_nothing_fails(network_map, unknown):
+    """Item 12: a typo must not leave the VM on the production network."""
+    err = _raises("INVALID_ARGUMENT", _restored, network_map=network_map)
+    assert err.details["unknown_keys"] == unknown
+    for key in unknown:
+        assert repr(key) in err.msg
+    assert "network prod, bridge br0, network backup-net" in err.msg
+
+
+def test_network_map_on_a_vm_without_interfaces_fails():
+    err = _raises("INVALID_ARGUMENT", _restored, "<domain><name>x</name><devices/></domain>", disks={},
+                  network_map={"prod": "x"})
+    assert "no network or bridge interface" in err.msg
+
+
+@pytest.mark.parametrize("value", ["a\x01b", "tab\there", "new\nline", "del\x7f", "x" * 201, "a/b", ".", "..", "", None, 3])
+def test_validate_name_refuses(value):
+    _raises("INVALID_NAME", validate_name, value, "restore_as")
+
+
+@pytest.mark.parametrize(
+    "overrides, code, fragment",
+    [
+        pytest.param({"restore_as": "web\x01copy"}, "INVALID_NAME", "control", id="restore-as-control"),
+        pytest.param({"restore_as": "web\x7f"}, "INVALID_NAME", "control", id="restore-as-del"),
+        pytest.param({"restore_as": "web\ncopy"}, "INVALID_NAME", "control", id="restore-as-newline"),
+        pytest.param({"identity": "clone"}, "INVALID_ARGUMENT", "identity", id="bad-identity"),
+        pytest.param({"identity": "original", "overwrite": "replace"}, "INVALID_ARGUMENT", "overwrite=replace",
+                     id="original-and-replace"),
+        pytest.param({"original_paths": True}, "INVALID_ARGUMENT", "identity=original", id="original-paths-new-identity"),
+        pytest.param({"identity": "original", "original_paths": True, "disk_dir": "/srv/x"}, "INVALID_ARGUMENT",
+                     "original_paths", id="original-paths-and-disk-dir"),
+        pytest.param({"network_map": {"prod": "bad\x01"}}, "INVALID_ARGUMENT", "network_map", id="network-map-control"),
+        pytest.param({"disk_dir": "/srv/im\x01ages"}, "PATH_ESCAPE", "control", id="disk-dir-control"),
+    ],
+)
+def test_validate_params_refuses_identity_and_names(overrides, code, fragment):
+    err = _raises(code, validate_params, _params(**overrides))
+    assert fragment in err.msg
+
+
+def test_a_marker_value_xml_cannot_carry_does_not_break_the_definition():
+    """A manifest's VM name with a control character (restored under a valid restore_as)."""
+    xml, _dropped, _warnings = restored_xml("<domain><name>x</name></domain>", name="y", vm_uuid=NEW_UUID, disks={},
+                                            new_identity=True, network_map=None, nvram=None, metadata={"vm_name": "a\x01b"})
+    assert restore_marker(xml) == {"vm_name": "a\ufffdb"}
+    assert redact_xml(xml)
+
+
+def test_redact_xml_masks_graphics_passwords():
+    xml = "<domain><devices><graphics type='vnc' passwd='s3cret'/><graphics type='spice'/></devices></domain>"
+    out = redact_xml(xml)
+    assert "s3cret" not in out and "********" in out
+
+
+FS_XML = """<domain><name>x</name><devices>
+  <filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/><source dir='/srv/prod-data'/><target dir='data'/></filesystem>
+  <filesystem type='mount'><source dir='/srv/iso'/><target dir='iso'/><readonly/></filesystem>
+</devices></domain>"""
+
+
+@pytest.mark.parametrize("new_identity, kept", [(True, ["iso"]), (False, ["data", "iso"])])
+def test_a_read_write_shared_directory_is_not_given_to_a_copy(new_identity, kept):
+    """The class of item 10: a copy must not write what the original VM writes."""
+    root, _dropped, warnings = _restored(FS_XML, disks={}, new_identity=new_identity)
+    assert [f.find("target").get("dir") for f in root.findall("./devices/filesystem")] == kept
+    assert any("/srv/prod-data" in w for w in warnings) is new_identity
+
+
+@pytest.mark.parametrize("path", [None, "relative/vda.qcow2", "/srv/../etc/vda", "/srv//vda.qcow2", "/dev/vg0/vda",
+                                  "/srv/v\x01da", 3])
+def test_original_paths_refuses_a_recorded_path_it_cannot_write(path):
+    restorer = _restore.Restorer.__new__(_restore.Restorer)
+    restorer.p = _params(identity="original", original_paths=True)
+    err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": [{"target": "vda", "source": path}]})
+    assert "original_paths" in err.msg
+
+
+def test_original_paths_in_several_directories_are_refused(tmp_path):
+    restorer = _restore.Restorer.__new__(_restore.Restorer)
+    restorer.p = _params(identity="original", original_paths=True)
+    disks = [{"target": "vda", "source": str(tmp_path / "a" / "vda.qcow2")}, {"target": "vdb", "source": str(tmp_path / "vdb.qcow2")}]
+    err = _raises("INVALID_ARGUMENT", restorer._original_paths, {"disks": disks})
+    assert "several directories" in err.msg
+
+
+# --------------------------------------------------------------------------- journals: trust and what they may remove
+TOKEN = "0123456789abcdef"
+
+
+def _v2(phase="writing", files=None, token=TOKEN):
+    return {"format": _restore.JOURNAL_FORMAT, "version": _restore.JOURNAL_VERSION, "token": token, "pid": 1,
+            "phase": phase, "files": files if files is not None else []}
+
+
+def _entry(directory="/d", final="vm-vda.qcow2", kind="file", dev=5, ino=7):
+    return {"dir": directory, "final": final, "kind": kind, "dev": dev, "ino": ino}
+
+
+@pytest.mark.parametrize("data, expected", [
+    # writing: its partial always, its final only as the recorded inode
+    (_v2(files=[_entry()]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None), ("/d/vm-vda.qcow2", "file", (5, 7))]),
+    # no inode recorded: the final name may be another restore's image
+    (_v2(files=[_entry(dev=None, ino=None)]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    (_v2(files=[_entry(dev=True, ino=7)]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    (_v2(files=[_entry(dev="5", ino=7)]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    # defined: the work finished, only leftover partials go
+    (_v2("defined", [_entry()]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    (_v2("odd", [_entry()]), [("/d/.vm-vda.qcow2.partial-" + TOKEN, "file", None)]),
+    # allowed directories only, plain names only
+    (_v2(files=[_entry(directory="/etc")]), []),
+    (_v2(files=[_entry(final="../etc/passwd")]), []),
+    (_v2(files=[_entry(final="..")]), []),
+    (_v2(files=[_entry(final="")]), []),
+    (_v2(files=[_entry(kind="link")]), []),
+    (_v2(files=[_entry(directory="/n", final="x_VARS.fd")]), [("/n/.x_VARS.fd.partial-" + TOKEN, "file", None),
+                                                              ("/n/x_VARS.fd", "file", (5, 7))]),
+    (_v2(files=[_entry(directory="/n", final="uuid", kind="dir")]), [("/n/.uuid.partial-" + TOKEN, "dir", None),
+                                                                     ("/n/uuid", "dir", (5, 7))]),
+    # another token than the journal's own, another version, junk
+    (_v2(files=[_entry()], token="ffffffffffffffff"), []),
+    (dict(_v2(files=[_entry()]), version=3), []),
+    (_v2(files=["x", None, 3]), []),
+    ([1, 2], []),
+    # format 1: only its own partial names, never a final
+    ({"pid": 1, "phase": "writing", "temps": [f"/d/.vm-vda.qcow2.partial-{TOKEN}", "/d/victim.qcow2",
+                                             f"/etc/.x.partial-{TOKEN}", f"/d/.partial-{TOKEN}", "/d/.y.partial-other", 5],
+      "finals": ["/d/vm-vda.qcow2", "/d/victim.qcow2"]},
+     [(f"/d/.vm-vda.qcow2.partial-{TOKEN}", "file", None)]),
+])
+def test_journal_victims(data, expected):
+    victims = _restore.journal_victims(data, TOKEN, "/d", ["/n"])
+    assert [(v.path, v.kind, v.inode) for v in victims] == expected
+
+
+def test_journal_victims_need_a_real_token():
+    assert _restore.journal_victims(_v2(files=[_entry()], token="x"), "x", "/d") == []
+
+
+@pytest.mark.parametrize("name, token", [
+    (f"{JOURNAL_PREFIX}{TOKEN}.json", TOKEN),
+    (f"{JOURNAL_PREFIX}{TOKEN}.json.tmp-{TOKEN}", TOKEN),
+    (f"{JOURNAL_PREFIX}{TOKEN}.json.tmp-1234", None),
+    (f"{JOURNAL_PREFIX}dead.json", None),
+    ("x.json", None),
+])
+def test_journal_token(name, token):
+    assert _restore.journal_token(f"/d/{name}") == token
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+@needs_root
+def test_journal_of_another_user_is_not_trusted(tmp_path, dead_pid):
+    path = _journal(tmp_path, "theirs", {"pid": dead_pid, "phase": "writing"})
+    os.chown(path, 65534, 65534)
+    ignored = []
+    assert stale_journals(str(tmp_path), ignored=ignored) == []
+    assert "uid 65534" in ignored[0]
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602])
+def test_journal_writable_by_others_is_not_trusted(tmp_path, dead_pid, mode):
+    path = _journal(tmp_path, "open", {"pid": dead_pid, "phase": "writing"})
+    os.chmod(path, mode)
+    assert stale_journals(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_journals_in_a_directory_writable_by_others_are_not_trusted(tmp_path, dead_pid, mode):
+    _journal(tmp_path, "mine", {"pid": dead_pid, "phase": "writing"})
+    os.chmod(tmp_path, mode)
+    ignored = []
+    try:
+        assert stale_journals(str(tmp_path), ignored=ignored) == []
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert "directory" in ignored[0]
+
+
+def test_journals_through_a_linked_directory_are_not_read(tmp_path, dead_pid):
+    real = tmp_path / "real"
+    real.mkdir()
+    _journal(real, "mine", {"pid": dead_pid, "phase": "writing"})
+    os.symlink(real, tmp_path / "link")
+    assert stale_journals(str(tmp_path / "link")) == []
+    assert len(stale_journals(str(real))) == 1
+
+
+def test_a_temporary_journal_counts_only_without_its_journal(tmp_path, dead_pid):
+    data = {"pid": dead_pid, "phase": "writing"}
+    tmp = tmp_path / f"{JOURNAL_PREFIX}{TOKEN}.json.tmp-{TOKEN}"
+    tmp.write_text(json.dumps(data))
+    assert stale_journals(str(tmp_path)) == [(str(tmp), data)]
+    main = _journal(tmp_path, TOKEN, data)
+    assert stale_journals(str(tmp_path)) == [(main, data)]
+
+
+def test_a_fifo_journal_does_not_block(tmp_path, dead_pid):
+    os.mkfifo(tmp_path / f"{JOURNAL_PREFIX}fifo.json")
+    assert stale_journals(str(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------- files: never through a link
+def test_open_dir_refuses_a_link_anywhere_on_the_path(tmp_path):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.close(_restore.open_dir(str(tmp_path / "real" / "sub")))
+    for path in (tmp_path / "link", tmp_path / "link" / "sub"):
+        with pytest.raises(VmBackupError) as err:
+            _restore.open_dir(str(path))
+        assert err.value.error_code == "UNSAFE_TARGET" and err.value.details["unsafe_path"] == str(tmp_path / "link")
+
+
+def test_open_dir_creates_only_the_last_component_with_its_mode(tmp_path):
+    os.close(_restore.open_dir(str(tmp_path / "new"), create_mode=0o711))
+    assert (tmp_path / "new").stat().st_mode & 0o7777 == 0o711
+    with pytest.raises(FileNotFoundError):
+        _restore.open_dir(str(tmp_path / "a" / "b"), create_mode=0o700)
+
+
+def test_create_private_refuses_any_existing_name(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = _restore.create_private(fd, "new")
+        assert (tmp_path / "new").stat().st_ino == st.st_ino and st.st_mode & 0o777 == 0o600
+        target = tmp_path / "target"
+        target.write_text("keep")
+        os.symlink(target, tmp_path / "planted")
+        for name in ("new", "planted"):
+            with pytest.raises(FileExistsError):
+                _restore.create_private(fd, name)
+        assert target.read_text() == "keep"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("no_renameat2", [False, True])
+def test_rename_never_replaces(tmp_path, monkeypatch, no_renameat2):
+    if no_renameat2:
+        def missing(*_args):
+            raise OSError(_restore.errno.ENOSYS, "no renameat2")
+        monkeypatch.setattr(_restore, "_renameat2", missing)
+    (tmp_path / "src").write_text("new")
+    (tmp_path / "dst").write_text("theirs")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(VmBackupError) as err:
+            _restore.rename_noreplace(fd, "src", "dst", str(tmp_path / "dst"))
+        assert err.value.error_code == "TARGET_PATH_EXISTS"
+        assert (tmp_path / "dst").read_text() == "theirs" and (tmp_path / "src").read_text() == "new"
+        _restore.rename_noreplace(fd, "src", "free", str(tmp_path / "free"))
+        assert (tmp_path / "free").read_text() == "new" and not (tmp_path / "src").exists()
+    finally:
+        os.close(fd)
+
+
+def test_remove_path_never_through_a_link(tmp_path):
+    victim_dir = tmp_path / "victims"
+    victim_dir.mkdir()
+    (victim_dir / "a.qcow2").write_text("keep")
+    os.symlink(victim_dir, tmp_path / "vm")
+    os.symlink(victim_dir / "a.qcow2", tmp_path / "b.qcow2")
+    done, reason = _restore.remove_path(str(tmp_path / "vm" / "a.qcow2"))
+    assert not done and "symbolic link" in reason
+    done, reason = _restore.remove_path(str(tmp_path / "b.qcow2"))
+    assert not done and "not a regular file" in reason
+    assert (victim_dir / "a.qcow2").read_text() == "keep" and os.path.islink(tmp_path / "b.qcow2")
+    assert _restore.remove_path(str(tmp_path / "missing")) == (False, None)
+
+
+def test_remove_path_checks_inode_and_use(tmp_path):
+    path = tmp_path / "a.qcow2"
+    path.write_text("x")
+    st = path.stat()
+    assert _restore.remove_path(str(path), inode=(st.st_dev, st.st_ino + 1)) == (False, "it is not the file this restore created (another inode)")
+    os.link(path, tmp_path / "other-name")  # the same file under another name
+    in_use = _restore.lv.InUse()
+    in_use.add(str(tmp_path / "other-name"), "disk vda of domain 'b'")
+    done, reason = _restore.remove_path(str(path), in_use=in_use)
+    assert not done and "domain 'b'" in reason
+    assert _restore.remove_path(str(path), inode=(st.st_dev, st.st_ino), in_use=_restore.lv.InUse()) == (True, None)
+    assert not path.exists()
+
+
+# --------------------------------------------------------------------------- files in use
+class _Dom:
+    def __init__(self, name, inactive, live=None):
+        self._name, self._inactive, self._live = name, inactive, live
+
+    def UUIDString(self):  # noqa: N802 (libvirt's name)
+        return f"00000000-0000-0000-0000-{abs(hash(self._name)) % 10**12:012d}"
+
+    def name(self):
+        return self._name
+
+    def isActive(self):  # noqa: N802
+        return self._live is not None
+
+    def XMLDesc(self, flags):  # noqa: N802
+        return self._inactive if flags else self._live
+
+
+class _Conn:
+    def __init__(self, doms):
+        self.doms = doms
+
+    def listAllDomains(self, _flags):  # noqa: N802
+        return self.doms
+
+
+def _dom_xml(*disks, nvram=None):
+    body = "".join(f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{p}'/>"
+                   f"<target dev='vd{chr(97 + i)}'/></disk>" for i, p in enumerate(disks))
+    os_el = f"<os><nvram>{nvram}</nvram></os>" if nvram else "<os/>"
+    return f"<domain><name>x</name>{os_el}<devices>{body}</devices></domain>"
+
+
+@pytest.fixture
+def libvirt_flags(monkeypatch):
+    class _Flags:
+        VIR_DOMAIN_XML_INACTIVE = 2
+        libvirtError = RuntimeError
+    monkeypatch.setattr(_restore.lv, "libvirt", _Flags)
+
+
+def test_paths_in_use_follows_backing_chains_and_live_disks(tmp_path, libvirt_flags):
+    files = {n: tmp_path / n for n in ("a.qcow2", "b.qcow2", "base.qcow2", "live.qcow2", "nv.fd", "free.qcow2")}
+    for path in files.values():
+        path.write_text("x")
+    chains = {str(files["b.qcow2"]): [str(files["base.qcow2"])]}
+    doms = [_Dom("A", _dom_xml(files["a.qcow2"], nvram=files["nv.fd"])),
+            _Dom("B", _dom_xml(files["b.qcow2"]), live=_dom_xml(files["b.qcow2"], files["live.qcow2"]))]
+    used = _restore.lv.paths_in_use(_Conn(doms), lambda path, fmt: chains.get(path, []))
+    assert used.reason(str(files["a.qcow2"])) == "disk vda of domain 'A'"
+    assert used.reason(str(files["nv.fd"])) == "nvram of domain 'A'"
+    assert used.reason(str(files["base.qcow2"])) == "a backing file of disk vda of domain 'B'"
+    assert used.reason(str(files["live.qcow2"])) == "disk vdb of domain 'B'"
+    assert used.reason(str(files["free.qcow2"]), os.lstat(files["free.qcow2"])) is None
+    # Through a link to a used file, by its inode.
+    os.symlink(files["base.qcow2"], tmp_path / "alias.qcow2")
+    used2 = _restore.lv.paths_in_use(_Conn([_Dom("C", _dom_xml(tmp_path / "alias.qcow2"))]))
+    assert used2.reason(str(files["base.qcow2"]), os.lstat(files["base.qcow2"])) == "disk vda of domain 'C'"
+    # Excluded: the domain being replaced.
+    assert _restore.lv.paths_in_use(_Conn(doms), exclude_uuids=[doms[0].UUIDString()]).reason(str(files["a.qcow2"])) is None
+
+
+def test_an_unreadable_backing_chain_keeps_everything(tmp_path, libvirt_flags):
+    top = tmp_path / "top.qcow2"
+    top.write_text("x")
+
+    def unreadable(_path, _fmt):
+        raise VmBackupError("BACKUP_FAILED", "qemu-img info failed")
+
+    used = _restore.lv.paths_in_use(_Conn([_Dom("A", _dom_xml(top))]), unreadable)
+    assert "could not be read" in used.reason(str(tmp_path / "anything.qcow2"))
+    # A disk whose file is gone has no chain to protect.
+    gone = _restore.lv.paths_in_use(_Conn([_Dom("A", _dom_xml(tmp_path / "gone.qcow2"))]), unreadable)
+    assert gone.unknown == [] and gone.reason(str(tmp_path / "anything.qcow2")) is None
+
+
+def test_a_pool_volume_counts_by_its_path(tmp_path, libvirt_flags):
+    image = tmp_path / "vol.qcow2"
+    image.write_text("x")
+
+    class _Pool:
+        def storageVolLookupByName(self, name):  # noqa: N802
+            assert name == "vol.qcow2"
+            return type("Vol", (), {"path": lambda _self: str(image)})()
+
+    class _PoolConn(_Conn):
+        def storagePoolLookupByName(self, name):  # noqa: N802
+            assert name == "images"
+            return _Pool()
+
+    xml = ("<domain><name>v</name><devices><disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>"
+           "<source pool='images' volume='vol.qcow2'/><target dev='vda'/></disk></devices></domain>")
+    used = _restore.lv.paths_in_use(_PoolConn([_Dom("V", xml)]))
+    assert used.reason(str(image)) == "disk vda of domain 'V'"
+
+
+def test_journal_of_a_killed_unreaped_process_is_stale(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # pylint: disable=consider-using-with
+    try:
+        for _attempt in range(200):
+            if _restore._proc_stat(proc.pid)[0] == "Z":
+                break
+            time.sleep(0.01)
+        path = _journal(tmp_path, "zombie", {"pid": proc.pid, "phase": "writing"})
+        assert [p for p, _d in stale_journals(str(tmp_path))] == [path]
+    finally:
+        proc.wait()
+
+
+def test_journal_of_a_reused_pid_is_stale(tmp_path):
+    start = _restore._proc_stat(os.getpid())[1]
+    _journal(tmp_path, "mine", {"pid": os.getpid(), "started": start, "phase": "writing"})
+    reused = _journal(tmp_path, "reused", {"pid": os.getpid(), "started": start + 1, "phase": "writing"})
+    assert [p for p, _d in stale_journals(str(tmp_path))] == [reused]
