@@ -7,6 +7,7 @@ are checked by stat/hash of the files themselves (harness.tree_state), never by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -14,9 +15,10 @@ import stat
 import subprocess
 import threading
 
+import libvirt
 import pytest
 
-from harness import DiskSpec, parse_result, tree_state
+from harness import DiskSpec, destroy_vm, parse_disk_sources, parse_result, tree_state
 
 NOBODY = 65534
 
@@ -53,7 +55,21 @@ def first_export(ansible, vms, repo, **extra):
 # --------------------------------------------------------------------------- item 1: trust
 
 
-def test_repository_owned_by_another_user_is_refused_by_every_module(ansible, vms, repo, victims):
+def _remove_domain(conn, name: str) -> None:
+    """A domain a broken build defined (the old code restored from an untrusted repository)."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    sources = parse_disk_sources(dom.XMLDesc(0))
+    destroy_vm(dom)
+    for path in sources.values():
+        if path and os.path.basename(path).startswith(name):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def test_repository_owned_by_another_user_is_refused_by_every_module(ansible, conn, vms, repo, victims):
     vm, first = first_export(ansible, vms, repo)
     # The repository belongs to nobody (a misconfigured share, a user's directory). That user
     # swaps vms/ for a tree of their own whose lock and .incomplete point at root's files.
@@ -64,12 +80,15 @@ def test_repository_owned_by_another_user_is_refused_by_every_module(ansible, vm
         REPO=str(repo), VM=vm.uuid, VICTIMS=str(victims))
     before, repo_before = tree_state(victims), tree_state(repo)
 
-    runs = {
-        "export": ansible("export", {"name": vm.name, "repository": str(repo)}),
-        "export-check": ansible("export", {"name": vm.name, "repository": str(repo)}, check=True),
-        "verify": ansible("verify", {"repository": str(repo), "uuid": vm.uuid}),
-        "restore": ansible("restore", {"repository": str(repo), "uuid": vm.uuid, "restore_as": vm.name + "-r"}),
-    }
+    try:
+        runs = {
+            "export": ansible("export", {"name": vm.name, "repository": str(repo)}),
+            "export-check": ansible("export", {"name": vm.name, "repository": str(repo)}, check=True),
+            "verify": ansible("verify", {"repository": str(repo), "uuid": vm.uuid}),
+            "restore": ansible("restore", {"repository": str(repo), "uuid": vm.uuid, "restore_as": vm.name + "-r"}),
+        }
+    finally:
+        _remove_domain(conn, vm.name + "-r")
     assert tree_state(victims) == before, "root followed a link planted by another user"
     assert (victims / "file").read_bytes() == b"precious root data\n" * 100
     assert tree_state(repo) == repo_before
