@@ -738,6 +738,13 @@ class Repository:
         with self._open("vms", vm_uuid, "sets", set_id, *parts[:-1]) as fd:
             return _read_at(fd, parts[-1])
 
+    def read_staging_file(self, vm_uuid: str, name: str, rel: str) -> bytes:
+        """A small file (run.json) of the staging directory ``name``, never through a link (OSError otherwise)."""
+        if "/" in name or "/" in rel or name in (".", "..") or rel in (".", ".."):
+            raise VmBackupError("PATH_ESCAPE", f"{name}/{rel} is not a file of a staging directory")
+        with self._open("vms", vm_uuid, ".incomplete", name) as fd:
+            return _read_at(fd, rel)
+
     def read_verify_sidecar(self, vm_uuid: str, set_id: str) -> dict[str, t.Any] | None:
         try:
             with self._open("vms", vm_uuid, "sets") as fd:

@@ -1067,3 +1067,21 @@ def test_is_mount_point_sees_bind_mounts_in_mountinfo(base):
     assert repo_mod.is_mount_point("/srv/bound", info)
     assert repo_mod.is_mount_point("/", info)
     assert not repo_mod.is_mount_point(base, info)
+
+
+def test_read_set_and_staging_files_never_follow_a_link(repo, base):
+    victim, before = _victim(base)
+    staging = repo.create_staging(VM, "20261125T073512Z-001")
+    repo_mod.write_file_atomic(os.path.join(staging, "run.json"), b'{"checkpoint": null}')
+    assert repo.read_staging_file(VM, "20261125T073512Z-001", "run.json") == b'{"checkpoint": null}'
+    os.unlink(os.path.join(staging, "run.json"))
+    os.symlink(victim, os.path.join(staging, "run.json"))
+    with pytest.raises(OSError):
+        repo.read_staging_file(VM, "20261125T073512Z-001", "run.json")
+    _raises("PATH_ESCAPE", repo.read_staging_file, VM, "..", "run.json")
+    os.makedirs(os.path.join(repo.set_dir(VM, "20261125T073512Z-002")))
+    os.symlink(victim, os.path.join(repo.set_dir(VM, "20261125T073512Z-002"), "checkpoint.xml"))
+    with pytest.raises(OSError):
+        repo.read_set_file(VM, "20261125T073512Z-002", "checkpoint.xml")
+    _raises("PATH_ESCAPE", repo.read_set_file, VM, "20261125T073512Z-002", "../x")
+    assert _state(victim) == before
