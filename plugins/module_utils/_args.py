@@ -20,4 +20,5 @@ REPOSITORY_ARGSPEC = {
     "repository": {"type": "path", "required": True},
     "lock_timeout": {"type": "float", "default": 60.0},
     "allow_unsafe_permissions": {"type": "bool", "default": False},
+    "required_mount": {"type": "path"},
 }

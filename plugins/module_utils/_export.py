@@ -54,6 +54,8 @@ class ExportParams:
     lock_timeout: float = 60.0
     allow_unsafe_permissions: bool = False
     workers: int | None = None
+    create_repository: bool = False
+    required_mount: str | None = None
 
 
 @dataclasses.dataclass
@@ -137,11 +139,15 @@ class Exporter(Backend):
     def run(self) -> dict[str, t.Any]:
         started_mono = time.monotonic()
         repo_path = validate_params(self.p)
+        # The repository before anything else, in check mode too: trusted on every component from
+        # / (UNSAFE_TARGET), on the file system the user expects (REPOSITORY_NOT_MOUNTED), and new
+        # only when asked for or an existing empty directory (REPOSITORY_NOT_FOUND).
+        repo_mod.check_required_mount(repo_path, self.p.required_mount)
+        repo_state = repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions, create=self.p.create_repository)
+        repo = repo_mod.Repository(repo_path, self.p.allow_unsafe_permissions)
         with lv.session(self.p.uri) as conn:
             dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
             vm = {"name": dom.name(), "uuid": dom.UUIDString()}
-            repo_state = repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions)
-            repo = repo_mod.Repository(repo_path)
 
             # Observe and decide before anything is written: bad input fails here, untouched.
             done = self._period_match(repo, vm["uuid"])
@@ -155,7 +161,10 @@ class Exporter(Backend):
             if self.check_mode:
                 return self._check_mode_result(repo, vm, plan, repo_state, started_mono)
 
-            # The one gate: everything below changes state.
+            # The one gate: everything below changes state. The mount is checked again: planning
+            # took a while, and a share unmounted meanwhile must not receive a new repository.
+            repo_mod.check_required_mount(repo_path, self.p.required_mount)
+            repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions, create=self.p.create_repository)
             repo.initialise()
             repo.prepare_vm(vm["uuid"])
             with VmLock(repo.lock_path(vm["uuid"]), self.p.lock_timeout, f"export {vm['uuid']}"):

@@ -15,9 +15,11 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 import typing as t
 
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 
 
@@ -39,18 +41,55 @@ class VmLock:
         self.shared = shared
         self._fd: int | None = None
 
-    def _holder(self) -> dict[str, t.Any] | None:
+    def _open(self) -> int:
+        """Open (or create) the lock file without following a link on any component.
+
+        Root truncates and writes this file: a link or a hard link planted in its place would make
+        it truncate what the link points to. The directory is reached through descriptors (no link,
+        owned by root or the module's user), the file is opened O_NOFOLLOW relative to it, and it
+        must be a regular file of ours with a single link before anything is written to it.
+        """
+        parent, name = os.path.split(self.path)
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        dir_fd = repo_mod.open_dir(parent, "lock directory", shown=self.path)
         try:
-            with open(self.path, "rb") as fh:
-                return json.loads(fh.read().decode("utf-8") or "null")
+            fd = None
+            if self.shared:
+                try:
+                    fd = os.open(name, os.O_RDONLY | flags, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
+            if fd is None:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | flags, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise VmBackupError("UNSAFE_TARGET", f"lock file {self.path} is a symbolic link; refusing to open it",
+                                    unsafe_path=self.path) from None
+            raise
+        finally:
+            os.close(dir_fd)
+        st = os.fstat(fd)
+        why = None
+        if not stat.S_ISREG(st.st_mode):
+            why = "is not a regular file"
+        elif st.st_uid not in repo_mod.trusted_owners():
+            why = f"is owned by uid {st.st_uid}, not by root"
+        elif st.st_nlink != 1:
+            why = f"has {st.st_nlink} hard links (another name for the same file)"
+        if why is not None:
+            os.close(fd)
+            raise VmBackupError("UNSAFE_TARGET", f"lock file {self.path} {why}; refusing to use it", unsafe_path=self.path)
+        return fd
+
+    @staticmethod
+    def _holder(fd: int) -> dict[str, t.Any] | None:
+        try:
+            return json.loads(os.pread(fd, 65536, 0).decode("utf-8") or "null")
         except (OSError, ValueError):
             return None
 
     def acquire(self) -> None:
-        if self.shared and os.path.exists(self.path):
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        else:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open()
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -61,8 +100,8 @@ class VmLock:
                     os.close(fd)
                     raise
                 if time.monotonic() >= deadline:
+                    holder = self._holder(fd)
                     os.close(fd)
-                    holder = self._holder()
                     raise VmBackupError(
                         "VM_LOCKED",
                         f"the VM is locked in this repository by another run ({_describe(holder)}); "

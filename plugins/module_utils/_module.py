@@ -18,6 +18,7 @@ import typing as t
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import ensure_libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import QemuImg, Runner
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._repository import check_required_mount, validate_repository_path
 
 
 # Files are private from the moment they are created, also those qemu-img creates.
@@ -109,6 +110,10 @@ def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool 
     backend = backend_cls(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)
     failure = None
     try:
+        if module.params.get("required_mount") is not None:
+            # Before the backend does anything: each module refuses a repository whose file system
+            # is not mounted where the user expects it (export checks again before it writes).
+            check_required_mount(validate_repository_path(module.params["repository"]), module.params["required_mount"])
         result = backend.run()
     except VmBackupError as exc:
         failure = exc.to_result()

@@ -162,11 +162,11 @@ def validate_params(p: VerifyParams) -> str:
 
 
 def open_for_reading(path: str, allow_unsafe_permissions: bool) -> repo_mod.Repository:
-    """An existing repository, checked like a target (no links, not writable by others)."""
-    state = repo_mod.inspect_repository(path, allow_unsafe_permissions)
-    if not state.exists or state.repo_id is None:
-        raise VmBackupError("REPOSITORY_FORMAT", f"{path} is not a vmbackup repository (no {repo_mod.REPO_MARKER})")
-    return repo_mod.Repository(path)
+    """An existing repository, trusted like a target (UNSAFE_TARGET: a link, another owner or a
+    directory others can write on its path), since restore defines a VM from what it holds.
+    REPOSITORY_NOT_FOUND for a path that holds no repository (a typo, an unmounted share),
+    REPOSITORY_FORMAT only for a marker this collection cannot read."""
+    return repo_mod.open_repository(path, allow_unsafe_permissions)
 
 
 class Verifier(Backend):

@@ -96,6 +96,17 @@ options:
     description:
       - Threads that checksum the set's files. Defaults to the number of CPUs of the managed host.
     type: int
+  create_repository:
+    description:
+      - Create the repository directory O(repository) when it does not exist (mode 0711), and initialise it.
+      - Without it a missing O(repository) fails with C(REPOSITORY_NOT_FOUND), so that a typo or an unmounted
+        share does not silently become a new repository on the root file system. An existing empty directory is
+        initialised either way.
+      - Only the repository directory itself is created. When its parent directory does not exist the module fails with
+        C(REPOSITORY_NOT_FOUND) even with O(create_repository=true).
+      - In check mode nothing is created; the result says what a real run would do.
+    type: bool
+    default: false
 notes:
   - QEMU runs as an unprivileged user and writes a live backup into the repository itself, so every directory above the
     repository must be traversable by others (C(o+x)); the module checks this first (C(TARGET_NOT_ACCESSIBLE)).
@@ -129,6 +140,18 @@ EXAMPLES = r"""
     repository: /srv/vmbackup
     period: "{{ '%G-W%V' | strftime }}"
     disks: [vda]
+
+- name: First backup into a new repository (created, its parent /srv must exist)
+  vmbackup.libvirt.export:
+    name: web01
+    repository: /srv/vmbackup
+    create_repository: true
+
+- name: Back up to an NFS share only when it is mounted (fails with REPOSITORY_NOT_MOUNTED otherwise)
+  vmbackup.libvirt.export:
+    name: web01
+    repository: /mnt/backup/vmbackup
+    required_mount: /mnt/backup
 
 - name: Start a new chain
   vmbackup.libvirt.export:
@@ -267,6 +290,7 @@ def main() -> None:
         exclude_disks=dict(type="list", elements="str"),
         period=dict(type="str"),
         workers=dict(type="int"),
+        create_repository=dict(type="bool", default=False),
     )
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)

@@ -56,8 +56,12 @@ def repo_root():
 
 @pytest.fixture
 def repo(repo_root) -> pathlib.Path:
-    """Path of a repository that does not exist yet (the module creates it)."""
-    return repo_root / "repo"
+    """An existing empty directory (mode 0711) for a repository: export initialises it.
+    (A missing one is created only with create_repository.)"""
+    path = repo_root / "repo"
+    path.mkdir(mode=0o711)
+    os.chmod(path, 0o711)
+    return path
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def test_full_then_incremental_of_running_vm_with_two_disks(ansible, vms, repo, 
     predicted = ansible("export", args, check=True)
     assert predicted["changed"] and not predicted["failed"], predicted
     assert predicted["type"] == "full" and predicted["set_id"] is None
-    assert not repo.exists(), "check mode must not create the repository"
+    assert os.listdir(repo) == [], "check mode must not initialise the repository"
     assert vm.checkpoints() == []
 
     full = ansible("export", args)
@@ -183,7 +183,7 @@ def test_period_makes_reruns_idempotent(ansible, vms, repo):
     args = {"name": vm.name, "repository": str(repo), "period": "2026-W48"}
     # The canonical sequence: check, real, check, real.
     predicted = ansible("export", args, check=True)
-    assert predicted["changed"] and predicted["type"] == "full" and not repo.exists()
+    assert predicted["changed"] and predicted["type"] == "full" and os.listdir(repo) == []
     first = ansible("export", args)
     assert first["changed"] and (first["type"], first["reason"]) == (predicted["type"], predicted["reason"])
     state = tree_state(repo)
@@ -274,7 +274,7 @@ def test_names_that_are_not_path_or_shell_safe(ansible, vms, repo):
 def test_name_that_matches_no_vm_writes_nothing(ansible, repo, name):
     result = ansible("export", {"name": name, "repository": str(repo)})
     assert result["failed"] and result["error_code"] == "VM_NOT_FOUND", result
-    assert not repo.exists()
+    assert os.listdir(repo) == []
 
 
 def _bad_input_cases():
@@ -314,6 +314,7 @@ def _nonempty(path: pathlib.Path) -> pathlib.Path:
 @pytest.mark.parametrize("case,override,code", _bad_input_cases(), ids=[c[0] for c in _bad_input_cases()])
 def test_bad_input_fails_with_its_code_and_touches_nothing(ansible, vms, repo_root, case, override, code):
     vm = vms.create([DiskSpec("16M", fill=[(0xB1, "0", "1M")])])
+    _mkdir(repo_root / "repo", 0o711)  # an empty directory: export would initialise it
     args = {"name": vm.name, "repository": str(repo_root / "repo")}
     args.update(override(repo_root))
     args = {k: v for k, v in args.items() if v is not None}
@@ -332,7 +333,7 @@ def test_not_enough_space_is_refused_before_anything_is_written(ansible, vms, re
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M,mode=0711", "tmpfs", str(mnt)], check=True)
     try:
         before = tree_state(mnt)
-        result = ansible("export", {"name": vm.name, "repository": str(mnt / "repo")})
+        result = ansible("export", {"name": vm.name, "repository": str(mnt / "repo"), "create_repository": True})
         assert result["failed"] and result["error_code"] == "TARGET_NO_SPACE", result
         assert result["needed_bytes"] > 100 * MIB
         assert tree_state(mnt) == before
@@ -344,7 +345,7 @@ def test_not_enough_space_is_refused_before_anything_is_written(ansible, vms, re
 def test_repository_unreachable_for_qemu_is_refused(ansible, vms, repo_root):
     vm = vms.create([DiskSpec("16M")])
     private = _mkdir(repo_root / "private", 0o700)
-    result = ansible("export", {"name": vm.name, "repository": str(private / "repo")})
+    result = ansible("export", {"name": vm.name, "repository": str(private / "repo"), "create_repository": True})
     assert result["failed"] and result["error_code"] == "TARGET_NOT_ACCESSIBLE", result
     assert os.listdir(private) == []
 
@@ -398,7 +399,7 @@ def test_foreign_backup_job_is_refused_and_left_alone(ansible, vms, repo, scratc
             pass
     assert result["failed"] and result["error_code"] == "BACKUP_JOB_ACTIVE", result
     assert foreign_still_running, "the module must not abort another tool's job"
-    assert not repo.exists() and vm.checkpoints() == []
+    assert os.listdir(repo) == [] and vm.checkpoints() == []
 
 
 def test_vm_stopping_during_backup_rolls_the_run_back(ansible, vms, repo):

@@ -148,7 +148,7 @@ def source(ansible, module_vms, module_dir) -> Source:
     """A shut-off VM with a 512 MiB disk holding 320 MiB of data, backed up once (a copy): big
     enough that a restore takes a while (to watch it, or race it), built once for the module."""
     vm = module_vms.create([DiskSpec("512M", fill=[(0x5C, "0", "192M"), (0x5D, "256M", "128M")])], running=False)
-    repo = module_dir / "repo"
+    repo = make_dir(module_dir / "repo")  # an existing empty directory: export initialises it
     result = ansible("export", {"name": vm.name, "repository": str(repo)})
     assert result["changed"] and result["type"] == "copy", result
     return Source(vm, repo, result["set_id"], vm.disks["vda"])
@@ -227,7 +227,7 @@ def test_replace_never_deletes_through_a_swapped_directory_link(ansible, conn, d
     disk = qcow2(vmdir / "a.qcow2", pattern=0x41)
     name = domains.new_name("swap")
     define_domain(conn, domain_type, name, file_disk(disk, "vda"))
-    repo = work / "repo"
+    repo = make_dir(work / "repo")  # an existing empty directory: export initialises it
     assert ansible("export", {"name": name, "repository": str(repo)})["type"] == "copy"
     victim_dir = make_dir(work / "victim")
     victim = victim_dir / "a.qcow2"
@@ -372,7 +372,7 @@ def test_replace_keeps_an_old_image_another_domain_uses(ansible, conn, domain_ty
     a = qcow2(src / "a.qcow2", pattern=0x4A)
     name_a = domains.new_name("a")
     define_domain(conn, domain_type, name_a, file_disk(a, "vda"))
-    repo = work / "repo"
+    repo = make_dir(work / "repo")  # an existing empty directory: export initialises it
     assert ansible("export", {"name": name_a, "repository": str(repo)})["type"] == "copy"
     name_b = domains.new_name("b")
     if use == "backing-file":
@@ -408,7 +408,7 @@ def test_replace_still_removes_an_old_image_nobody_uses(ansible, conn, domain_ty
     name_a = domains.new_name("a")
     define_domain(conn, domain_type, name_a, file_disk(a, "vda"))
     define_domain(conn, domain_type, domains.new_name("u"), file_disk(unrelated, "vda"))
-    repo = work / "repo"
+    repo = make_dir(work / "repo")  # an existing empty directory: export initialises it
     assert ansible("export", {"name": name_a, "repository": str(repo)})["type"] == "copy"
     args = {"repository": str(repo), "name": name_a, "overwrite": "replace", "disk_dir": str(images)}
     assert ansible("restore", args, check=True)["kept_disks"] == []

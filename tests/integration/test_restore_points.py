@@ -256,7 +256,7 @@ def chain(ansible, module_vms, module_dir) -> ChainFixture:
         DiskSpec("64M", fill=[(0x21, "4M", "4M")]),
         DiskSpec("32M", fmt="raw", fill=[(0x31, "0", "2M")]),
     ])
-    repo = module_dir / "repo"
+    repo = make_dir(module_dir / "repo")  # an existing empty directory: export initialises it
     refs_dir = make_dir(module_dir / "refs")
     points = []
     for k in range(len(WRITES) + 1):

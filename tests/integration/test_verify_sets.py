@@ -56,7 +56,7 @@ def built(ansible, conn, domain_type):
                              DiskSpec("64M", fill=[(0xB1, "1M", "3M")])])
         other = factory.create([DiskSpec("16M", fill=[(0xC1, "0", "1M")])], running=False)
         repo = root / "repo"
-        args = {"name": vm.name, "repository": str(repo)}
+        args = {"name": vm.name, "repository": str(repo), "create_repository": True}
         results = [ansible("export", args)]
         for i, pattern in enumerate((0x11, 0x22, 0x33)):
             vm.write("vda", pattern, f"{12 + 4 * i}M", "1M")
@@ -114,7 +114,7 @@ class Copy:
 
 @pytest.fixture
 def copy(built, repo) -> Copy:
-    subprocess.run(["cp", "-a", str(built.repo), str(repo)], check=True)
+    subprocess.run(["cp", "-a", f"{built.repo}/.", str(repo)], check=True)  # into the (empty) repo fixture
     return Copy(repo, built)
 
 
@@ -679,7 +679,7 @@ def test_scopes(ansible, copy):
         ({"name": "no-such-vm"}, "SET_NOT_FOUND"),
         ({"uuid": str(uuid.uuid4())}, "SET_NOT_FOUND"),
         ({"set_id": "latest"}, "INVALID_NAME"),
-        ({"repository": str(cp.path / "nope")}, "REPOSITORY_FORMAT"),
+        ({"repository": str(cp.path / "nope")}, "REPOSITORY_NOT_FOUND"),
     ]
     by_uuid, by_name, *results = verify_side_by_side(
         ansible, cp, [(False, {"uuid": built.vm.uuid.upper(), "record": False}), (False, {"name": built.other.name, "record": False})]

@@ -83,6 +83,14 @@ def test_argspecs_are_valid_and_apply_defaults():
         "repository": "/srv/backups",
         "lock_timeout": 60.0,
         "allow_unsafe_permissions": False,
+        "required_mount": None,
     }
     missing = ArgumentSpecValidator(spec).validate({})
     assert any("repository" in msg for msg in missing.error_messages)
+
+
+def test_required_mount_is_a_path_option():
+    spec = dict(_args.CONNECTION_ARGSPEC, **_args.REPOSITORY_ARGSPEC)
+    result = ArgumentSpecValidator(spec).validate({"repository": "/mnt/backup/repo", "required_mount": "/mnt/backup/"})
+    assert result.error_messages == []
+    assert result.validated_parameters["required_mount"] == "/mnt/backup/"

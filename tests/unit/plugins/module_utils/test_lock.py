@@ -251,3 +251,64 @@ def test_shared_lock_on_a_read_only_lock_file(lock_path, no_write_to_read_only_f
     assert no_write_to_read_only_files and not any(f & (os.O_WRONLY | os.O_RDWR) for f in no_write_to_read_only_files)
     after = os.stat(lock_path)
     assert (after.st_mode, after.st_size, after.st_mtime_ns) == (before.st_mode, before.st_size, before.st_mtime_ns)
+
+
+# --------------------------------------------------------------------------- trust: a planted lock file
+
+
+def _victim(tmp_path) -> tuple[str, tuple]:
+    path = str(tmp_path / "victim")
+    with open(path, "wb") as fh:
+        fh.write(b"precious data\n")
+    os.chmod(path, 0o644)
+    return path, _victim_state(path)
+
+
+def _victim_state(path: str) -> tuple:
+    st = os.lstat(path)
+    return stat.S_IMODE(st.st_mode), st.st_size, _content(path)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "dangling-symlink"])
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path, lock_path, shared, kind):
+    victim, before = _victim(tmp_path)
+    if kind == "symlink":
+        os.symlink(victim, lock_path)
+    elif kind == "hardlink":
+        os.link(victim, lock_path)
+    else:
+        os.symlink(str(tmp_path / "created-by-root"), lock_path)
+    with pytest.raises(VmBackupError) as info:
+        VmLock(lock_path, timeout=0, purpose="export", shared=shared).acquire()
+    assert info.value.error_code == "UNSAFE_TARGET"
+    assert _victim_state(victim) == before
+    assert not os.path.exists(tmp_path / "created-by-root")
+
+
+def test_a_fifo_as_lock_is_refused_without_hanging(lock_path):
+    os.mkfifo(lock_path)
+    for shared in (True, False):
+        with pytest.raises(VmBackupError) as info:
+            VmLock(lock_path, timeout=0, purpose="verify", shared=shared).acquire()
+        assert info.value.error_code == "UNSAFE_TARGET" and "not a regular file" in info.value.msg
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_lock_file_of_another_user_is_refused(lock_path):
+    with open(lock_path, "wb") as fh:
+        fh.write(b"")
+    os.chown(lock_path, 65534, 65534)
+    with pytest.raises(VmBackupError) as info:
+        VmLock(lock_path, timeout=0, purpose="export").acquire()
+    assert info.value.error_code == "UNSAFE_TARGET" and "uid 65534" in info.value.msg
+
+
+def test_a_lock_directory_behind_a_symlink_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "vm").symlink_to(real)
+    with pytest.raises(VmBackupError) as info:
+        VmLock(str(tmp_path / "vm" / "lock"), timeout=0, purpose="export").acquire()
+    assert info.value.error_code == "UNSAFE_TARGET"
+    assert os.listdir(real) == []

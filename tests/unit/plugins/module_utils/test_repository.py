@@ -144,12 +144,25 @@ def test_validate_repository_path_keeps_dotdot_lookalikes():
 
 
 def test_inspect_missing_directory_creates_nothing(base):
-    path = os.path.join(base, "a", "b", "repo")
-    state = repo_mod.inspect_repository(path)
+    path = os.path.join(base, "repo")
+    state = repo_mod.inspect_repository(path, create=True)
     assert state.exists is False
     assert state.repo_id is None
     assert state.path == path
     assert state.free_bytes > 0
+    assert os.listdir(base) == []
+
+
+def test_inspect_missing_directory_without_create_is_not_found(base):
+    err = _raises("REPOSITORY_NOT_FOUND", repo_mod.inspect_repository, os.path.join(base, "repo"), create=False)
+    assert "create_repository" in err.msg and "mounted" in err.msg
+    assert os.listdir(base) == []
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_inspect_missing_parent_is_not_found_even_with_create(base, create):
+    err = _raises("REPOSITORY_NOT_FOUND", repo_mod.inspect_repository, os.path.join(base, "a", "b", "repo"), create=create)
+    assert os.path.join(base, "a", "b") in err.msg
     assert os.listdir(base) == []
 
 
@@ -185,7 +198,7 @@ def test_inspect_path_through_symlinked_parent(base, depth):
     os.symlink(real, os.path.join(base, "link"))
     path = os.path.join(base, "link", "x", "repo") if depth == 2 else os.path.join(base, "link", "x")
     err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, path)
-    assert "passes through a symbolic link" in err.msg
+    assert f"{os.path.join(base, 'link')} is a symbolic link" in err.msg
 
 
 def test_inspect_missing_directory_under_symlinked_parent(base):
@@ -218,9 +231,19 @@ def test_inspect_writable_by_others(base, mode, who):
     assert state.exists is True
 
 
-def test_inspect_checks_only_the_repository_mode_not_a_missing_one(base):
-    # A missing repository has no mode yet; its writable parent is not the repository.
+def test_inspect_refuses_a_new_repository_in_a_world_writable_parent(base):
+    # Another user could rename the new repository away and put a link in its place.
     os.chmod(base, 0o777)
+    try:
+        err = _raises("UNSAFE_TARGET", repo_mod.inspect_repository, os.path.join(base, "repo"))
+        assert f"{base} is world-writable" in err.msg
+        assert os.listdir(base) == []
+    finally:
+        os.chmod(base, 0o700)
+
+
+def test_inspect_accepts_a_new_repository_in_a_root_owned_sticky_parent(base):
+    os.chmod(base, 0o1777)
     try:
         assert repo_mod.inspect_repository(os.path.join(base, "repo")).exists is False
     finally:
@@ -299,6 +322,7 @@ def test_inspect_marker_without_repo_id(base):
 
 @pytest.mark.parametrize("relative", ["repo", "a/b/repo"])
 def test_initialise(base, relative, umask_022):
+    os.makedirs(os.path.dirname(os.path.join(base, relative)), exist_ok=True)
     path = os.path.join(base, relative)
     repo = repo_mod.Repository(path)
     assert repo.initialise() is True
@@ -650,3 +674,414 @@ def test_qemu_can_traverse_reports_pytest_tmp_path(tmp_path):
         assert blocked is not None
         assert path.startswith(blocked)
         assert not os.stat(blocked).st_mode & stat.S_IXOTH
+
+
+# --------------------------------------------------------------------------- trust: who may influence what root does
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+
+
+def _victim(base: str) -> tuple[str, tuple]:
+    """A file outside the repository that an attacker wants root to truncate or chmod."""
+    path = os.path.join(base, "victim")
+    with open(path, "wb") as fh:
+        fh.write(b"precious data\n")
+    os.chmod(path, 0o644)
+    return path, _state(path)
+
+
+def _state(path: str) -> tuple:
+    st = os.lstat(path)
+    with open(path, "rb") as fh:
+        return stat.S_IMODE(st.st_mode), st.st_size, hashlib.sha256(fh.read()).hexdigest(), st.st_nlink
+
+
+def _victim_dir(base: str) -> str:
+    path = os.path.join(base, "victim-dir")
+    os.makedirs(os.path.join(path, "inner"))
+    with open(os.path.join(path, "inner", "keep"), "wb") as fh:
+        fh.write(b"keep")
+    os.chmod(path, 0o755)
+    return path
+
+
+def _dir_state(path: str) -> list[tuple]:
+    out = []
+    for root, dirs, files in os.walk(path):
+        for name in sorted(dirs + files):
+            p = os.path.join(root, name)
+            out.append((os.path.relpath(p, path), stat.S_IMODE(os.lstat(p).st_mode), os.lstat(p).st_size))
+    return [(".", stat.S_IMODE(os.lstat(path).st_mode), 0)] + out
+
+
+@pytest.fixture
+def repo(base) -> repo_mod.Repository:
+    repo = repo_mod.Repository(os.path.join(base, "repo"))
+    repo.initialise()
+    repo.prepare_vm(VM)
+    return repo
+
+
+@needs_root
+@pytest.mark.parametrize("relative", ["repo", "repo/sub", "a/repo"])
+def test_check_trusted_path_refuses_a_directory_owned_by_another_user(base, relative):
+    owned = os.path.join(base, relative.split("/")[0])
+    os.makedirs(os.path.join(base, relative))
+    os.chown(owned, NOBODY, NOBODY)
+    for allow in (False, True):  # allow_unsafe_permissions never excuses another owner
+        err = _raises("UNSAFE_TARGET", repo_mod.check_trusted_path, os.path.join(base, relative), "repository", allow)
+        assert f"{owned} is owned by uid {NOBODY}" in err.msg
+        assert err.details["unsafe_path"] == owned
+
+
+@needs_root
+def test_check_trusted_path_refuses_a_missing_repository_below_another_users_directory(base):
+    os.chown(base, NOBODY, NOBODY)
+    try:
+        _raises("UNSAFE_TARGET", repo_mod.check_trusted_path, os.path.join(base, "new", "repo"), "repository")
+    finally:
+        os.chown(base, 0, 0)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_check_trusted_path_refuses_a_symlink_anywhere(base, allow):
+    os.makedirs(os.path.join(base, "real", "repo"))
+    os.symlink(os.path.join(base, "real"), os.path.join(base, "link"))
+    os.symlink(os.path.join(base, "real", "repo"), os.path.join(base, "repo-link"))
+    for path, link in ((os.path.join(base, "link", "repo"), os.path.join(base, "link")),
+                       (os.path.join(base, "repo-link"), os.path.join(base, "repo-link")),
+                       (os.path.join(base, "link", "missing", "repo"), os.path.join(base, "link"))):
+        err = _raises("UNSAFE_TARGET", repo_mod.check_trusted_path, path, "repository", allow)
+        assert f"{link} is a symbolic link" in err.msg
+
+
+@pytest.mark.parametrize(
+    "parent_mode, repo_mode, allowed",
+    [
+        pytest.param(0o755, 0o711, True, id="plain"),
+        pytest.param(0o1777, 0o711, True, id="sticky-world-writable-parent"),
+        pytest.param(0o777, 0o711, False, id="world-writable-parent-without-sticky"),
+        pytest.param(0o775, 0o711, False, id="group-writable-parent"),
+        pytest.param(0o1770, 0o711, True, id="sticky-group-writable-parent"),
+        pytest.param(0o755, 0o1777, False, id="sticky-repository-itself"),
+        pytest.param(0o755, 0o771, False, id="group-writable-repository"),
+    ],
+)
+def test_check_trusted_path_write_permissions(base, parent_mode, repo_mode, allowed):
+    parent = os.path.join(base, "parent")
+    path = os.path.join(parent, "repo")
+    os.makedirs(path)
+    os.chmod(path, repo_mode)
+    os.chmod(parent, parent_mode)
+    try:
+        if allowed:
+            repo_mod.check_trusted_path(path, "repository")
+        else:
+            err = _raises("UNSAFE_TARGET", repo_mod.check_trusted_path, path, "repository")
+            assert "writable" in err.msg and "allow_unsafe_permissions" in err.msg
+        repo_mod.check_trusted_path(path, "repository", allow_unsafe_permissions=True)  # mode rule only
+    finally:
+        os.chmod(parent, 0o755)
+
+
+@needs_root
+def test_check_trusted_path_sticky_parent_must_be_root_owned(base):
+    parent = os.path.join(base, "parent")
+    os.makedirs(os.path.join(parent, "repo"))
+    os.chmod(parent, 0o1777)
+    os.chown(parent, NOBODY, NOBODY)
+    _raises("UNSAFE_TARGET", repo_mod.check_trusted_path, os.path.join(parent, "repo"), "repository")
+
+
+def test_check_trusted_path_file_component(base):
+    with open(os.path.join(base, "f"), "wb"):
+        pass
+    err = _raises("UNSAFE_TARGET", repo_mod.check_trusted_path, os.path.join(base, "f", "repo"), "repository")
+    assert "is not a directory" in err.msg
+
+
+def test_check_trusted_path_missing_tail_is_fine(base):
+    repo_mod.check_trusted_path(os.path.join(base, "a", "b", "c"), "repository")
+    assert os.listdir(base) == []
+
+
+@needs_root
+def test_inspect_and_open_refuse_a_repository_owned_by_nobody(base):
+    path = os.path.join(base, "repo")
+    repo_mod.Repository(path).initialise()
+    os.chown(path, NOBODY, NOBODY)
+    before = _dir_state(path)
+    _raises("UNSAFE_TARGET", repo_mod.inspect_repository, path)
+    _raises("UNSAFE_TARGET", repo_mod.open_repository, path)
+    assert _dir_state(path) == before
+
+
+def test_open_repository_not_found_and_format(base):
+    err = _raises("REPOSITORY_NOT_FOUND", repo_mod.open_repository, os.path.join(base, "typo"))
+    assert "does not exist" in err.msg and "mounted" in err.msg
+    os.mkdir(os.path.join(base, "empty"))
+    err = _raises("REPOSITORY_NOT_FOUND", repo_mod.open_repository, os.path.join(base, "empty"))
+    assert "not a vmbackup repository" in err.msg and "matching collection" not in err.msg
+    os.mkdir(os.path.join(base, "other"))
+    with open(os.path.join(base, "other", "notes"), "w", encoding="utf-8") as fh:
+        fh.write("x")
+    _raises("REPOSITORY_NOT_FOUND", repo_mod.open_repository, os.path.join(base, "other"))
+    os.mkdir(os.path.join(base, "v2"))
+    with open(os.path.join(base, "v2", repo_mod.REPO_MARKER), "wb") as fh:
+        fh.write(b'{"format": "vmbackup.libvirt/repository", "format_version": 2, "repo_id": "x"}')
+    _raises("REPOSITORY_FORMAT", repo_mod.open_repository, os.path.join(base, "v2"))
+    good = os.path.join(base, "good")
+    repo_mod.Repository(good).initialise()
+    assert repo_mod.open_repository(good).path == good
+
+
+def test_marker_through_a_symlink_is_not_read(base):
+    path = os.path.join(base, "repo")
+    os.mkdir(path)
+    real = os.path.join(base, "marker")
+    with open(real, "wb") as fh:
+        fh.write(b'{"format": "vmbackup.libvirt/repository", "format_version": 1, "repo_id": "x"}')
+    os.symlink(real, os.path.join(path, repo_mod.REPO_MARKER))
+    _raises("REPOSITORY_FORMAT", repo_mod.open_repository, path)
+
+
+def test_initialise_creates_only_the_repository_itself(base):
+    with pytest.raises(FileNotFoundError):
+        repo_mod.Repository(os.path.join(base, "a", "repo")).initialise()
+    assert os.listdir(base) == []
+
+
+@needs_root
+def test_initialise_refuses_an_existing_directory_of_another_user(base):
+    path = os.path.join(base, "repo")
+    os.mkdir(path, 0o755)
+    os.chown(path, NOBODY, NOBODY)
+    _raises("UNSAFE_TARGET", repo_mod.Repository(path).initialise)
+    assert os.listdir(path) == [] and _mode(path) == 0o755
+
+
+@needs_root
+@pytest.mark.parametrize("component", ["vms", "vm", "sets", ".incomplete"])
+def test_directories_inside_owned_by_another_user_are_refused(repo, component):
+    path = {"vms": os.path.join(repo.path, "vms"), "vm": repo.vm_dir(VM), "sets": repo.sets_dir(VM),
+            ".incomplete": repo.staging_root(VM)}[component]
+    os.chown(path, NOBODY, NOBODY)
+    mode = _mode(path)
+    _raises("UNSAFE_TARGET", repo.prepare_vm, VM)
+    if component != "sets":
+        _raises("UNSAFE_TARGET", repo.create_staging, VM, "20261125T073512Z-001")
+        _raises("UNSAFE_TARGET", repo.remove_leftovers, VM)
+    if component != ".incomplete":
+        _raises("UNSAFE_TARGET", repo.set_ids, VM)
+    assert _mode(path) == mode
+
+
+@pytest.mark.parametrize("component", [".incomplete", "sets", "vm"])
+def test_a_repository_directory_replaced_by_a_symlink_is_refused(repo, base, component):
+    victim = _victim_dir(base)
+    before = _dir_state(victim)
+    path = {"vm": repo.vm_dir(VM), "sets": repo.sets_dir(VM), ".incomplete": repo.staging_root(VM)}[component]
+    shutil.rmtree(path)
+    os.symlink(victim, path)
+    for call in (lambda: repo.prepare_vm(VM), lambda: repo.remove_leftovers(VM),
+                 lambda: repo.create_staging(VM, "20261125T073512Z-001"), lambda: repo.set_ids(VM),
+                 lambda: repo.read_verify_sidecar(VM, "20261125T073512Z-001")):
+        try:
+            call()
+        except VmBackupError as exc:
+            assert exc.error_code == "UNSAFE_TARGET" and "symbolic link" in exc.msg
+        except FileNotFoundError:
+            pass  # a part below the link is missing: nothing was touched either
+    assert _dir_state(victim) == before
+
+
+def test_a_symlink_planted_in_the_staging_root_is_removed_not_followed(repo, base):
+    victim = _victim_dir(base)
+    before = _dir_state(victim)
+    os.symlink(victim, os.path.join(repo.staging_root(VM), "20261125T073512Z-009"))
+    os.symlink(victim, os.path.join(repo.staging_root(VM), "junk"))
+    removed = repo.remove_leftovers(VM)
+    assert len(removed) == 2 and os.listdir(repo.staging_root(VM)) == []
+    assert _dir_state(victim) == before
+
+
+def test_a_symlink_inside_a_leftover_is_removed_not_followed(repo, base):
+    victim = _victim_dir(base)
+    before = _dir_state(victim)
+    staging = repo.create_staging(VM, "20261125T073512Z-001")
+    os.symlink(victim, os.path.join(staging, "disks", "vda.qcow2"))
+    os.symlink(os.path.join(victim, "inner", "keep"), os.path.join(staging, "nvram.fd"))
+    repo.remove_leftovers(VM)
+    assert _dir_state(victim) == before
+
+
+def test_commit_refuses_a_symlink_in_the_staging_directory(repo, base):
+    victim, before = _victim(base)
+    staging = repo.create_staging(VM, "20261125T073512Z-001")
+    os.symlink(victim, os.path.join(staging, "disks", "vda.qcow2"))
+    err = _raises("UNSAFE_TARGET", repo.commit, VM, "20261125T073512Z-001", staging, {"set_id": "x"})
+    assert "symbolic link" in err.msg
+    assert _state(victim) == before
+    assert repo.set_ids(VM) == []
+
+
+def test_set_ids_ignore_links_and_read_manifest_does_not_follow_them(repo, base):
+    elsewhere = os.path.join(base, "elsewhere", "20261125T073512Z-001")
+    os.makedirs(elsewhere)
+    with open(os.path.join(elsewhere, _manifest.MANIFEST_NAME), "wb") as fh:
+        fh.write(b"{}")
+    os.symlink(elsewhere, os.path.join(repo.sets_dir(VM), "20261125T073512Z-001"))
+    os.mkdir(os.path.join(repo.sets_dir(VM), "20261125T073512Z-002"))
+    os.symlink(os.path.join(elsewhere, _manifest.MANIFEST_NAME),
+               os.path.join(repo.sets_dir(VM), "20261125T073512Z-002", _manifest.MANIFEST_NAME))
+    assert repo.set_ids(VM) == []
+    _raises("UNSAFE_TARGET", repo.read_manifest_bytes, VM, "20261125T073512Z-001")
+    _raises("SET_NOT_FOUND", repo.read_manifest_bytes, VM, "20261125T073512Z-002")
+
+
+def test_sidecar_through_a_symlink_is_unreadable(repo, base):
+    victim, _before = _victim(base)
+    os.symlink(victim, os.path.join(repo.sets_dir(VM), "20261125T073512Z-001.verify.json"))
+    assert repo.read_verify_sidecar(VM, "20261125T073512Z-001") == {"outcome": "unreadable"}
+
+
+def test_makedir_does_not_chmod_through_a_symlink(base):
+    victim = _victim_dir(base)
+    before = _dir_state(victim)
+    os.symlink(victim, os.path.join(base, "d"))
+    _raises("UNSAFE_TARGET", repo_mod.makedir, os.path.join(base, "d"), 0o700)
+    assert _dir_state(victim) == before
+
+
+@pytest.mark.parametrize("planted", ["name", "tmp"])
+def test_write_file_atomic_never_writes_through_a_link(base, planted):
+    victim, before = _victim(base)
+    path = os.path.join(base, "run.json")
+    os.symlink(victim, path if planted == "name" else f"{path}.tmp-{os.getpid()}")
+    repo_mod.write_file_atomic(path, b"new")
+    assert _state(victim) == before
+    assert not os.path.islink(path)
+    with open(path, "rb") as fh:
+        assert fh.read() == b"new"
+    assert sorted(os.listdir(base)) == ["run.json", "victim"]
+
+
+def test_write_file_atomic_refuses_a_symlinked_directory(base):
+    victim = _victim_dir(base)
+    os.symlink(victim, os.path.join(base, "staging"))
+    _raises("UNSAFE_TARGET", repo_mod.write_file_atomic, os.path.join(base, "staging", "run.json"), b"x")
+    assert os.listdir(victim) == ["inner"]
+
+
+def test_remove_tree_does_not_follow_a_symlinked_parent(base):
+    victim = _victim_dir(base)
+    before = _dir_state(victim)
+    os.symlink(victim, os.path.join(base, "link"))
+    _raises("UNSAFE_TARGET", repo_mod.remove_tree, os.path.join(base, "link", "inner"))
+    assert _dir_state(victim) == before
+
+
+# --------------------------------------------------------------------------- required_mount
+
+
+def test_required_mount_none_checks_nothing(base):
+    repo_mod.check_required_mount(os.path.join(base, "repo"), None)
+
+
+def test_required_mount_must_contain_the_repository(base):
+    err = _raises("REPOSITORY_NOT_MOUNTED", repo_mod.check_required_mount, os.path.join(base, "repo"), "/mnt/backup")
+    assert "not below" in err.msg
+    # A name that only starts like the mount point is not below it.
+    _raises("REPOSITORY_NOT_MOUNTED", repo_mod.check_required_mount, "/mnt/backup2/repo", "/mnt/backup")
+
+
+def test_required_mount_that_is_not_mounted(base):
+    mnt = os.path.join(base, "mnt")
+    os.mkdir(mnt)
+    err = _raises("REPOSITORY_NOT_MOUNTED", repo_mod.check_required_mount, os.path.join(mnt, "repo"), mnt + "/")
+    assert "not a mount point" in err.msg
+
+
+@pytest.mark.skipif(not os.path.ismount("/dev/shm"), reason="needs /dev/shm mounted")
+def test_required_mount_same_file_system():
+    repo_mod.check_required_mount("/dev/shm/vmbackup-unit/repo", "/dev/shm")
+    if os.stat("/dev/shm").st_dev != os.stat("/").st_dev:
+        err = _raises("REPOSITORY_NOT_MOUNTED", repo_mod.check_required_mount, "/dev/shm/vmbackup-unit/repo", "/")
+        assert "another file system" in err.msg
+
+
+def test_required_mount_relative_is_invalid():
+    _raises("INVALID_ARGUMENT", repo_mod.check_required_mount, "/srv/repo", "srv")
+
+
+# --------------------------------------------------------------------------- fstab: a mount point that should be mounted
+
+
+def _files(base, fstab: str, mounted: list[str]) -> tuple[str, str]:
+    fstab_path, info_path = os.path.join(base, "fstab"), os.path.join(base, "mountinfo")
+    with open(fstab_path, "w", encoding="utf-8") as fh:
+        fh.write(fstab)
+    with open(info_path, "w", encoding="utf-8") as fh:
+        for i, where in enumerate(["/"] + mounted):
+            fh.write(f"{20 + i} 1 0:{30 + i} / {where.replace(' ', chr(92) + '040')} rw,relatime - ext4 /dev/x rw\n")
+    return fstab_path, info_path
+
+
+FSTAB = """# /etc/fstab
+UUID=1234 / ext4 defaults 0 1
+/dev/vdb1 none swap sw 0 0
+nfs:/export/backup /mnt/backup nfs4 defaults,_netdev 0 0
+//srv/share /mnt/with\\040space cifs noauto 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    "path, mounted, refused",
+    [
+        pytest.param("/mnt/backup/vmbackup", [], "/mnt/backup", id="below-an-unmounted-share"),
+        pytest.param("/mnt/backup", [], "/mnt/backup", id="the-unmounted-mount-point-itself"),
+        pytest.param("/mnt/backup/vmbackup", ["/mnt/backup"], None, id="mounted"),
+        pytest.param("/mnt/backup2/vmbackup", [], None, id="a-name-that-only-starts-alike"),
+        pytest.param("/srv/vmbackup", [], None, id="not-below-any-entry"),
+        pytest.param("/mnt/with space/repo", [], "/mnt/with space", id="escaped-space"),
+        pytest.param("/mnt/with space/repo", ["/mnt/with space"], None, id="escaped-space-mounted"),
+    ],
+)
+def test_check_expected_mounts(base, path, mounted, refused):
+    fstab, info = _files(base, FSTAB, mounted)
+    if refused is None:
+        repo_mod.check_expected_mounts(path, fstab, info)
+    else:
+        err = _raises("REPOSITORY_NOT_MOUNTED", repo_mod.check_expected_mounts, path, fstab, info)
+        assert f"below {refused}," in err.msg and "not mounted" in err.msg
+        assert err.details["required_mount"] == refused
+
+
+def test_check_expected_mounts_without_fstab(base):
+    repo_mod.check_expected_mounts("/mnt/backup/repo", os.path.join(base, "missing"), os.path.join(base, "missing"))
+
+
+def test_is_mount_point_sees_bind_mounts_in_mountinfo(base):
+    _fstab, info = _files(base, "", ["/srv/bound"])
+    assert repo_mod.is_mount_point("/srv/bound", info)
+    assert repo_mod.is_mount_point("/", info)
+    assert not repo_mod.is_mount_point(base, info)
+
+
+def test_read_set_and_staging_files_never_follow_a_link(repo, base):
+    victim, before = _victim(base)
+    staging = repo.create_staging(VM, "20261125T073512Z-001")
+    repo_mod.write_file_atomic(os.path.join(staging, "run.json"), b'{"checkpoint": null}')
+    assert repo.read_staging_file(VM, "20261125T073512Z-001", "run.json") == b'{"checkpoint": null}'
+    os.unlink(os.path.join(staging, "run.json"))
+    os.symlink(victim, os.path.join(staging, "run.json"))
+    with pytest.raises(OSError):
+        repo.read_staging_file(VM, "20261125T073512Z-001", "run.json")
+    _raises("PATH_ESCAPE", repo.read_staging_file, VM, "..", "run.json")
+    os.makedirs(os.path.join(repo.set_dir(VM, "20261125T073512Z-002")))
+    os.symlink(victim, os.path.join(repo.set_dir(VM, "20261125T073512Z-002"), "checkpoint.xml"))
+    with pytest.raises(OSError):
+        repo.read_set_file(VM, "20261125T073512Z-002", "checkpoint.xml")
+    _raises("PATH_ESCAPE", repo.read_set_file, VM, "20261125T073512Z-002", "../x")
+    assert _state(victim) == before
