@@ -38,7 +38,8 @@ options:
   lock_timeout:
     description:
       - Seconds to wait for another run's lock on the same VM in the same repository.
-      - When it is still held after that, the module fails with C(VM_LOCKED).
+      - When it is still held after that, the module fails with C(VM_LOCKED). Between 0 and 604800 (a week); other
+        values (negative, NaN, infinity) fail with C(INVALID_ARGUMENT).
     type: float
     default: 60
   allow_unsafe_permissions:

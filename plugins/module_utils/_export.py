@@ -29,7 +29,7 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
 
 
@@ -125,8 +125,7 @@ def validate_params(p: ExportParams) -> str:
     for target in (p.disks or []) + (p.exclude_disks or []):
         _manifest.validate_target(target)
     _manifest.validate_period(p.period)
-    if p.lock_timeout < 0:
-        raise VmBackupError("INVALID_ARGUMENT", "lock_timeout must be 0 or more seconds")
+    validate_timeout(p.lock_timeout)
     if p.workers is not None and p.workers < 1:
         raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
     return path
@@ -309,14 +308,14 @@ class Exporter(Backend):
                 return None, f"the disks changed since set {set_id}: {target} format changed"
         redefined = False
         if lv.lookup_checkpoint(dom, checkpoint) is None:
-            xml_path = os.path.join(repo.set_dir(vm_uuid, set_id), "checkpoint.xml")
-            if not os.path.isfile(xml_path):
+            try:  # the saved XML, read without following a link
+                saved = repo.read_set_file(vm_uuid, set_id, "checkpoint.xml").decode("utf-8")
+            except (OSError, UnicodeDecodeError):
                 return None, f"checkpoint {checkpoint} of set {set_id} no longer exists in libvirt"
             if dry:
                 # A real run will try to redefine it; its bitmap can only be checked then.
                 return self._parent(set_id, sha, manifest, parsed, redefined=True), ""
-            with open(xml_path, encoding="utf-8") as fh:
-                error = lv.redefine_checkpoint(dom, fh.read())
+            error = lv.redefine_checkpoint(dom, saved)
             if error:
                 return None, f"checkpoint {checkpoint} of set {set_id} no longer exists in libvirt and cannot be redefined ({error})"
             self.warnings.append(f"checkpoint {checkpoint} was missing from libvirt and was redefined from set {set_id}")
@@ -417,11 +416,9 @@ class Exporter(Backend):
         if lv.is_active(dom) and any(lv.abort_backup_into(dom, path) for path in leftovers):
             self.cleaned.append("aborted the backup job of an interrupted run")
         for path in leftovers:
-            run_file = os.path.join(path, RUN_FILE)
-            try:
-                with open(run_file, encoding="utf-8") as fh:
-                    checkpoint = json.load(fh).get("checkpoint")
-            except (OSError, ValueError):
+            try:  # read without following a link
+                checkpoint = json.loads(repo.read_staging_file(vm_uuid, os.path.basename(path), RUN_FILE)).get("checkpoint")
+            except (OSError, ValueError, AttributeError, VmBackupError):
                 checkpoint = None
             # The interrupted run's own checkpoint only: never one a committed set relies on.
             if (checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint)

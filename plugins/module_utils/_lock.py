@@ -23,6 +23,17 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repositor
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 
 
+# A week: longer is a typo (or an overflow) rather than a wish to wait.
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def validate_timeout(value: float) -> float:
+    """``lock_timeout`` in seconds: 0 up to a week. NaN and infinity fail (a NaN deadline never passes)."""
+    if not 0 <= value <= MAX_TIMEOUT:  # also False for NaN
+        raise VmBackupError("INVALID_ARGUMENT", f"lock_timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {value!r}")
+    return value
+
+
 class VmLock:
     """An exclusive flock on ``<repo>/vms/<uuid>/lock``.
 

@@ -31,7 +31,7 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import chain_spec
 
@@ -156,8 +156,7 @@ def validate_params(p: VerifyParams) -> str:
         raise VmBackupError("INVALID_ARGUMENT", f"level {p.level!r} is not one of {', '.join(LEVELS)}")
     if p.workers is not None and p.workers < 1:
         raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
-    if p.lock_timeout < 0:
-        raise VmBackupError("INVALID_ARGUMENT", "lock_timeout must be 0 or more seconds")
+    validate_timeout(p.lock_timeout)
     return path
 
 

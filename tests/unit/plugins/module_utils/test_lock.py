@@ -25,6 +25,7 @@ import time
 import pytest
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _lock
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock
 
 
@@ -312,3 +313,15 @@ def test_a_lock_directory_behind_a_symlink_is_refused(tmp_path):
         VmLock(str(tmp_path / "vm" / "lock"), timeout=0, purpose="export").acquire()
     assert info.value.error_code == "UNSAFE_TARGET"
     assert os.listdir(real) == []
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5, 60.0, 7 * 24 * 3600.0])
+def test_validate_timeout_accepts(value):
+    assert _lock.validate_timeout(value) == value
+
+
+@pytest.mark.parametrize("value", [-1.0, -0.001, float("nan"), float("inf"), float("-inf"), 1e308, 7 * 24 * 3600.0 + 1])
+def test_validate_timeout_rejects_what_would_wait_forever_or_never(value):
+    with pytest.raises(VmBackupError) as info:
+        _lock.validate_timeout(value)
+    assert info.value.error_code == "INVALID_ARGUMENT" and "lock_timeout" in info.value.msg
