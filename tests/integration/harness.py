@@ -233,6 +233,85 @@ def pick_domain_type(conn) -> str:
         destroy_vm(dom)
 
 
+class Domains:
+    """Names of domains a test restores or defines, and files it makes outside its directory;
+    every one is destroyed, undefined or removed afterwards, also when the test fails."""
+
+    def __init__(self, conn, hint: str = "r") -> None:
+        self.conn = conn
+        self.hint = hint
+        self.names: list[str] = []
+        self.files: list[pathlib.Path] = []
+
+    def new_name(self, hint: str | None = None) -> str:
+        name = f"{PREFIX}{hint or self.hint}-{uuid.uuid4().hex[:8]}"
+        self.names.append(name)
+        return name
+
+    def lookup(self, name: str):
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return None
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            dom = self.lookup(name)
+            if dom is not None:
+                destroy_vm(dom)
+        for path in self.files:
+            if os.path.lexists(path):
+                os.unlink(path)
+
+
+def job_running(dom) -> bool:
+    """Whether libvirt runs a job on the domain ("backup job data missing" while one starts: no)."""
+    try:
+        return dom.jobStats(0).get("type", 0) != 0
+    except libvirt.libvirtError:
+        return False
+
+
+def module_pids(proc: subprocess.Popen, module: str) -> list[int]:
+    """The processes running ``module`` (AnsiballZ_<module>.py) below an `ansible` run: the
+    module's Python itself, not the `/bin/sh -c` wrappers whose command line names it too."""
+    pids = []
+    for pid in descendants(proc.pid):
+        try:
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and b"python" in os.path.basename(argv[0]) and argv[1].endswith(f"AnsiballZ_{module}.py".encode()):
+            pids.append(pid)
+    return pids
+
+
+# ----------------------------------------------------------------------------- results and directories
+def expect_ok(result: dict) -> dict:
+    """A run that changed something; the whole result in the message when not."""
+    assert result["changed"] and not result["failed"], json.dumps(result, indent=1)[:4000]
+    return result
+
+
+def expect_error(result: dict, code: str) -> dict:
+    """A refusal with ``code``, as a module result (never a traceback)."""
+    assert result["failed"] and result.get("error_code") == code, json.dumps(result, indent=1)[:4000]
+    assert "Traceback" not in result.get("msg", "") and "module_stderr" not in result, result
+    return result
+
+
+def make_dir(path: pathlib.Path, mode: int = 0o711) -> pathlib.Path:
+    """A root-owned directory QEMU (libvirt-qemu) can traverse."""
+    path.mkdir(mode=mode)
+    os.chmod(path, mode)
+    return path
+
+
+def listing(path: pathlib.Path) -> list[str]:
+    """Every name in a directory, hidden ones included ([] when it does not exist)."""
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
 # ----------------------------------------------------------------------------- independent checks
 def chain_json(files: list[pathlib.Path | str]) -> str:
     """json: spec reading files (base first) as one backing chain, written independently of the collection."""

@@ -14,28 +14,14 @@ import uuid
 import libvirt
 import pytest
 
-from harness import DiskSpec, descendants, images_equal, tree_state, wait_for
-
-
-def module_pid(proc, module: str) -> int | None:
-    """The process running the module (AnsiballZ_<module>.py) below an `ansible` run."""
-    for pid in descendants(proc.pid):
-        try:
-            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        argv = cmdline.split(b"\0")
-        # The Python process itself, not the `/bin/sh -c` that started it.
-        if any(a.endswith(f"AnsiballZ_{module}.py".encode()) for a in argv[1:]) and not argv[0].endswith(b"sh"):
-            return pid
-    return None
-
-
-def job_running(dom) -> bool:
-    try:
-        return dom.jobStats(0).get("type", 0) != 0
-    except libvirt.libvirtError:
-        return False
+from harness import (
+    DiskSpec,
+    images_equal,
+    job_running,
+    module_pids,
+    tree_state,
+    wait_for,
+)
 
 
 def files_under(path: pathlib.Path) -> list[pathlib.Path]:
@@ -48,7 +34,7 @@ def test_sigterm_during_a_live_backup_rolls_back_and_says_cancelled(ansible, vms
     staging = repo / "vms" / vm.uuid / ".incomplete"
     pending = ansible.popen_result("export", args)
     wait_for(lambda: job_running(vm.dom) and files_under(staging), timeout=120, what="the backup job to copy data")
-    pid = wait_for(lambda: module_pid(pending.proc, "export"), timeout=30, what="the module process")
+    (pid,) = wait_for(lambda: module_pids(pending.proc, "export"), timeout=30, what="the module process")
     os.kill(pid, signal.SIGTERM)
     result = pending.result(timeout=300)
 
@@ -77,7 +63,8 @@ def test_sigint_during_a_restore_removes_every_partial_image_and_defines_nothing
     # Cancel while qemu-img writes the image.
     wait_for(lambda: any(".partial" in p.name and p.stat().st_size > 0 for p in disk_dir.iterdir()), timeout=120,
              what="the restore to write its image")
-    os.kill(wait_for(lambda: module_pid(pending.proc, "restore"), timeout=30, what="the module process"), signal.SIGINT)
+    (pid,) = wait_for(lambda: module_pids(pending.proc, "restore"), timeout=30, what="the module process")
+    os.kill(pid, signal.SIGINT)
     result = pending.result(timeout=300)
 
     assert result["failed"] and result["error_code"] == "CANCELLED" and "SIGINT" in result["msg"], result

@@ -14,23 +14,17 @@ import libvirt_qemu
 import pytest
 
 from harness import (
-    MIB,
     DiskSpec,
+    MIB,
     allocated_data_bytes,
     chain_json,
     images_equal,
+    job_running,
     kill_tree,
     sha256,
     tree_state,
     wait_for,
 )
-
-
-def job_running(dom) -> bool:
-    try:
-        return dom.jobStats(0).get("type", 0) != 0
-    except libvirt.libvirtError:  # "backup job data missing" while a job starts
-        return False
 
 
 def wait_for_backup_job(vm, staging: pathlib.Path) -> None:

@@ -19,11 +19,13 @@ import libvirt_qemu
 import pytest
 
 from harness import (
-    MIB,
     DiskSpec,
+    MIB,
     chain_json,
     descendants,
     images_equal,
+    job_running,
+    module_pids,
     run,
     tree_state,
     wait_for,
@@ -65,13 +67,6 @@ def kill_qemu(vm) -> None:
     pid = int(pathlib.Path(f"/run/libvirt/qemu/{vm.dom.name()}.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not vm.dom.isActive(), 30, what="libvirt to see QEMU gone")
-
-
-def job_running(dom) -> bool:
-    try:
-        return dom.jobStats(0).get("type", 0) != 0
-    except libvirt.libvirtError:
-        return False
 
 
 def assert_no_warnings(result: dict) -> None:
@@ -273,20 +268,6 @@ def test_checkpoint_lost_for_good_leaves_no_bitmap_behind(ansible, vms, repo, sc
 
 
 # ----------------------------------------------------------------------------- item 7: foreign jobs
-def module_pids(proc: subprocess.Popen) -> list[int]:
-    pids = []
-    for pid in descendants(proc.pid):
-        try:
-            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        argv = cmdline.split(b"\0")
-        # The module's Python itself, not the /bin/sh -c wrappers whose command line names it too.
-        if len(argv) > 1 and b"python" in os.path.basename(argv[0]) and argv[1].endswith(b"AnsiballZ_export.py"):
-            pids.append(pid)
-    return pids
-
-
 def test_failed_run_does_not_abort_a_job_started_after_its_own(ansible, vms, repo, scratch):
     """Our job ends; another tool starts a backup job on the VM; then our run fails (cancelled
     by SIGTERM, as an AWX cancel) and rolls back: the other job must run on to completion."""
@@ -305,7 +286,7 @@ def test_failed_run_does_not_abort_a_job_started_after_its_own(ansible, vms, rep
         f"<domainbackup mode='push'><disks><disk name='vda' type='file'><target file='{target}'/>"
         "<driver type='qcow2'/></disk><disk name='vdb' backup='no'/></disks></domainbackup>", None, 0)
     try:
-        module = module_pids(proc.proc)
+        module = module_pids(proc.proc, "export")
         assert module, "no module process found"
         for pid in module:
             os.kill(pid, signal.SIGTERM)

@@ -23,7 +23,19 @@ import xml.etree.ElementTree as ET
 import libvirt
 import pytest
 
-from harness import PREFIX, DiskSpec, VmFactory, destroy_vm, images_equal, run, sha256
+from harness import (
+    DiskSpec,
+    Domains,
+    PREFIX,
+    VmFactory,
+    expect_error,
+    expect_ok,
+    images_equal,
+    listing,
+    make_dir,
+    run,
+    sha256,
+)
 
 # As conftest.REPO_BASE: QEMU (libvirt-qemu) can traverse it.
 REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
@@ -32,52 +44,6 @@ NOBODY = 65534
 
 
 # ----------------------------------------------------------------------------- helpers
-class Domains:
-    """Domains a test defines or restores; every one is destroyed and undefined afterwards."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-        self.names: list[str] = []
-
-    def new_name(self, hint: str = "rf") -> str:
-        name = f"{PREFIX}{hint}-{uuid.uuid4().hex[:8]}"
-        self.names.append(name)
-        return name
-
-    def lookup(self, name: str):
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return None
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            dom = self.lookup(name)
-            if dom is not None:
-                destroy_vm(dom)
-
-
-def expect_ok(result: dict) -> dict:
-    assert result["changed"] and not result["failed"], json.dumps(result, indent=1)[:4000]
-    return result
-
-
-def expect_error(result: dict, code: str) -> dict:
-    assert result["failed"] and result.get("error_code") == code, json.dumps(result, indent=1)[:4000]
-    return result
-
-
-def make_dir(path: pathlib.Path, mode: int = 0o711) -> pathlib.Path:
-    """A directory QEMU (libvirt-qemu) can traverse."""
-    path.mkdir(mode=mode)
-    os.chmod(path, mode)
-    return path
-
-
-def listing(path: pathlib.Path) -> list[str]:
-    return sorted(os.listdir(path))
-
-
 def file_disk(path: pathlib.Path, target: str) -> str:
     return (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{path}'/>"
             f"<target dev='{target}' bus='virtio'/></disk>")
@@ -156,7 +122,7 @@ def source(ansible, module_vms, module_dir) -> Source:
 
 @pytest.fixture
 def domains(conn):
-    registry = Domains(conn)
+    registry = Domains(conn, 'rf')
     yield registry
     registry.cleanup()
 
@@ -422,7 +388,7 @@ def test_two_restores_to_one_name_at_once(ansible, conn, source, work, domains):
     disk_dir = make_dir(work / "images")
     name = domains.new_name("race")
     args = source.args(restore_as=name, disk_dir=disk_dir)
-    pending = [ansible.popen_result("restore", args) for _ in range(2)]
+    pending = [ansible.popen_result("restore", args) for dummy in range(2)]
     results = [p.result(timeout=600) for p in pending]
     assert not any(r["failed"] for r in results), json.dumps(results, indent=1)[:4000]
     assert sorted(r["changed"] for r in results) == [False, True], [r["msg"] for r in results]

@@ -20,7 +20,20 @@ import pytest
 
 import subprocess
 
-from harness import PREFIX, Vm, destroy_vm, images_equal, parse_result, run, tree_state
+from harness import (
+    Domains,
+    PREFIX,
+    Vm,
+    destroy_vm,
+    expect_error,
+    expect_ok,
+    images_equal,
+    listing,
+    make_dir,
+    parse_result,
+    run,
+    tree_state,
+)
 
 REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
 SECRET = "s3cr3tPw"
@@ -29,49 +42,6 @@ ANSIBLE_KEYS = {"warnings", "deprecations", "invocation", "_output"}
 
 
 # ----------------------------------------------------------------------------- helpers
-class Domains:
-    """Domains a test restores or defines: destroyed and undefined afterwards, also on failure."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-        self.names: list[str] = []
-
-    def new_name(self, hint: str = "id") -> str:
-        name = f"{PREFIX}{hint}-{uuid.uuid4().hex[:8]}"
-        self.names.append(name)
-        return name
-
-    def lookup(self, name: str):
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return None
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            dom = self.lookup(name)
-            if dom is not None:
-                destroy_vm(dom)
-
-
-def make_dir(path: pathlib.Path) -> pathlib.Path:
-    """A root-owned directory QEMU (libvirt-qemu) can traverse."""
-    path.mkdir(mode=0o711)
-    os.chmod(path, 0o711)
-    return path
-
-
-def expect_ok(result: dict) -> dict:
-    assert result["changed"] and not result["failed"], json.dumps(result, indent=1)[:4000]
-    return result
-
-
-def expect_error(result: dict, code: str) -> dict:
-    assert result["failed"] and result.get("error_code") == code, json.dumps(result, indent=1)[:4000]
-    assert "Traceback" not in result.get("msg", "") and "module_stderr" not in result, result
-    return result
-
-
 def with_diff(ansible, module: str, args: dict, check: bool = False) -> dict:
     """A module run with --diff; verbosity 3 keeps the diff in the printed result (the callback
     shows it as a unified diff and drops it from the result below that)."""
@@ -108,10 +78,6 @@ def macs(dom) -> list[str | None]:
         mac = iface.find("mac")
         out.append(mac.get("address") if mac is not None else None)
     return out
-
-
-def listing(path: pathlib.Path) -> list[str]:
-    return sorted(os.listdir(path)) if path.exists() else []
 
 
 def qcow2(path: pathlib.Path, size: str, fill: list[tuple[int, str, str]] = ()) -> pathlib.Path:
@@ -159,14 +125,14 @@ def module_dir():
 
 @pytest.fixture(scope="module")
 def module_domains(conn):
-    registry = Domains(conn)
+    registry = Domains(conn, 'id')
     yield registry
     registry.cleanup()
 
 
 @pytest.fixture
 def domains(conn):
-    registry = Domains(conn)
+    registry = Domains(conn, 'id')
     yield registry
     registry.cleanup()
 

@@ -21,19 +21,24 @@ import libvirt
 import pytest
 
 from harness import (
+    DiskSpec,
+    Domains,
     MIB,
     PREFIX,
-    DiskSpec,
     VmFactory,
     allocated_data_bytes,
-    destroy_vm,
+    expect_error,
+    expect_ok,
     images_equal,
     kill_tree,
+    listing,
+    make_dir,
     run,
     sha256,
     tree_state,
     wait_for,
 )
+
 # As conftest.REPO_BASE: QEMU (libvirt-qemu) can traverse it.
 REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
 NVRAM_DIR = pathlib.Path("/var/lib/libvirt/qemu/nvram")
@@ -43,54 +48,6 @@ LOADER = "/usr/share/qemu/bios-256k.bin"
 
 
 # ----------------------------------------------------------------------------- helpers
-class Domains:
-    """Names of domains a test restores or defines, and files it makes outside its directory;
-    every one is destroyed, undefined or removed afterwards, also when the test fails."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-        self.names: list[str] = []
-        self.files: list[pathlib.Path] = []
-
-    def new_name(self, hint: str = "r") -> str:
-        name = f"{PREFIX}{hint}-{uuid.uuid4().hex[:8]}"
-        self.names.append(name)
-        return name
-
-    def lookup(self, name: str):
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return None
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            dom = self.lookup(name)
-            if dom is not None:
-                destroy_vm(dom)
-        for path in self.files:
-            if os.path.lexists(path):
-                os.unlink(path)
-
-
-def expect_ok(result: dict) -> dict:
-    """A run that changed something; the whole result in the message when not."""
-    assert result["changed"] and not result["failed"], json.dumps(result, indent=1)[:4000]
-    return result
-
-
-def expect_error(result: dict, code: str) -> dict:
-    assert result["failed"] and result.get("error_code") == code, json.dumps(result, indent=1)[:4000]
-    return result
-
-
-def make_dir(path: pathlib.Path) -> pathlib.Path:
-    """A directory QEMU (libvirt-qemu) can traverse."""
-    path.mkdir(mode=0o711)
-    os.chmod(path, 0o711)
-    return path
-
-
 def manifest_of(repo: pathlib.Path, vm_uuid: str, set_id: str) -> dict:
     return json.loads((repo / "vms" / vm_uuid / "sets" / set_id / "manifest.json").read_text())
 
@@ -132,11 +89,6 @@ def marker(dom) -> dict[str, str] | None:
 
 def image_info(path: str | pathlib.Path) -> dict:
     return json.loads(run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout)
-
-
-def listing(path: pathlib.Path) -> list[str]:
-    """Every name in a directory, hidden ones included."""
-    return sorted(os.listdir(path))
 
 
 def flip_bit(path: pathlib.Path, offset: int) -> None:

@@ -774,8 +774,9 @@ def _entry(directory="/d", final="vm-vda.qcow2", kind="file", dev=5, ino=7):
     (_v2(files=["x", None, 3]), []),
     ([1, 2], []),
     # format 1: only its own partial names, never a final
-    ({"pid": 1, "phase": "writing", "temps": [f"/d/.vm-vda.qcow2.partial-{TOKEN}", "/d/victim.qcow2",
-                                             f"/etc/.x.partial-{TOKEN}", f"/d/.partial-{TOKEN}", "/d/.y.partial-other", 5],
+    ({"pid": 1, "phase": "writing",
+      "temps": [f"/d/.vm-vda.qcow2.partial-{TOKEN}", "/d/victim.qcow2", f"/etc/.x.partial-{TOKEN}", f"/d/.partial-{TOKEN}",
+                "/d/.y.partial-other", 5],
       "finals": ["/d/vm-vda.qcow2", "/d/victim.qcow2"]},
      [(f"/d/.vm-vda.qcow2.partial-{TOKEN}", "file", None)]),
 ])
