@@ -93,15 +93,17 @@ def trusted_owners() -> set[int]:
 
 
 def _check_dir(st: os.stat_result, what: str, path: str, current: str, *, target: bool, modes: bool,
-               allow_unsafe_permissions: bool) -> None:
+               allow_unsafe_permissions: bool, owners: bool = True) -> None:
     """The trust rules for one directory, applied to the stat of its open descriptor.
 
     ``target``: ``current`` is the directory acted in (no sticky exception for it).
     ``modes``: check write permissions too (False: links and owners only).
+    ``owners``: check the owner (False: links only, for directories libvirt gives to its own
+    users, such as the NVRAM directory, where every name is created exclusively instead).
     """
     if not stat.S_ISDIR(st.st_mode):
         raise VmBackupError("UNSAFE_TARGET", f"{what} {path}: {current} is not a directory", unsafe_path=current)
-    if st.st_uid not in trusted_owners():
+    if owners and st.st_uid not in trusted_owners():
         raise VmBackupError(
             "UNSAFE_TARGET",
             f"{what} {path}: {current} is owned by uid {st.st_uid}, not by root; that user could replace what "
@@ -139,31 +141,35 @@ def _open_child(parent_fd: int, name: str, what: str, path: str, current: str) -
 
 
 def _walk(path: str, what: str, *, modes: bool, allow_unsafe_permissions: bool, target: bool,
-          missing_ok: bool, shown: str | None = None) -> tuple[int, str]:
+          missing_ok: bool, shown: str | None = None, owners: bool = True,
+          create_mode: int | None = None) -> tuple[int, str]:
     """Open ``path`` from ``/``, one component at a time, each checked on its descriptor.
 
     Returns the descriptor of the deepest directory reached and its path: ``path`` itself, or with
     ``missing_ok`` the deepest existing ancestor (a missing component is FileNotFoundError otherwise).
+    With ``create_mode``, a missing last component is created with exactly that mode.
     """
     shown = shown or path
     parts = [p for p in path.split("/") if p]
     fd = os.open("/", _DIR_FLAGS)
     current = "/"
+    checks = {"modes": modes, "allow_unsafe_permissions": allow_unsafe_permissions, "owners": owners}
     try:
-        _check_dir(os.fstat(fd), what, shown, current, target=target and not parts, modes=modes,
-                   allow_unsafe_permissions=allow_unsafe_permissions)
+        _check_dir(os.fstat(fd), what, shown, current, target=target and not parts, **checks)
         for index, part in enumerate(parts):
             nxt = os.path.join(current, part)
+            last = index == len(parts) - 1
             try:
                 child = _open_child(fd, part, what, shown, nxt)
             except FileNotFoundError:
                 if missing_ok:
                     return fd, current
-                raise
+                if create_mode is None or not last:
+                    raise
+                child, _created = _ensure_dir_at(fd, part, create_mode, what, shown, nxt)
             os.close(fd)
             fd, current = child, nxt
-            _check_dir(os.fstat(fd), what, shown, current, target=target and index == len(parts) - 1, modes=modes,
-                       allow_unsafe_permissions=allow_unsafe_permissions)
+            _check_dir(os.fstat(fd), what, shown, current, target=target and last, **checks)
         return fd, current
     except BaseException:
         os.close(fd)
@@ -187,12 +193,13 @@ def check_trusted_path(path: str, what: str, allow_unsafe_permissions: bool = Fa
 
 
 def open_dir(path: str, what: str = "directory", *, modes: bool = False, allow_unsafe_permissions: bool = False,
-             target: bool = True, shown: str | None = None) -> int:
+             target: bool = True, shown: str | None = None, owners: bool = True, create_mode: int | None = None) -> int:
     """A descriptor of the existing directory ``path``, reached without following any link, every
-    component owned by root or the module's user (and with ``modes`` not writable by others).
-    The caller closes it. FileNotFoundError when a component is missing."""
+    component owned by root or the module's user (unless ``owners`` is False; with ``modes`` not
+    writable by others either). The caller closes it. FileNotFoundError when a component is
+    missing; with ``create_mode`` a missing last component is created with exactly that mode."""
     fd, _reached = _walk(path, what, modes=modes, allow_unsafe_permissions=allow_unsafe_permissions, target=target,
-                         missing_ok=False, shown=shown)
+                         missing_ok=False, shown=shown, owners=owners, create_mode=create_mode)
     return fd
 
 

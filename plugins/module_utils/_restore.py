@@ -515,39 +515,10 @@ _libc: t.Any = None
 
 def open_dir(path: str, create_mode: int | None = None) -> int:
     """A directory fd of ``path``, reached one component at a time from ``/`` without following a
-    symbolic link (UNSAFE_TARGET when a link or a non-directory is in the way). With
-    ``create_mode``, a missing last component is created with exactly that mode."""
-    parts = [p for p in path.split("/") if p]
-    fd = os.open("/", _DIR_FLAGS)
-    try:
-        for index, part in enumerate(parts):
-            created = False
-            try:
-                try:
-                    nfd = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                except FileNotFoundError:
-                    if create_mode is None or index != len(parts) - 1:
-                        raise
-                    try:
-                        os.mkdir(part, create_mode, dir_fd=fd)
-                        created = True
-                    except FileExistsError:
-                        pass
-                    nfd = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    where = "/" + "/".join(parts[:index + 1])
-                    raise VmBackupError("UNSAFE_TARGET", f"{path}: {where} is a symbolic link or not a directory; "
-                                        "root does not write or delete through a link", unsafe_path=where) from None
-                raise
-            if created:
-                os.fchmod(nfd, create_mode)  # exactly, whatever the umask
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    symbolic link (UNSAFE_TARGET when a link or a non-directory is in the way), whoever owns the
+    directories (the NVRAM and TPM directories are libvirt's users'; names in them are created
+    exclusively). With ``create_mode``, a missing last component is created with exactly that mode."""
+    return repo_mod.open_dir(path, "directory", owners=False, create_mode=create_mode)
 
 
 def create_private(dir_fd: int, name: str) -> os.stat_result:
