@@ -61,7 +61,7 @@ def main() -> int:
         fulls, copies, incs = [], [], []
         for i in range(args.repeat):
             repo = work / f"repo{i}"
-            r = ansible("export", {"name": vm.name, "repository": str(repo), "mode": "full"})
+            r = ansible("export", {"name": vm.name, "repository": str(repo), "mode": "full", "create_repository": True})
             assert r["changed"] and not r["failed"], r
             fulls.append((r["duration_s"], r["data_bytes"] / MIB / r["throughput_mib_s"]))
             vm.write("vda", 0xC0 + i, f"{256 + 64 * i}M", "64M")

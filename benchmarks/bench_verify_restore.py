@@ -168,7 +168,7 @@ def main() -> int:
         print(f"building: {args.disks} disks x {args.size}, {per_disk} MiB of data each; "
               f"{args.inc_mib} MiB per disk before the incremental", flush=True)
         vm = factory.create([DiskSpec(args.size, fill=[(0x5A, "0", f"{per_disk}M")]) for _disk in range(args.disks)])
-        full, _wall = cli("export", {"name": vm.name, "repository": str(repo), "mode": "full"})
+        full, _wall = cli("export", {"name": vm.name, "repository": str(repo), "mode": "full", "create_repository": True})
         for n, target in enumerate(sorted(vm.disks)):
             vm.write(target, 0xC0 + n, "256M" if per_disk > 320 else "0", f"{args.inc_mib}M")
         inc, _wall = cli("export", {"name": vm.name, "repository": str(repo)})
