@@ -19,7 +19,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import time
 import typing as t
@@ -681,23 +680,47 @@ class Exporter(Backend):
         repo_mod.write_file_atomic(os.path.join(staging, rel), data)
 
     def _copy_firmware(self, dom, staging: str, vm_uuid: str) -> dict[str, str]:
+        """NVRAM and TPM state into the staging set. Their directories belong to libvirt-qemu and
+        swtpm: a file there that is a link (or a FIFO) is skipped with a warning, never followed."""
         files = {}
         xml = lv.domain_xml(dom, inactive=True)
         nvram = lv.nvram_path(xml)
-        if nvram and os.path.isfile(nvram):
-            dst = os.path.join(staging, "nvram.fd")
-            shutil.copyfile(nvram, dst)
-            os.chmod(dst, repo_mod.FILE_MODE)
-            files["nvram.fd"] = "nvram"
+        if nvram:
+            try:
+                dir_fd = os.open(os.path.dirname(nvram), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                dir_fd = None
+            if dir_fd is not None:
+                try:
+                    copied = repo_mod.copy_regular_at(dir_fd, os.path.basename(nvram), os.path.join(staging, "nvram.fd"))
+                except FileNotFoundError:
+                    copied = None
+                finally:
+                    os.close(dir_fd)
+                if copied:
+                    files["nvram.fd"] = "nvram"
+                elif copied is False:
+                    self.warnings.append(f"NVRAM {nvram} is a link or not a regular file; it is not backed up")
         tpm_dir = f"/var/lib/libvirt/swtpm/{vm_uuid}"
-        if lv.has_tpm(xml) and os.path.isdir(tpm_dir):
-            for root, _dirs, names in os.walk(tpm_dir):
-                for name in names:
-                    src = os.path.join(root, name)
-                    rel = os.path.join("tpm", os.path.relpath(src, tpm_dir))
+        if not lv.has_tpm(xml):
+            return files
+        try:
+            tpm_fd = os.open(tpm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return files  # no state yet (or a link in its place: not followed)
+        try:
+            # fwalk never descends into a linked directory; files are opened without following links.
+            for root, _dirs, names, root_fd in os.fwalk(".", dir_fd=tpm_fd, follow_symlinks=False):
+                for name in sorted(names):
+                    rel = os.path.normpath(os.path.join("tpm", root, name))
                     os.makedirs(os.path.dirname(os.path.join(staging, rel)), repo_mod.DIR_MODE_PRIVATE, exist_ok=True)
-                    shutil.copyfile(src, os.path.join(staging, rel))
-                    files[rel] = "tpm"
+                    if repo_mod.copy_regular_at(root_fd, name, os.path.join(staging, rel)):
+                        files[rel] = "tpm"
+                    else:
+                        self.warnings.append(f"TPM state {tpm_dir}/{os.path.relpath(rel, 'tpm')} is a link or not a regular "
+                                             "file; it is not backed up")
+        finally:
+            os.close(tpm_fd)
         return files
 
     def _hash_all(self, staging: str, rels: list[str]) -> dict[str, tuple[str, int]]:

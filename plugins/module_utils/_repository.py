@@ -575,6 +575,34 @@ def sha256_file(path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def copy_regular_at(src_dir_fd: int, name: str, dst: str) -> bool:
+    """Copy the regular file ``name`` of ``src_dir_fd`` to the new private file ``dst``.
+
+    The source is opened without following a link (and without blocking on a FIFO) and must be
+    a regular file: a host directory that another user owns (libvirt-qemu's NVRAM, swtpm's TPM
+    state) could otherwise make root copy any file of the host into a backup. False when the
+    source is a link or not a regular file (nothing is written then).
+    """
+    try:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            return False
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            return False
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            while os.sendfile(out, src, None, 1 << 24):
+                pass
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+    return True
+
+
 def makedir(path: str, mode: int) -> bool:
     """mkdir with an exact mode (umask ignored); False when it already existed.
 

@@ -356,3 +356,40 @@ def test_an_unmounted_fstab_share_is_refused_without_required_mount(ansible, vms
     done = parse_result(proc.stdout, proc.stderr)
     assert done["changed"] and not done["failed"], done
     assert tree_state(mnt) == before, "the backup went to the namespace's tmpfs, not to the directory below it"
+
+
+# ----------------------------------------------------------------------------- host files root copies into a set
+def test_a_linked_nvram_file_is_not_followed_into_the_backup(ansible, conn, domain_type, repo, repo_root):
+    """libvirt-qemu owns the NVRAM directory (a compromised QEMU can write there): if a VM's NVRAM
+    file is replaced by a link to a root-only file, the backup must not carry that file's bytes
+    (a restore would hand them to the new VM's QEMU)."""
+    secret = repo_root / "secret"
+    secret.write_bytes(b"root-only secret " + os.urandom(64).hex().encode())
+    os.chmod(secret, 0o600)
+    src = repo_root / "src"
+    src.mkdir(mode=0o711)
+    vda = src / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vda), "16M"], check=True)
+    name = f"vmbt-nvlink-{os.urandom(4).hex()}"
+    nvram = pathlib.Path("/var/lib/libvirt/qemu/nvram") / f"{name}_VARS.fd"
+    os.symlink(secret, nvram)
+    dom = conn.defineXML(
+        f"<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type>"
+        f"<loader readonly='yes' type='pflash'>/usr/share/qemu/bios-256k.bin</loader><nvram>{nvram}</nvram></os>"
+        "<features><acpi/></features>"
+        f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vda}'/>"
+        "<target dev='vda' bus='virtio'/></disk></devices></domain>")
+    try:
+        result = ansible("export", {"name": name, "repository": str(repo)})
+        assert result["changed"] and not result["failed"], result
+        set_dir = pathlib.Path(result["repository_path"])
+        assert not (set_dir / "nvram.fd").exists()
+        assert "nvram.fd" not in json.loads((set_dir / "manifest.json").read_text())["files"]
+        leaked = [p for p in repo.rglob("*") if p.is_file() and secret.read_bytes() in p.read_bytes()]
+        assert leaked == [], leaked
+        assert os.path.islink(nvram) and secret.stat().st_mode & 0o777 == 0o600
+    finally:
+        destroy_vm(dom)
+        if os.path.lexists(nvram):
+            os.unlink(nvram)

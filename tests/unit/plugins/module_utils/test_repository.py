@@ -1085,3 +1085,47 @@ def test_read_set_and_staging_files_never_follow_a_link(repo, base):
         repo.read_set_file(VM, "20261125T073512Z-002", "checkpoint.xml")
     _raises("PATH_ESCAPE", repo.read_set_file, VM, "20261125T073512Z-002", "../x")
     assert _state(victim) == before
+
+
+# --------------------------------------------------------------------------- copying host files without following links
+def test_copy_regular_at_copies_a_regular_file_private(tmp_path):
+    (tmp_path / "src").write_bytes(b"nvram" * 1000)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert repo_mod.copy_regular_at(fd, "src", str(tmp_path / "dst")) is True
+    finally:
+        os.close(fd)
+    assert (tmp_path / "dst").read_bytes() == b"nvram" * 1000
+    assert _mode(str(tmp_path / "dst")) == 0o600
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_copy_regular_at_refuses_links_and_special_files(tmp_path, kind):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only")
+    if kind == "symlink":
+        os.symlink(secret, tmp_path / "src")
+    elif kind == "fifo":
+        os.mkfifo(tmp_path / "src")
+    else:
+        (tmp_path / "src").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert repo_mod.copy_regular_at(fd, "src", str(tmp_path / "dst")) is False
+    finally:
+        os.close(fd)
+    assert not os.path.lexists(tmp_path / "dst")
+
+
+def test_copy_regular_at_never_writes_through_an_existing_destination(tmp_path):
+    (tmp_path / "src").write_bytes(b"data")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, tmp_path / "dst")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            repo_mod.copy_regular_at(fd, "src", str(tmp_path / "dst"))
+    finally:
+        os.close(fd)
+    assert victim.read_bytes() == b"keep"
