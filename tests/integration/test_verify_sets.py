@@ -19,6 +19,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import time
 import typing as t
 import uuid
 
@@ -63,6 +64,10 @@ def built(ansible, conn, domain_type):
             vm.write("vdb", pattern + 1, f"{20 + 4 * i}M", "512K")
             results.append(ansible("export", args))
         assert [r.get("type") for r in results] == ["full", "incremental", "incremental", "incremental"], results
+        # Set ids are unique per VM only; the tests name sets by id, so the other VM's set must
+        # not share i3's second.
+        while time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) <= results[-1]["set_id"][:16]:
+            time.sleep(0.05)
         copy = ansible("export", {"name": other.name, "repository": str(repo)})
         assert copy.get("type") == "copy", copy
         ids = dict(zip(CHAIN, (r["set_id"] for r in results)))
