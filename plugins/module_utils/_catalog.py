@@ -92,6 +92,10 @@ class Catalog:
     def ids(self) -> list[str]:
         return list(self.sets)
 
+    def manifests(self) -> list[dict[str, t.Any]]:
+        """The readable manifests, oldest first (an unreadable set is verify's to report)."""
+        return [entry.manifest for entry in self.sets.values() if entry.manifest is not None]
+
     def latest(self) -> str | None:
         return next(reversed(self.sets), None)
 

@@ -183,8 +183,7 @@ class Exporter(Backend):
     def _period_match(self, repo: repo_mod.Repository, vm_uuid: str) -> dict[str, t.Any] | None:
         if self.p.period is None:
             return None
-        for set_id in reversed(repo.set_ids(vm_uuid)):
-            manifest, _sha = repo.read_manifest(vm_uuid, set_id)
+        for manifest in reversed(Catalog(repo, vm_uuid).manifests()):
             if manifest.get("period") == self.p.period:
                 return manifest
         return None
@@ -274,17 +273,20 @@ class Exporter(Backend):
 
     def _find_parent(self, dom, repo, vm_uuid, selected, sizes, dry) -> tuple[dict[str, t.Any] | None, str]:
         """The newest committed set if it can be this run's parent, else (None, why not)."""
-        ids = repo.set_ids(vm_uuid)
-        if not ids:
+        catalog = Catalog(repo, vm_uuid)
+        set_id = catalog.latest()
+        if set_id is None:
             return None, "no committed set of this VM in the repository"
-        set_id = ids[-1]
-        manifest, sha = repo.read_manifest(vm_uuid, set_id)
+        entry = catalog.sets[set_id]
+        if entry.manifest is None:  # damaged: never a parent, and not a reason to fail every run
+            return None, f"the last set {set_id} is unreadable ({entry.error.msg if entry.error else 'no manifest'})"
+        manifest, sha = entry.manifest, entry.manifest_sha256
         if manifest["type"] == "copy" or not manifest.get("checkpoint"):
             return None, f"the last set {set_id} is a {manifest['type']} without checkpoint"
         # The new set would build on every set of the parent's chain: each must be sound as far
         # as we know (links intact, no failed verdict), or a damaged chain would be extended.
         try:
-            chain = Catalog(repo, vm_uuid).sets_of_chain(set_id)
+            chain = catalog.sets_of_chain(set_id)
         except VmBackupError as exc:
             return None, f"the chain of set {set_id} is broken ({exc.msg})"
         for member in reversed(chain):
@@ -432,28 +434,25 @@ class Exporter(Backend):
 
     @staticmethod
     def _committed_checkpoints(repo: repo_mod.Repository, vm_uuid: str) -> set[str]:
-        names = set()
-        for set_id in repo.set_ids(vm_uuid):
-            try:
-                manifest, _sha = repo.read_manifest(vm_uuid, set_id)
-            except VmBackupError:
-                continue
-            if manifest.get("checkpoint"):
-                names.add(manifest["checkpoint"])
-        return names
+        return {m["checkpoint"] for m in Catalog(repo, vm_uuid).manifests() if m.get("checkpoint")}
 
     def _retire_checkpoints(self, dom, repo: repo_mod.Repository, vm_uuid: str, keep: str | None) -> None:
         """Delete this repository's checkpoints that no future run can use: each is a live
         dirty bitmap QEMU updates on every guest write. Other repositories' and foreign
         checkpoints (other chain ids or names) are never touched."""
-        ours = set()
-        for set_id in repo.set_ids(vm_uuid):
-            try:
-                manifest, _sha = repo.read_manifest(vm_uuid, set_id)
-            except VmBackupError:
-                continue
-            if manifest.get("chain_id"):
-                ours.add(manifest["chain_id"])
+        catalog = Catalog(repo, vm_uuid)
+        ours = {m["chain_id"] for m in catalog.manifests() if m.get("chain_id")}
+        for entry in catalog.sets.values():
+            if entry.manifest is None:
+                # A damaged set still names its checkpoint in its saved checkpoint.xml; without
+                # this, that live bitmap would outlive the set forever.
+                try:
+                    saved = repo.read_set_file(vm_uuid, entry.set_id, "checkpoint.xml").decode("utf-8")
+                except (OSError, UnicodeDecodeError, VmBackupError):
+                    continue
+                parsed = _manifest.parse_checkpoint_name(lv.checkpoint_xml_name(saved) or "")
+                if parsed is not None:
+                    ours.add(parsed[0])
         for name in lv.checkpoint_names(dom):
             parsed = _manifest.parse_checkpoint_name(name)
             if parsed is None or parsed[0] not in ours or name == keep:

@@ -215,6 +215,15 @@ def checkpoint_bitmap_disks(dom, name: str) -> set[str] | None:
     return {el.get("name") for el in ET.fromstring(xml).findall("./disks/disk") if el.get("checkpoint") == "bitmap"}
 
 
+def checkpoint_xml_name(xml: str) -> str | None:
+    """The <name> of a saved <domaincheckpoint> XML, or None when it cannot be parsed."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    return root.findtext("name") if root.tag == "domaincheckpoint" else None
+
+
 def strip_missing_parent(xml: str, existing: t.Iterable[str]) -> tuple[str, str | None]:
     """Checkpoint XML without a <parent> that libvirt no longer knows; returns (xml, dropped name).
 

@@ -118,3 +118,26 @@ def test_as_of_out_of_range_is_invalid_argument(ansible, repo, copy_set, as_of):
         result = ansible("restore", {"name": vm.name, "repository": str(repo), "as_of": as_of}, check=check)
         assert result["failed"] and result["error_code"] == "INVALID_ARGUMENT", result
         assert "out of range" in result["msg"], result
+
+
+def test_a_damaged_newest_manifest_makes_the_next_export_a_full_not_a_failure(ansible, vms, repo):
+    """One damaged set must not stop every later backup of the VM (the class "stuck"): it is
+    never a parent, a period check skips it, and verify still reports it."""
+    vm = vms.create([DiskSpec("32M", fill=[(0xC4, "0", "2M")])])
+    args = {"name": vm.name, "repository": str(repo), "period": "day-1"}
+    first = ansible("export", args)
+    assert first["changed"] and first["type"] == "full", first
+    manifest = pathlib.Path(first["repository_path"]) / "manifest.json"
+    os.chmod(manifest.parent, 0o700)
+    os.chmod(manifest, 0o600)
+    manifest.write_bytes(manifest.read_bytes()[:-30])  # cut: no longer JSON
+    os.chmod(manifest, 0o400)
+
+    again = ansible("export", dict(args, period="day-2"))
+    assert again["changed"] and again["type"] == "full", again
+    assert f"the last set {first['set_id']} is unreadable" in again["reason"], again
+    assert images_equal(str(vm.disks["vda"]), str(pathlib.Path(again["repository_path"]) / "disks/vda.qcow2"))[0]
+    assert vm.checkpoints() == [again["checkpoint"]], "the damaged set's checkpoint is retired like any other"
+    verified = ansible("verify", {"uuid": vm.uuid, "repository": str(repo), "fail_on_error": False})
+    assert verified["outcome"] == "failed" and verified["failed_sets"] == [first["set_id"]], verified
+    assert {f["code"] for f in verified["findings"]} == {"REPOSITORY_FORMAT"}, verified

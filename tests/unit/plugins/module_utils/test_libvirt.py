@@ -466,3 +466,15 @@ def test_qmp_error_is_a_backup_failure(monkeypatch):
         lv.qmp(FakeMonitorDom(), "block-dirty-bitmap-remove", node="n", name="x")
     assert exc.value.error_code == "BACKUP_FAILED" and "Bitmap 'x' not found" in exc.value.msg
     assert lv.remove_bitmap_live(FakeMonitorDom(), "n", "x") == "QEMU refused block-dirty-bitmap-remove: Bitmap 'x' not found"
+
+
+@pytest.mark.parametrize("xml, expected", [
+    ("<domaincheckpoint><name>vmbackup-0123456789ab-2</name><parent><name>x</name></parent></domaincheckpoint>",
+     "vmbackup-0123456789ab-2"),
+    ("<domaincheckpoint><description>no name</description></domaincheckpoint>", None),
+    ("<domain><name>web01</name></domain>", None),
+    ("<domaincheckpoint><name>cut", None),
+    ("", None),
+])
+def test_checkpoint_xml_name(xml, expected):
+    assert lv.checkpoint_xml_name(xml) == expected
