@@ -140,14 +140,34 @@ def _open_child(parent_fd: int, name: str, what: str, path: str, current: str) -
         raise VmBackupError("UNSAFE_TARGET", f"{what} {path}: {current} is not a directory", unsafe_path=current) from None
 
 
+_MAX_ROOT_LINKS = 16
+
+
+def _root_link(parent_fd: int, name: str) -> str | None:
+    """The target of ``name`` when it is a symbolic link that only root could have made and can
+    change: owned by root, in a root-owned directory nobody else may write. None otherwise."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    parent = os.fstat(parent_fd)
+    if not stat.S_ISLNK(st.st_mode) or st.st_uid != 0 or parent.st_uid != 0 or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return None
+    return os.readlink(name, dir_fd=parent_fd)
+
+
 def _walk(path: str, what: str, *, modes: bool, allow_unsafe_permissions: bool, target: bool,
           missing_ok: bool, shown: str | None = None, owners: bool = True,
-          create_mode: int | None = None) -> tuple[int, str]:
+          create_mode: int | None = None, follow_root_links: bool = False, root_links: int = 0) -> tuple[int, str]:
     """Open ``path`` from ``/``, one component at a time, each checked on its descriptor.
 
     Returns the descriptor of the deepest directory reached and its path: ``path`` itself, or with
     ``missing_ok`` the deepest existing ancestor (a missing component is FileNotFoundError otherwise).
     With ``create_mode``, a missing last component is created with exactly that mode.
+
+    With ``follow_root_links`` (libvirt's own directories), a link that only root controls (see
+    _root_link) is followed, so that an administrator's ``/var/lib/libvirt -> /srv/libvirt`` works;
+    any other link on the way is UNSAFE_TARGET. ``root_links`` counts the links followed so far.
     """
     shown = shown or path
     parts = [p for p in path.split("/") if p]
@@ -159,6 +179,16 @@ def _walk(path: str, what: str, *, modes: bool, allow_unsafe_permissions: bool, 
         for index, part in enumerate(parts):
             nxt = os.path.join(current, part)
             last = index == len(parts) - 1
+            link = _root_link(fd, part) if follow_root_links else None
+            if link is not None:
+                if root_links >= _MAX_ROOT_LINKS:
+                    raise VmBackupError("UNSAFE_TARGET", f"{what} {shown}: too many symbolic links", unsafe_path=nxt)
+                resolved = os.path.normpath(os.path.join(current, link, *parts[index + 1:]))
+                os.close(fd)
+                fd = -1
+                return _walk(resolved, what, modes=modes, allow_unsafe_permissions=allow_unsafe_permissions, target=target,
+                             missing_ok=missing_ok, shown=shown, owners=owners, create_mode=create_mode,
+                             follow_root_links=True, root_links=root_links + 1)
             try:
                 child = _open_child(fd, part, what, shown, nxt)
             except FileNotFoundError:
@@ -172,7 +202,8 @@ def _walk(path: str, what: str, *, modes: bool, allow_unsafe_permissions: bool, 
             _check_dir(os.fstat(fd), what, shown, current, target=target and last, **checks)
         return fd, current
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
 
 
@@ -193,13 +224,15 @@ def check_trusted_path(path: str, what: str, allow_unsafe_permissions: bool = Fa
 
 
 def open_dir(path: str, what: str = "directory", *, modes: bool = False, allow_unsafe_permissions: bool = False,
-             target: bool = True, shown: str | None = None, owners: bool = True, create_mode: int | None = None) -> int:
+             target: bool = True, shown: str | None = None, owners: bool = True, create_mode: int | None = None,
+             follow_root_links: bool = False) -> int:
     """A descriptor of the existing directory ``path``, reached without following any link, every
     component owned by root or the module's user (unless ``owners`` is False; with ``modes`` not
     writable by others either). The caller closes it. FileNotFoundError when a component is
     missing; with ``create_mode`` a missing last component is created with exactly that mode."""
     fd, _reached = _walk(path, what, modes=modes, allow_unsafe_permissions=allow_unsafe_permissions, target=target,
-                         missing_ok=False, shown=shown, owners=owners, create_mode=create_mode)
+                         missing_ok=False, shown=shown, owners=owners, create_mode=create_mode,
+                         follow_root_links=follow_root_links)
     return fd
 
 

@@ -513,12 +513,14 @@ _RENAME_NOREPLACE = 1
 _libc: t.Any = None
 
 
-def open_dir(path: str, create_mode: int | None = None) -> int:
+def open_dir(path: str, create_mode: int | None = None, follow_root_links: bool = False) -> int:
     """A directory fd of ``path``, reached one component at a time from ``/`` without following a
     symbolic link (UNSAFE_TARGET when a link or a non-directory is in the way), whoever owns the
     directories (the NVRAM and TPM directories are libvirt's users'; names in them are created
-    exclusively). With ``create_mode``, a missing last component is created with exactly that mode."""
-    return repo_mod.open_dir(path, "directory", owners=False, create_mode=create_mode)
+    exclusively). With ``create_mode``, a missing last component is created with exactly that mode.
+    ``follow_root_links`` follows a link only root controls (an administrator's
+    ``/var/lib/libvirt -> /srv/libvirt``), for libvirt's own directories."""
+    return repo_mod.open_dir(path, "directory", owners=False, create_mode=create_mode, follow_root_links=follow_root_links)
 
 
 def create_private(dir_fd: int, name: str) -> os.stat_result:
@@ -1180,12 +1182,12 @@ class Restorer(Backend):
             set_dir = plan.catalog.repo.set_dir(plan.catalog.vm_uuid, plan.point)
             if nvram_entry is not None:
                 # libvirt-qemu owns the NVRAM directory: a QEMU process could plant links there.
-                fds[NVRAM_DIR] = open_dir(NVRAM_DIR, create_mode=0o711)
+                fds[NVRAM_DIR] = open_dir(NVRAM_DIR, create_mode=0o711, follow_root_links=True)
                 st = copy_private(os.path.join(set_dir, "nvram.fd"), fds[NVRAM_DIR], nvram_entry["partial"])
                 nvram_entry["dev"], nvram_entry["ino"] = st.st_dev, st.st_ino
                 journal.write()
             if tpm_entry is not None:
-                fds[SWTPM_DIR] = open_dir(SWTPM_DIR, create_mode=0o711)
+                fds[SWTPM_DIR] = open_dir(SWTPM_DIR, create_mode=0o711, follow_root_links=True)
                 self._restore_tpm(plan, fds[SWTPM_DIR], tpm_entry)
                 journal.write()
             # Into place, never over a name that appeared meanwhile (another restore's image).

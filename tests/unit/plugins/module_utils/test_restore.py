@@ -1050,3 +1050,36 @@ def test_journal_of_a_reused_pid_is_stale(tmp_path):
     _journal(tmp_path, "mine", {"pid": os.getpid(), "started": start, "phase": "writing"})
     reused = _journal(tmp_path, "reused", {"pid": os.getpid(), "started": start + 1, "phase": "writing"})
     assert [p for p, _d in stale_journals(str(tmp_path))] == [reused]
+
+
+# --------------------------------------------------------------------------- libvirt's directories behind an administrator's link
+def test_open_dir_follows_only_links_root_alone_controls(tmp_path):
+    (tmp_path / "srv" / "nvram").mkdir(parents=True)
+    os.chmod(tmp_path, 0o755)
+    os.symlink(tmp_path / "srv", tmp_path / "libvirt")  # root's link in root's directory: followed
+    fd = _restore.open_dir(str(tmp_path / "libvirt" / "nvram"), follow_root_links=True)
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "srv" / "nvram"))
+    finally:
+        os.close(fd)
+    with pytest.raises(VmBackupError):  # without the option every link is refused
+        _restore.open_dir(str(tmp_path / "libvirt" / "nvram"))
+
+
+@pytest.mark.parametrize("case", ["link-owned-by-another-user", "directory-others-can-write", "loop"])
+def test_open_dir_refuses_links_others_control(tmp_path, case):
+    (tmp_path / "srv").mkdir()
+    where = tmp_path / "d"
+    where.mkdir(mode=0o755)
+    if case == "loop":
+        os.symlink(where / "b", where / "a")
+        os.symlink(where / "a", where / "b")
+    else:
+        os.symlink(tmp_path / "srv", where / "a")
+    if case == "link-owned-by-another-user":
+        os.lchown(where / "a", 65534, 65534)
+    if case == "directory-others-can-write":
+        os.chmod(where, 0o777)
+    with pytest.raises(VmBackupError) as err:
+        _restore.open_dir(str(where / "a"), follow_root_links=True)
+    assert err.value.error_code == "UNSAFE_TARGET"
