@@ -49,7 +49,6 @@ ERROR_CODES: dict[str, str] = {
     "REPOSITORY_FORMAT": "the repository or a manifest has an unknown or unreadable format",
     "IO_ERROR": "reading or writing the repository failed (disk full, permissions, I/O error)",
     "CANCELLED": "the run received SIGINT or SIGTERM (an AWX job cancel) and rolled back",
-    "TARGET_IN_USE": "a file or domain the run would replace or remove is used by another domain",
 }
 
 
