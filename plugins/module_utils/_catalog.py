@@ -38,6 +38,11 @@ class SetEntry:
     error: VmBackupError | None = None
 
     @property
+    def series(self) -> str | None:
+        """The set's series (``default`` for sets older than series); None when unreadable."""
+        return _manifest.series_of(self.manifest) if self.manifest is not None else None
+
+    @property
     def parent_id(self) -> str | None:
         parent = (self.manifest or {}).get("parent")
         return parent.get("set_id") if isinstance(parent, dict) else None
@@ -92,12 +97,27 @@ class Catalog:
     def ids(self) -> list[str]:
         return list(self.sets)
 
-    def manifests(self) -> list[dict[str, t.Any]]:
-        """The readable manifests, oldest first (an unreadable set is verify's to report)."""
-        return [entry.manifest for entry in self.sets.values() if entry.manifest is not None]
+    def manifests(self, series: str | None = None) -> list[dict[str, t.Any]]:
+        """The readable manifests, oldest first, of one series or of all (an unreadable set is verify's to report)."""
+        return [entry.manifest for entry in self.sets.values()
+                if entry.manifest is not None and (series is None or entry.series == series)]
 
-    def latest(self) -> str | None:
-        return next(reversed(self.sets), None)
+    def series_names(self) -> list[str]:
+        """The series that have a readable set, sorted."""
+        return sorted({entry.series for entry in self.sets.values() if entry.series is not None})
+
+    def latest(self, series: str | None = None) -> str | None:
+        """The newest set id; of one series, the newest readable set of that series."""
+        if series is None:
+            return next(reversed(self.sets), None)
+        return next((sid for sid in reversed(self.sets) if self.sets[sid].series == series), None)
+
+    def verdict(self, set_id: str) -> dict[str, t.Any] | None:
+        """The last verify verdict recorded beside ``set_id`` (its sidecar), None when never verified.
+
+        An unreadable sidecar reads as ``{"outcome": "unreadable"}``: not a pass.
+        """
+        return self.repo.read_verify_sidecar(self.vm_uuid, set_id)
 
     def as_of(self, when: dt.datetime) -> str | None:
         """The newest set completed at or before ``when``.

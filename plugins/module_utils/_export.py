@@ -290,7 +290,7 @@ class Exporter(Backend):
         except VmBackupError as exc:
             return None, f"the chain of set {set_id} is broken ({exc.msg})"
         for member in reversed(chain):
-            sidecar = repo.read_verify_sidecar(vm_uuid, member)
+            sidecar = catalog.verdict(member)
             if sidecar is not None and sidecar.get("outcome") != "ok":
                 where = "" if member == set_id else f", which set {set_id} builds on,"
                 return None, f"the last verify of set {member}{where} did not pass ({sidecar.get('outcome')})"

@@ -35,6 +35,9 @@ _CHECKPOINT_RE = re.compile(r"^vmbackup-([0-9a-f]{12})-(\d+)$")
 # Disk targets become file names; libvirt's own targets (vda, sdb, hdc, xvdaa, ...) fit this.
 _TARGET_RE = re.compile(r"^[a-z]{1,4}[a-z0-9]{0,12}$")
 _PERIOD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}$")
+# A series names one schedule's chains (weekly, monthly, offsite): a label in reports and metrics.
+_SERIES_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+DEFAULT_SERIES = "default"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CONSISTENCY = ("crash", "application")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
@@ -110,6 +113,20 @@ def validate_period(period: str | None) -> str | None:
     return period
 
 
+def validate_series(series: str) -> str:
+    if not isinstance(series, str) or not _SERIES_RE.fullmatch(series):
+        raise VmBackupError(
+            "INVALID_NAME",
+            f"series {series!r} is not valid: 1-32 lower-case letters, digits, _ and -, starting with a letter or digit, such as weekly",
+        )
+    return series
+
+
+def series_of(manifest: dict[str, t.Any]) -> str:
+    """The series a set belongs to; sets written before series existed are in ``default``."""
+    return manifest.get("series") or DEFAULT_SERIES
+
+
 def normalize_uuid(text: str) -> str:
     if not isinstance(text, str) or not _UUID_RE.fullmatch(text.strip()):
         raise VmBackupError("INVALID_NAME", f"{text!r} is not a UUID")
@@ -140,6 +157,7 @@ def build_manifest(
     consistency: str,
     period: str | None,
     disks: list[dict[str, t.Any]],
+    series: str = DEFAULT_SERIES,
     skipped_disks: list[dict[str, t.Any]],
     files: dict[str, dict[str, t.Any]],
     tool: dict[str, t.Any],
@@ -159,6 +177,7 @@ def build_manifest(
         "checkpoint": checkpoint,
         "consistency": consistency,
         "period": period,
+        "series": series,
         "disks": disks,
         "skipped_disks": skipped_disks,
         "files": files,
@@ -221,6 +240,8 @@ def validate_manifest(m: t.Any, expected_set_id: str | None = None) -> dict[str,
              "chain_id is malformed", sid)
     _require(m.get("checkpoint") is None or isinstance(m["checkpoint"], str), "checkpoint is not a string", sid)
     _require(m.get("period") is None or isinstance(m["period"], str), "period is not a string", sid)
+    _require(m.get("series") is None or (isinstance(m["series"], str) and bool(_SERIES_RE.fullmatch(m["series"]))),
+             f"series {m.get('series')!r} is not a valid series name", sid)
     _require(m.get("consistency") in CONSISTENCY, f"consistency {m.get('consistency')!r} is unknown", sid)
     _require(isinstance(m.get("skipped_disks", []), list), "skipped_disks is not a list", sid)
     files = m.get("files")

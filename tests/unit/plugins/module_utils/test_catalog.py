@@ -453,3 +453,45 @@ def test_as_of_falls_back_to_the_set_id_time_for_a_malformed_completion_time(bui
     assert entry.manifest is None and entry.error.error_code == "REPOSITORY_FORMAT" and "completed" in entry.error.msg
     assert catalog.as_of(T0.replace(hour=9)) == chain["i2"]
     assert catalog.as_of(T0.replace(hour=8, minute=59)) == chain["i1"]
+
+
+# --------------------------------------------------------------------------- series
+def _in_series(name: str) -> t.Callable[[dict[str, t.Any]], None]:
+    def edit(manifest: dict[str, t.Any]) -> None:
+        manifest["series"] = name
+    return edit
+
+
+def _without_series(manifest: dict[str, t.Any]) -> None:
+    del manifest["series"]
+
+
+def test_series_are_kept_apart_and_old_sets_are_default(builder):
+    old = builder.add(6, edit=_without_series)
+    weekly = builder.add(7, edit=_in_series("weekly"), chain_id="aaaaaaaaaaaa")
+    monthly = builder.add(8, edit=_in_series("monthly"), chain_id="bbbbbbbbbbbb")
+    weekly2 = builder.add(9, "incremental", weekly, edit=_in_series("weekly"), chain_id="aaaaaaaaaaaa")
+    builder.write(set_id_at(10), b"{broken")
+    catalog = builder.catalog()
+    assert catalog.series_names() == ["default", "monthly", "weekly"]
+    assert catalog.sets[old].series == "default"
+    assert catalog.sets[set_id_at(10)].series is None
+    assert catalog.latest() == set_id_at(10)
+    assert catalog.latest("weekly") == weekly2
+    assert catalog.latest("monthly") == monthly
+    assert catalog.latest("default") == old
+    assert catalog.latest("offsite") is None
+    assert [m["set_id"] for m in catalog.manifests("weekly")] == [weekly, weekly2]
+    assert len(catalog.manifests()) == 4
+
+
+def test_verdict_reads_the_sidecar_and_an_unreadable_one_is_no_pass(builder, chain):
+    catalog = builder.catalog()
+    assert catalog.verdict(chain["i1"]) is None
+    sets_dir = builder.repo.sets_dir(VM)
+    with open(os.path.join(sets_dir, f"{chain['i1']}.verify.json"), "w", encoding="utf-8") as fh:
+        json.dump({"outcome": "ok", "verified": "2026-11-26T00:00:00Z"}, fh)
+    with open(os.path.join(sets_dir, f"{chain['i2']}.verify.json"), "w", encoding="utf-8") as fh:
+        fh.write("{not json")
+    assert catalog.verdict(chain["i1"])["outcome"] == "ok"
+    assert catalog.verdict(chain["i2"]) == {"outcome": "unreadable"}

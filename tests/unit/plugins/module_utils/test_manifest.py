@@ -595,3 +595,36 @@ def test_loads_rejects_non_manifests(data):
     err = _raises("REPOSITORY_FORMAT", _manifest.loads, data, f"{S0}-001")
     assert err.details == {"set_id": f"{S0}-001"}
     assert f"{S0}-001" in err.msg
+
+
+# --------------------------------------------------------------------------- series
+@pytest.mark.parametrize("series", ["default", "weekly", "monthly", "offsite-1", "a", "0", "x_y", "a" * 32])
+def test_validate_series_accepts(series):
+    assert _manifest.validate_series(series) == series
+
+
+@pytest.mark.parametrize("series", ["", "Weekly", "-weekly", "_x", "a" * 33, "week ly", "week/ly", "weekly\n", None, 7])
+def test_validate_series_rejects(series):
+    err = _raises("INVALID_NAME", _manifest.validate_series, series)
+    assert "series" in err.msg
+
+
+def test_a_manifest_without_series_is_in_the_default_series():
+    m = _manifest.build_manifest(**_manifest_kwargs())
+    del m["series"]
+    assert _manifest.validate_manifest(m) is m
+    assert _manifest.series_of(m) == "default"
+
+
+def test_a_manifest_records_its_series():
+    kwargs = _manifest_kwargs()
+    kwargs["series"] = "monthly"
+    assert _manifest.series_of(_manifest.build_manifest(**kwargs)) == "monthly"
+
+
+@pytest.mark.parametrize("bad", ["Monthly", "", 3, "a" * 33])
+def test_a_manifest_with_a_bad_series_is_refused(bad):
+    m = _manifest.build_manifest(**_manifest_kwargs())
+    m["series"] = bad
+    err = _raises("REPOSITORY_FORMAT", _manifest.validate_manifest, m)
+    assert "series" in err.msg
