@@ -278,7 +278,7 @@ def discover(p: InventoryParams) -> tuple[dict[str, t.Any], list[str]]:
         "uri": p.uri,
         "domains": entries,
         "selected": selected,
-        "skipped": [{"name": e["name"], "reason": e["reason"]} for e in entries if not e["selected"]],
+        "not_selected": [{"name": e["name"], "reason": e["reason"]} for e in entries if not e["selected"]],
         "unmatched_patterns": unmatched,
         "msg": f"{len(selected)} of {len(entries)} domains selected",
     }

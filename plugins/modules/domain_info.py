@@ -214,8 +214,8 @@ selected:
   returned: success
   type: list
   elements: str
-skipped:
-  description: The domains not selected, with the reason.
+not_selected:
+  description: The domains not selected, with the reason. (Not named C(skipped), which Ansible reads as a skipped task.)
   returned: success
   type: list
   elements: dict
