@@ -29,9 +29,10 @@ description:
     Both attributes are optional; C(enabled) takes C(yes) or C(no); a tier is a name of letters, digits, C(_), C(.) and C(-).
     C(virsh metadata VM https://vmbackup.libvirt/schema/1 --config --remove) removes it."
   - Only reads; it never changes a domain.
+  - It is not in the C(group/vmbackup.libvirt.libvirt) action group, whose C(module_defaults) usually set a repository
+    that this module does not read; give O(uri) to it directly.
 extends_documentation_fragment:
   - vmbackup.libvirt._connection
-  - vmbackup.libvirt._attributes
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
