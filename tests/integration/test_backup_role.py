@@ -253,11 +253,13 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
     """The repository on a 40 MiB tmpfs: the third VM's data outgrows it. The others are backed up
     and pruned; the failed one is not pruned; the play fails naming the VM, the step and the code."""
     token = uuid.uuid4().hex[:6]
-    r1, r2, s1 = make_three(vms, token, size="64M")
     mnt = repo_root / "small"
     mnt.mkdir(mode=0o711)
+    # Mounted before the VMs start: QEMU runs in a mount namespace of its own (libvirt's default),
+    # copied when it starts, and without shared propagation a later mount stays invisible to it.
     run(["mount", "-t", "tmpfs", "-o", "size=40M,mode=0711", "tmpfs", str(mnt)])
     try:
+        r1, r2, s1 = make_three(vms, token, size="64M")
         repo = mnt / "repo"
         repo.mkdir(mode=0o711)
         play = Play(ansible, tmp_path)
