@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from harness import PREFIX, DiskSpec, chain_json, images_equal, run, tree_state
+from harness import PREFIX, DiskSpec, Domains, chain_json, images_equal, run, tree_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PLAYBOOK = """---
@@ -303,3 +303,26 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
             assert any(ln.startswith(f'vmbackup_last_success_timestamp_seconds{{vm="{s1.name}"') for ln in lines), lines
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_vm_that_cannot_be_planned_fails_alone(ansible, vms, conn, repo, reports, tmp_path):
+    token = uuid.uuid4().hex[:6]
+    good = vms.create([DiskSpec(size="16M")], name=f"{PREFIX}role-{token}-a", running=False)
+    # Only an empty CD-ROM drive: nothing export can back up (NO_DISKS), found when planning.
+    bare = Domains(conn)
+    name = bare.new_name(f"role-{token}-b")
+    conn.defineXML(f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"
+                   "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><disk type='file' device='cdrom'>"
+                   "<target dev='hdc' bus='ide'/><readonly/></disk></devices></domain>")
+    try:
+        play = Play(ansible, tmp_path)
+        variables = base_vars(repo, reports, token, vmbackup_backup_include=[f"{PREFIX}role-{token}-*", name])
+        out = play(variables)
+        assert out.rc != 0, out.text
+        assert len(sets(repo, good.uuid)) == 1  # the other VM was backed up
+        report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
+        assert [(f["name"], f["step"], f["error_code"]) for f in report["failures"]] == [(name, "preflight", "NO_DISKS")]
+        assert {v["name"]: v["status"] for v in report["vms"]} == {good.name: "ok", name: "failed"}
+        assert f"{name} at preflight: NO_DISKS" in out.stdout, out.text
+    finally:
+        bare.cleanup()
