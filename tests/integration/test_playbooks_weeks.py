@@ -166,3 +166,19 @@ def test_weeks_and_months_of_playbooks(ansible, vms, repo, scratch, tmp_path):
     assert out.rc == 0, out.text
     assert f"{v1.name}: planned, full" in out.stdout, out.text  # the weekly chain holds 2 sets already
     assert tree_state(repo) == before and (v1.checkpoints(), v2.checkpoints()) == cps
+
+    # The verify playbook: the newest point of each series read through its chain (level restore),
+    # the other sets at level data; a second run the same day reads nothing again.
+    verify = Play(ansible, tmp_path, "vmbackup.libvirt.verify")
+    out = verify({"vmbackup_backup_repository": str(repo), "vmbackup_verify_vms": [v1.name]}, faketime="2027-04-26 06:00:00")
+    assert out.rc == 0, out.text
+    found = read_sets(repo, v1.uuid)
+    verdicts = {i: json.loads((sets_dir / f"{i}.verify.json").read_text()) for i in found}
+    assert all(v["outcome"] == "ok" for v in verdicts.values()), verdicts
+    for s in ("weekly", "monthly"):
+        newest = max(i for i, m in found.items() if m["series"] == s)
+        assert verdicts[newest]["level"] == "restore" and verdicts[newest]["verified"].startswith("2027-04-26"), verdicts[newest]
+    before = tree_state(repo)
+    out = verify({"vmbackup_backup_repository": str(repo), "vmbackup_verify_vms": [v1.name]}, faketime="2027-04-26 07:00:00")
+    assert out.rc == 0, out.text
+    assert tree_state(repo) == before
