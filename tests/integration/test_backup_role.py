@@ -4,6 +4,7 @@ changes nothing, one VM's failure does not stop the others, preflight failures t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -250,7 +251,8 @@ def test_preflight_failures_touch_nothing(ansible, vms, repo_root, reports, tmp_
 
 @needs("prune")
 def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports, tmp_path):
-    """The repository on a 40 MiB tmpfs: the third VM's data outgrows it. The others are backed up
+    """The repository on a 40 MiB tmpfs. A VM whose lock another run holds fails at export, and a VM
+    whose data outgrows the tmpfs fails in preflight. The others are backed up
     and pruned; the failed one is not pruned; the play fails naming the VM, the step and the code."""
     token = uuid.uuid4().hex[:6]
     mnt = repo_root / "small"
@@ -270,32 +272,53 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
             assert out.rc == 0, out.text
         two = {vm.name: sets(repo, vm.uuid) for vm in (r1, r2, s1)}
         assert all(len(v) == 2 for v in two.values()), two
+
+        # r2's lock is held (as by a run of another host): its export fails in the middle of the
+        # run; r1 and s1 are backed up and pruned to one set, r2 keeps both of its sets.
+        with open(repo / "vms" / r2.uuid / "lock", "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            out = play(dict(variables, vmbackup_backup_period="2026-W51", vmbackup_backup_keep_last=1,
+                            vmbackup_backup_lock_timeout=1))
+        assert out.rc != 0 and re.search(rf"{re.escape(r2.name)} at export: VM_LOCKED", out.stdout), out.text
+        assert out.recap["rescued"] == 1, out.text
+        after = {vm.name: sets(repo, vm.uuid) for vm in (r1, r2, s1)}
+        assert after[r2.name] == two[r2.name], after
+        for vm in (r1, s1):
+            assert len(after[vm.name]) == 1 and after[vm.name][0] not in two[vm.name], after
+        report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
+        assert [(f["name"], f["step"], f["error_code"]) for f in report["failures"]] == [(r2.name, "export", "VM_LOCKED")]
+        lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
+        assert (f'vmbackup_last_run_error{{vm="{r2.name}",uuid="{r2.uuid}",series="default",step="export",'
+                f'error_code="VM_LOCKED"}} 1') in lines
+        two = after
         # s1 (shut off) now holds 50 MiB of data: more than the tmpfs has left.
         run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 8M 48M", str(s1.disks["vda"])])
 
-        # With the total checked in preflight, the host fails before any VM is touched.
+        # With the space check, the host fails in preflight before any VM is touched.
         before = tree_state(repo)
-        out = play(dict(variables, vmbackup_backup_period="2026-W51", vmbackup_backup_space_check=True, vmbackup_backup_keep_last=1))
-        assert out.rc != 0 and "TARGET_NO_SPACE" in out.stdout and "nothing was backed up" in out.stdout, out.text
+        out = play(dict(variables, vmbackup_backup_period="2026-W52", vmbackup_backup_space_check=True, vmbackup_backup_keep_last=1))
+        assert out.rc != 0 and "preflight failed at plan: TARGET_NO_SPACE" in out.stdout, out.text
         assert tree_state(repo) == before
+        report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
+        assert report["preflight_error"]["error_code"] == "TARGET_NO_SPACE" and report["vms"] == []
 
-        # Without it, each export checks its own space: r1 and r2 are backed up and pruned to one set.
-        out = play(dict(variables, vmbackup_backup_period="2026-W51", vmbackup_backup_keep_last=1))
+        # Without it, the VM that does not fit fails alone: r1 and r2 are backed up and pruned to one set.
+        out = play(dict(variables, vmbackup_backup_period="2026-W52", vmbackup_backup_keep_last=1))
         assert out.rc != 0, out.text
         after = {vm.name: sets(repo, vm.uuid) for vm in (r1, r2, s1)}
         for vm in (r1, r2):
             assert len(after[vm.name]) == 1 and after[vm.name][0] not in two[vm.name], after
-            assert manifest(repo, vm.uuid, after[vm.name][0])["period"] == "2026-W51"
+            assert manifest(repo, vm.uuid, after[vm.name][0])["period"] == "2026-W52"
         assert after[s1.name] == two[s1.name]  # not backed up, and not pruned
         assert not (repo / "vms" / s1.uuid / ".incomplete").exists() or not os.listdir(repo / "vms" / s1.uuid / ".incomplete")
-        assert re.search(rf"{re.escape(s1.name)} at export: TARGET_NO_SPACE", out.stdout), out.text
+        assert re.search(rf"{re.escape(s1.name)} at preflight: TARGET_NO_SPACE", out.stdout), out.text
         report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
         assert report["outcome"] == "failed"
-        assert [(f["name"], f["step"], f["error_code"]) for f in report["failures"]] == [(s1.name, "export", "TARGET_NO_SPACE")]
+        assert [(f["name"], f["step"], f["error_code"]) for f in report["failures"]] == [(s1.name, "preflight", "TARGET_NO_SPACE")]
         assert report["totals"]["ok"] == 2 and report["totals"]["failed"] == 1
         lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
         assert f'vmbackup_last_run_status{{vm="{s1.name}",uuid="{s1.uuid}",series="default"}} 0' in lines
-        assert (f'vmbackup_last_run_error{{vm="{s1.name}",uuid="{s1.uuid}",series="default",step="export",'
+        assert (f'vmbackup_last_run_error{{vm="{s1.name}",uuid="{s1.uuid}",series="default",step="preflight",'
                 f'error_code="TARGET_NO_SPACE"}} 1') in lines
         assert f'vmbackup_last_run_status{{vm="{r1.name}",uuid="{r1.uuid}",series="default"}} 1' in lines
         assert 'vmbackup_last_run_failed_vms{series="default"} 1' in lines
