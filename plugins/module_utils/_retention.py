@@ -246,12 +246,14 @@ def _order(point: Point) -> str:
 # --------------------------------------------------------------------------- the selection
 
 
-def select(points: t.Iterable[Point], policy: Policy, now: dt.datetime) -> list[Decision]:
+def select(points: t.Iterable[Point], policy: Policy, now: dt.datetime, series: str | None = None) -> list[Decision]:
     """Keep or remove each point of ONE VM, with every reason; decisions oldest first.
 
     RETENTION_POLICY_EMPTY for a policy that keeps nothing by itself; CLOCK_SKEW when a point
     is dated after ``now`` (its age, and so every bucket count, would be wrong: nothing is
-    decided). Points of several series are selected per series.
+    decided). Points of several series are selected per series. With ``series``, only that
+    series is selected; the others' points are kept (``series X not selected``) and still
+    pin their parents through the closure.
     """
     if policy.is_empty():
         raise VmBackupError("RETENTION_POLICY_EMPTY",
@@ -276,6 +278,9 @@ def select(points: t.Iterable[Point], policy: Policy, now: dt.datetime) -> list[
     for point in ordered:
         if not point.readable:
             reasons[point.set_id].append("unreadable (never removed)")
+            continue
+        if series is not None and point.series != series:
+            reasons[point.set_id].append(f"series {point.series} not selected")
             continue
         by_series.setdefault(point.series, []).append(point)
 

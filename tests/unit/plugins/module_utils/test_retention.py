@@ -459,3 +459,19 @@ def test_table_is_independent_of_runner_tz(zone):
     probe = subprocess.run([sys.executable, "-c", "import time; print(time.strftime('%Z', time.localtime(1790000000)))"],
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == {"UTC": "UTC", "Europe/Berlin": "CEST", "America/Los_Angeles": "PDT"}[zone]
+
+
+def test_select_one_series_keeps_the_others_and_their_parents():
+    weekly = chain(("2026-11-01T01:00:00Z", True), ("2026-11-08T01:00:00Z", True), series="weekly", chain_id="w1")
+    # A monthly set that (mislabelled) builds on the weekly full: selecting weekly must keep that full.
+    monthly = [r.Point(sid("2026-11-09T01:00:00Z"), ts("2026-11-09T01:00:00Z"), series="monthly", chain_id="w1",
+                       parent_id=weekly[0].set_id, type="incremental")]
+    extra = chain(("2026-11-10T01:00:00Z", True), series="weekly", chain_id="w2")
+    got = {d.set_id: d.reasons for d in r.select(weekly + monthly + extra, r.Policy(keep_last=1), ts("2026-11-11T00:00:00Z"),
+                                                 series="weekly")}
+    assert got == {
+        weekly[0].set_id: [f"parent of {monthly[0].set_id}"],
+        weekly[1].set_id: [],
+        monthly[0].set_id: ["series monthly not selected"],
+        extra[0].set_id: N + ["last 1"],
+    }
