@@ -454,7 +454,7 @@ class Pruner(Backend):
                     "vm_uuid": catalog.vm_uuid, "vm_name": name, "set_id": d.set_id, "series": series,
                     "type": m.get("type"), "chain_id": m.get("chain_id"), "parent": entry.parent_id,
                     "started": m.get("started"), "bytes": plan.bytes.get(d.set_id, 0),
-                    "restorable": plan.faults[d.set_id] is None, "restore_fault": plan.faults[d.set_id],
+                    "readable": entry.manifest is not None, "restorable": plan.faults[d.set_id] is None, "restore_fault": plan.faults[d.set_id],
                     "action": d.action, "reasons": d.reasons,
                 }
                 sets.append(row)

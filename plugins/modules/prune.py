@@ -195,6 +195,9 @@ sets:
     bytes:
       description: Sum of the sizes of the set's files, verify verdict included.
       type: int
+    readable:
+      description: Whether the set's manifest can be read.
+      type: bool
     restorable:
       description: Whether the point can be restored (no failed verdict on its restore path, chain sound).
       type: bool
