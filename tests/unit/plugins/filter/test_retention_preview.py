@@ -62,7 +62,7 @@ def test_preview_of_a_whole_backup_info_result():
         "20261101T020000Z-001": ("remove", []),
         "20261108T020000Z-001": ("remove", []),
         # Sundays: 11-01 W44, 11-08 W45, 11-15 W46, 11-22 W47 (not restorable: fills no bucket), 11-29 W48.
-        "20261115T020000Z-001": ("keep", ["weekly 2026-W46", "parent of 20261122T020000Z-001"]),
+        "20261115T020000Z-001": ("keep", ["weekly 2026-W46"]),
         # The monthly series is selected on its own with the same rules (a Monday of W47).
         "20261116T020000Z-001": ("keep", ["newest", "newest restorable", "weekly 2026-W47"]),
         "20261122T020000Z-001": ("remove", []),
