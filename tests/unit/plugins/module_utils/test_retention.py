@@ -475,3 +475,24 @@ def test_select_one_series_keeps_the_others_and_their_parents():
         monthly[0].set_id: ["series monthly not selected"],
         extra[0].set_id: N + ["last 1"],
     }
+
+
+def test_worked_example_in_the_docs():
+    """docs/retention.md's worked example is what select decides (the table is parsed from the page)."""
+    doc = (pathlib.Path(__file__).resolve().parents[4] / "docs" / "retention.md").read_text(encoding="utf-8")
+    section = doc.split("## Worked example", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `")]
+    assert len(rows) == 9
+    points, expected = [], {}
+    parent = None
+    for set_id, kind, _local, _week, restorable, decision, reasons in rows:
+        set_id = set_id.strip("`")
+        parent = None if kind == "full" else parent
+        points.append(r.Point(set_id, dt.datetime.strptime(set_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), "weekly",
+                              None, parent, kind, restorable.startswith("yes")))
+        parent = set_id
+        expected[set_id] = (decision.strip("*"), [] if reasons == "-" else reasons.split(", "))
+    policy = r.Policy(keep_last=2, keep_weekly=3, keep_monthly=2, timezone="Europe/Berlin")
+    got = {d.set_id: (d.action, d.reasons) for d in r.select(points, policy, ts("2026-12-01T06:00:00Z"))}
+    assert got == expected
