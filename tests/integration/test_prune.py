@@ -134,7 +134,6 @@ def test_policy_over_real_sets(ansible, vms, repo, scratch, conn, repo_root):
     assert tree_state(repo) == before, "check mode changed the repository"
     assert decisions(checked) == expected
     # --diff shows the set list before and after: a "-" line for each set that goes, nothing added.
-    print(proc.stdout)
     minus = [line for line in proc.stdout.splitlines() if line.startswith("-") and not line.startswith("---")]
     plus = [line for line in proc.stdout.splitlines() if line.startswith("+") and not line.startswith("+++")]
     assert [next(i for i in ids if i in line) for line in minus] == ids[:3] and plus == [], proc.stdout
