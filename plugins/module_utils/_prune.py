@@ -216,11 +216,12 @@ def plan_vm(catalog: Catalog, policy: _retention.Policy, now: dt.datetime, serie
     decisions = _retention.select(points, policy, now, series=series)
     sizes: dict[str, int] = {}
     set_names = _names(repo, vm_uuid, "sets")
-    with _vm_fd(repo, vm_uuid, "sets") as sets_fd:
-        for set_id in catalog.sets:
-            sizes[set_id] = _tree_bytes(sets_fd, set_id)
-            if set_id + SIDECAR_SUFFIX in set_names:
-                sizes[set_id] += _tree_bytes(sets_fd, set_id + SIDECAR_SUFFIX)
+    if catalog.sets:
+        with _vm_fd(repo, vm_uuid, "sets") as sets_fd:
+            for set_id in catalog.sets:
+                sizes[set_id] = _tree_bytes(sets_fd, set_id)
+                if set_id + SIDECAR_SUFFIX in set_names:
+                    sizes[set_id] += _tree_bytes(sets_fd, set_id + SIDECAR_SUFFIX)
     orphans = [n for n in set_names if n.endswith(SIDECAR_SUFFIX) and _manifest.is_set_id(n[:-len(SIDECAR_SUFFIX)])
                and n[:-len(SIDECAR_SUFFIX)] not in set_names]
     staging, left = [], []
@@ -333,7 +334,9 @@ def finish_removing(repo: repo_mod.Repository, vm_uuid: str, names: list[str]) -
 
 
 def remove_orphan_sidecars(repo: repo_mod.Repository, vm_uuid: str, names: list[str]) -> list[str]:
-    done = []
+    done: list[str] = []
+    if not names:
+        return done
     with _vm_fd(repo, vm_uuid, "sets") as fd:
         for name in names:
             set_id = name[:-len(SIDECAR_SUFFIX)]

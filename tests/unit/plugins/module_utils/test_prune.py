@@ -325,3 +325,12 @@ def test_descendants_before_ancestors(builder, monkeypatch):
     monkeypatch.setattr(_prune, "remove_set", spy)
     prune(builder, keep_last=1)
     assert order == list(reversed(ids))
+
+
+def test_vm_directory_without_sets(builder):
+    builder.chain([0])
+    os.makedirs(os.path.join(builder.repo.path, "vms", OTHER_VM), mode=0o711)  # a VM dir with nothing (no sets/)
+    result, dummy = prune(builder, keep_last=1)
+    assert result["changed"] is False
+    assert sorted(v["uuid"] for v in result["vms"]) == sorted([VM, OTHER_VM])
+    assert [v["sets"] for v in result["vms"] if v["uuid"] == OTHER_VM] == [0]
