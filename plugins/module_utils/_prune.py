@@ -102,8 +102,8 @@ def set_time(entry: t.Any, key: str = "started") -> dt.datetime:
 
 def restore_fault(catalog: Catalog, set_id: str, verdicts: dict[str, dict[str, t.Any] | None]) -> str | None:
     """Why the point cannot be restored, or None: a broken or unreadable link on its chain, or
-    a failed or unreadable verify verdict of any set its restore reads (stale or not: a failure
-    is believed until a new verify says otherwise)."""
+    a verify verdict other than ``ok`` (failed, unreadable) of any set its restore reads (stale
+    or not: a failure is believed until a new verify says otherwise). Never verified: restorable."""
     try:
         path = catalog.sets_of_chain(set_id)
     except VmBackupError as exc:
@@ -112,9 +112,11 @@ def restore_fault(catalog: Catalog, set_id: str, verdicts: dict[str, dict[str, t
         verdict = verdicts.get(member)
         if verdict is None and member not in verdicts:
             verdict = verdicts[member] = catalog.verdict(member)
-        if verdict is not None and verdict.get("outcome") in _FAILED_VERDICTS:
+        # Anything but "ok" blocks (an outcome verify never writes reads as unreadable), as in backup_info.
+        if verdict is not None and verdict.get("outcome") != "ok":
             what = "its" if member == set_id else f"set {member}'s"
-            return f"{what} last verify verdict is {verdict.get('outcome')}"
+            outcome = verdict.get("outcome") if verdict.get("outcome") in _FAILED_VERDICTS else "unreadable"
+            return f"{what} last verify verdict is {outcome}"
     return None
 
 

@@ -334,3 +334,11 @@ def test_vm_directory_without_sets(builder):
     assert result["changed"] is False
     assert sorted(v["uuid"] for v in result["vms"]) == sorted([VM, OTHER_VM])
     assert [v["sets"] for v in result["vms"] if v["uuid"] == OTHER_VM] == [0]
+
+
+@pytest.mark.parametrize("outcome, restorable", [("ok", True), ("failed", False), ("unreadable", False), ("weird", False)])
+def test_verdict_outcomes(builder, outcome, restorable):
+    ids = builder.chain([0, 1])
+    builder.verdict(ids[0], outcome)
+    result, dummy = prune(builder, check=True, keep_last=5)
+    assert [s["restorable"] for s in result["sets"]] == [restorable, restorable]
