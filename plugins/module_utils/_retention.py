@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import re
 import typing as t
 
@@ -144,7 +145,7 @@ def parse_duration(value: t.Any) -> dt.timedelta:
 
 
 def _days(number: float) -> dt.timedelta:
-    if number != number or number < 0 or number > MAX_DURATION.days:  # NaN compares unequal to itself
+    if math.isnan(number) or number < 0 or number > MAX_DURATION.days:
         raise VmBackupError("INVALID_ARGUMENT", f"duration {number!r} must be between 0 and {MAX_DURATION.days} days")
     return dt.timedelta(days=number)
 

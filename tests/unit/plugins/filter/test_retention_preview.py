@@ -122,7 +122,7 @@ def test_same_decisions_as_prune_on_a_repository(tmp_path, policy):
     builder.verdict(ids[1], "failed")
     builder.chain([6, 7, 13], chain_id="bbbbbbbbbbbb", series="weekly")
     builder.chain([14, 15], chain_id="cccccccccccc")
-    params = {k: v for k, v in policy.items()}
+    params = dict(policy)
     backend = _prune.Pruner(_prune.PruneParams(repository=builder.repo.path, **params), run=None,
                             qemu_img_path="/usr/bin/qemu-img", check_mode=True)
     result = backend.run()
