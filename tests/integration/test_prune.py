@@ -237,7 +237,9 @@ class Inotify:
         os.close(self.fd)
 
 
-def test_prune_killed_mid_removal_leaves_sound_chains(ansible, vms, repo, scratch):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_prune_stopped_mid_removal_leaves_sound_chains(ansible, vms, repo, scratch, how):
+    """Killed (SIGKILL) or cancelled (SIGTERM, an AWX cancel) right after a set was renamed out of sets/."""
     vm = vms.create()
     taken = []
     # Four chains of two sets; keep_last 1 removes the first three chains (six sets).
@@ -250,8 +252,10 @@ def test_prune_killed_mid_removal_leaves_sound_chains(ansible, vms, repo, scratc
     args = prune_args(repo, vm, keep_last=1)
 
     caught = None
+    cancelled = None
     watch = Inotify(vm_dir / "sets")
-    proc = ansible.popen("prune", args)
+    pending = ansible.popen_result("prune", args)
+    proc = pending.proc
     try:
         pid = wait_for(lambda: module_pids(proc, "prune"), 60, interval=0.005, what="the prune module process")[0]
         deadline = time.monotonic() + 120
@@ -264,7 +268,12 @@ def test_prune_killed_mid_removal_leaves_sound_chains(ansible, vms, repo, scratc
                 caught = (inside, sets_on_disk(repo, vm))
                 break
             os.kill(pid, signal.SIGCONT)  # that set was gone already: wait for the next one
-        kill_tree(proc)
+        if caught is not None and how == "SIGTERM":
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+            cancelled = pending.result(timeout=120)
+        else:
+            kill_tree(proc)
     finally:
         watch.close()
         if proc.poll() is None:
@@ -272,6 +281,10 @@ def test_prune_killed_mid_removal_leaves_sound_chains(ansible, vms, repo, scratc
     assert caught is not None, "the prune was never caught between renaming a set out and removing it"
     inside, left = caught
     assert len(inside) == 1 and inside[0] in ids and inside[0] not in left
+    if how == "SIGTERM":
+        expect_error(cancelled, "CANCELLED")
+        # The cancel lands after the rename: that set may be gone by then, the rest of the run is not done.
+        assert sets_on_disk(repo, vm) == left
     # Descendants went first (newest first): what is left in sets/ is a run of the oldest sets
     # plus the kept chain, never a child without its parent.
     assert left == ids[:len(left) - 2] + ids[-2:], left
@@ -286,8 +299,11 @@ def test_prune_killed_mid_removal_leaves_sound_chains(ansible, vms, repo, scratc
     assert_point_reads(repo, vm, taken[-2:])
 
     # The next prune finishes the removal and removes the rest.
+    unfinished = (vm_dir / ".removing" / inside[0]).exists()
+    assert unfinished or how == "SIGTERM", "a killed prune leaves the set it was removing in .removing/"
     result = expect_ok(ansible("prune", args))
-    assert any(f".removing/{inside[0]}" in c for c in result["cleaned_up"]), result["cleaned_up"]
+    if unfinished:
+        assert any(f".removing/{inside[0]}" in c for c in result["cleaned_up"]), result["cleaned_up"]
     assert sorted(result["removed"]) == sorted(set(left) - set(ids[-2:]))
     assert sets_on_disk(repo, vm) == ids[-2:]
     assert not (vm_dir / ".removing").exists()
