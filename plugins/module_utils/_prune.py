@@ -403,6 +403,11 @@ class Pruner(Backend):
             for lock in locks:
                 lock.release()
         timings["total_s"] = time.monotonic() - started
+        if self.p.series is not None and not any(c.series_names().count(self.p.series) for c in catalogs):
+            # Not an error (a new schedule has no set yet), but a typo would otherwise prune nothing, silently.
+            known = sorted({s for c in catalogs for s in c.series_names()})
+            self.warnings.append(f"no selected VM has a set of series {self.p.series!r} (series found: "
+                                 f"{', '.join(known) or 'none'}); nothing of it was pruned")
         return self._result(plans, policy, now, timings)
 
     def _lock(self, repo: repo_mod.Repository, vm_uuid: str) -> VmLock | None:

@@ -311,6 +311,35 @@ def test_prune_stopped_mid_removal_leaves_sound_chains(ansible, vms, repo, scrat
     assert ansible("prune", args)["changed"] is False
 
 
+# ----------------------------------------------------------------------------- staging of dead runs
+def test_staging_of_a_killed_live_export_is_left_for_export(ansible, vms, repo, scratch):
+    """A live backup killed mid-run leaves staging that names its checkpoint: prune leaves it (only
+    export can delete that checkpoint and abort the job), and the next export cleans it up."""
+    vm = vms.create()
+    first = take(ansible, vm, repo, scratch, monday(46), "full", 0x81)
+    vm.write("vda", 0x82, "16M", "8M")
+    staging = repo / "vms" / vm.uuid / ".incomplete"
+    export = ansible.popen_result("export", dict(repository=str(repo), name=vm.name, mode="incremental"))
+    try:
+        wait_for(lambda: any((staging / n / "run.json").exists() for n in listing(staging)), 120, interval=0.005,
+                 what="the export's run.json")
+    finally:
+        kill_tree(export.proc)
+    wait_for(lambda: not job_running(vm.dom), 120, what="the orphaned backup job to end")
+    dead = listing(staging)
+    assert len(dead) == 1
+    before = tree_state(staging)
+    result = ansible("prune", prune_args(repo, vm, keep_last=1))
+    assert not result["failed"] and result["changed"] is False, result
+    assert [s["path"] for s in result["staging_left"]] == [str(staging / dead[0])]
+    assert "checkpoint" in result["staging_left"][0]["reason"]
+    assert tree_state(staging) == before
+    nxt = expect_ok(ansible("export", dict(repository=str(repo), name=vm.name, mode="auto")))
+    assert any(dead[0] in c for c in nxt["cleaned_up"]), nxt["cleaned_up"]
+    assert listing(staging) == []
+    assert sets_on_disk(repo, vm) == sorted([first.set_id, nxt["set_id"]])
+
+
 # ----------------------------------------------------------------------------- series
 def _export_has_series(ansible, vm, repo) -> bool:
     probe = ansible("export", dict(repository=str(repo), name=vm.name, series="weekly"), check=True)

@@ -342,3 +342,12 @@ def test_verdict_outcomes(builder, outcome, restorable):
     builder.verdict(ids[0], outcome)
     result, dummy = prune(builder, check=True, keep_last=5)
     assert [s["restorable"] for s in result["sets"]] == [restorable, restorable]
+
+
+def test_a_series_without_sets_warns(builder):
+    builder.chain([0], series="weekly")
+    result, backend = prune(builder, series="weelky", keep_last=1)
+    assert result["removed"] == [] and result["changed"] is False
+    assert backend.warnings == ["no selected VM has a set of series 'weelky' (series found: weekly); nothing of it was pruned"]
+    dummy, backend = prune(builder, series="weekly", keep_last=1)
+    assert backend.warnings == []
