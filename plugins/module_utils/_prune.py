@@ -403,7 +403,7 @@ class Pruner(Backend):
             for lock in locks:
                 lock.release()
         timings["total_s"] = time.monotonic() - started
-        if self.p.series is not None and not any(c.series_names().count(self.p.series) for c in catalogs):
+        if self.p.series is not None and not any(self.p.series in c.series_names() for c in catalogs):
             # Not an error (a new schedule has no set yet), but a typo would otherwise prune nothing, silently.
             known = sorted({s for c in catalogs for s in c.series_names()})
             self.warnings.append(f"no selected VM has a set of series {self.p.series!r} (series found: "
