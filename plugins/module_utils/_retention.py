@@ -200,6 +200,8 @@ def make_policy(values: t.Mapping[str, t.Any], timezone: str | None = None) -> P
             raise VmBackupError("INVALID_ARGUMENT", f"{key} must be between 0 and 1000000, not {value}")
         counts[key] = value
     within = values.get("keep_within")
+    if isinstance(within, str) and not within.strip():
+        within = None  # a templated "" (an unset variable in a role) means no keep_within, not an error
     zone = timezone if timezone is not None else values.get("timezone") or "UTC"
     get_zone(zone)
     return Policy(keep_within=parse_duration(within) if within is not None else None, timezone=zone, **counts)

@@ -410,6 +410,7 @@ def test_format_duration(delta, text):
     ({"keep_last": "3"}, r.Policy(keep_last=3)),
     ({"keep_weekly": 5.0, "timezone": "Europe/Berlin"}, r.Policy(keep_weekly=5, timezone="Europe/Berlin")),
     ({"keep_monthly": None, "keep_yearly": 3}, r.Policy(keep_yearly=3)),
+    ({"keep_last": 2, "keep_within": " "}, r.Policy(keep_last=2)),
 ])
 def test_make_policy(values, expected):
     assert r.make_policy(values) == expected
