@@ -188,16 +188,20 @@ def parse_duration(value: t.Any, option: str = "duration") -> dt.timedelta:
 
 
 def format_duration(delta: dt.timedelta) -> str:
-    """A short human duration: ``8d 2h``, ``3h 5m``, ``4m 10s``, ``12s`` (two units at most)."""
+    """A short human duration, truncated: the largest unit and the next when not zero (``8d 2h``,
+    ``3h 5m``, ``7d``, ``12s``)."""
     seconds = max(0, int(delta.total_seconds()))
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-        if len(parts) == 2:
-            break
-    return " ".join(parts)
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if seconds >= size or unit == "s":
+            text = f"{seconds // size}{unit}"
+            if i + 1 < len(units):
+                nxt, nsize = units[i + 1]
+                rest = seconds % size // nsize
+                if rest:
+                    text += f" {rest}{nxt}"
+            return text
+    return "0s"  # not reached
 
 
 # ---------------------------------------------------------------------- which sets to read
