@@ -262,3 +262,157 @@ def test_a_nightly_verify_reads_what_changed_and_nothing_else(ansible, copy):
     assert all("old, not within 7d" in r for r in reasons(cp, late).values()), late
     assert late["bytes_read"] == expected_bytes(cp, data=MAIN, restore=("i3", "c1", "c2"))
     assert_counts(cp, late)
+
+
+# ----------------------------------------------------------------------------- levels and series
+def test_a_data_verdict_does_not_spare_a_point_asked_restore(ansible, copy):
+    cp = copy
+    data = verify(ansible, cp, **WEEK_ARGS)
+    assert not data["failed"] and data["sets_checked"] == 5 and data["level"] == "data", data
+    assert {cp.verdict(label)["level"] for label in (*MAIN, *OTHER)} == {"data"}
+    sidecars = cp.sidecar_files()
+
+    # Only the newest points are asked restore: they are read again (with their chains), the rest skipped.
+    nightly = verify(ansible, cp, **NIGHTLY)
+    assert not nightly["failed"], nightly
+    assert actions(cp, nightly) == {"full": ("skipped", "data"), "i1": ("skipped", "data"), "i2": ("checked", "restore"),
+                                    "c1": ("checked", "restore"), "c2": ("checked", "restore")}
+    assert reasons(cp, nightly)["i2"] == "its last verdict is at level data, level restore is asked of it"
+    assert nightly["bytes_read"] == expected_bytes(cp, restore=("i2", "c1", "c2"))
+    assert_counts(cp, nightly)
+    after = cp.sidecar_files()
+    assert {k: after[k] for k in ("full", "i1")} == {k: sidecars[k] for k in ("full", "i1")}
+    assert {cp.verdict(label)["level"] for label in ("i2", "c1", "c2")} == {"restore"}
+
+    # restore_points: all asks restore of every point: full and i1 (data verdicts) are read again.
+    every = verify(ansible, cp, level="restore", **WEEK_ARGS)
+    assert actions(cp, every) == {"full": ("checked", "restore"), "i1": ("checked", "restore"), "i2": ("skipped", "restore"),
+                                  "c1": ("skipped", "restore"), "c2": ("skipped", "restore")}
+    assert every["bytes_read"] == expected_bytes(cp, restore=("full", "i1"))
+    assert_counts(cp, every)
+
+
+def test_series_scope(ansible, copy):
+    cp = copy
+    monthly = verify(ansible, cp, series="monthly", **NIGHTLY)
+    assert not monthly["failed"] and monthly["series"] == "monthly", monthly
+    assert actions(cp, monthly) == {"c2": ("checked", "restore")}
+    assert [s["series"] for s in monthly["sets"]] == ["monthly"]
+    assert sorted(cp.sidecar_files()) == ["c2"]
+
+    default = verify(ansible, cp, series="default", **NIGHTLY)
+    assert actions(cp, default) == {"full": ("checked", "data"), "i1": ("checked", "data"), "i2": ("checked", "restore"),
+                                    "c1": ("checked", "restore")}
+    assert default["bytes_read"] == expected_bytes(cp, data=("full", "i1"), restore=("i2", "c1"))
+    assert sorted(cp.sidecar_files()) == sorted((*MAIN, *OTHER))
+
+    # A point of one series with another series named, a series nobody has, bad values: refused before any work.
+    refused = [
+        ({"series": "weekyl"}, "SET_NOT_FOUND"),
+        ({"series": "monthly", "name": cp.built.vm.name}, "SET_NOT_FOUND"),
+        ({"series": "default", "set_id": cp.built.ids["c2"]}, "SET_NOT_FOUND"),
+        ({"series": "Monthly"}, "INVALID_NAME"),
+        ({"skip_verified_within": "soon"}, "INVALID_ARGUMENT"),
+        ({"skip_verified_within": 0}, "INVALID_ARGUMENT"),
+        ({"skip_verified_within": "-2d"}, "INVALID_ARGUMENT"),
+    ]
+    before = cp.sidecar_files()
+    for args, code in refused:
+        result = verify(ansible, cp, **args)
+        assert result["failed"] and result.get("error_code") == code, (args, result)
+    bad_choice = verify(ansible, cp, restore_points="oldest")
+    assert bad_choice["failed"] and "restore_points" in bad_choice["msg"], bad_choice
+    assert cp.sidecar_files() == before
+
+    # With set_id, the newest point of its scope is that set: it alone is read through its chain.
+    point = verify(ansible, cp, set_id=cp.built.ids["i1"], series="default", level="restore", restore_points="newest")
+    assert actions(cp, point) == {"full": ("checked", "data"), "i1": ("checked", "restore")}, point
+
+
+# ----------------------------------------------------------------------------- damage under a schedule
+def flip(path: pathlib.Path, offset: int) -> None:
+    """Flip one bit of guest data in place (size and mode stay)."""
+    mode = path.stat().st_mode
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    os.chmod(path, mode & 0o7777)
+
+
+def host_offset(image: pathlib.Path, guest_offset: int) -> int:
+    for extent in json.loads(run(["qemu-img", "map", "--output=json", str(image)]).stdout):
+        if extent.get("data") and extent["start"] <= guest_offset < extent["start"] + extent["length"]:
+            return extent["offset"] + guest_offset - extent["start"]
+    raise AssertionError(f"guest offset {guest_offset} holds no data in {image}")
+
+
+def test_a_failed_set_is_always_checked_and_a_finding_below_withdraws_skips(ansible, copy):
+    cp = copy
+    first = verify(ansible, cp, **WEEK_ARGS)
+    assert not first["failed"] and first["sets_checked"] == 5, first
+
+    # Bit rot in the newest point stays unseen while its verdict is current: that is what skipping trusts.
+    image = cp.file("i2", "disks/vdb.qcow2")
+    flip(image, host_offset(image, 8 * MIB))
+    trusting = verify(ansible, cp, **WEEK_ARGS)
+    assert not trusting["failed"] and trusting["sets_checked"] == 0 and trusting["bytes_read"] == 0, trusting
+
+    # The full loses its verdict (never verified now) and is damaged too: it is read, its finding
+    # affects every point built on it, so i1 and i2 lose their skip and are read as well.
+    sidecars = cp.sidecar_files()
+    cp.sidecar("full").unlink()
+    image = cp.file("full", "disks/vda.qcow2")
+    flip(image, host_offset(image, 2 * MIB))
+    found = verify(ansible, cp, fail_on_error=False, **WEEK_ARGS)
+    assert not found["failed"] and found["outcome"] == "failed" and found["changed"], found
+    assert actions(cp, found) == {"full": ("checked", "data"), "i1": ("checked", "data"), "i2": ("checked", "data"),
+                                  "c1": ("skipped", "data"), "c2": ("skipped", "data")}
+    why = reasons(cp, found)
+    assert why["full"] == "never verified"
+    assert why["i1"] == why["i2"] == f"skip withdrawn: a CHECKSUM_MISMATCH finding in set {cp.built.ids['full']} affects it"
+    assert [(f["code"], cp.labels[f["set_id"]], f["file"]) for f in found["findings"]] == [
+        ("CHECKSUM_MISMATCH", "full", "disks/vda.qcow2"), ("CHECKSUM_MISMATCH", "i2", "disks/vdb.qcow2")]
+    assert found["failed_sets"] == [cp.built.ids[label] for label in MAIN]
+    assert found["bytes_read"] == expected_bytes(cp, data=MAIN)
+    assert_counts(cp, found)
+    assert {label: cp.verdict(label)["outcome"] for label in MAIN} == dict.fromkeys(MAIN, "failed")
+    assert {k: v for k, v in cp.sidecar_files().items() if k in OTHER} == {k: sidecars[k] for k in OTHER}
+
+    # A failed verdict is never current: the next run reads those sets again (and fails the task).
+    again = verify(ansible, cp, **WEEK_ARGS)
+    assert again["failed"] and again["error_code"] == "CHECKSUM_MISMATCH", again
+    assert actions(cp, again) == actions(cp, found)
+    assert all("failed (CHECKSUM_MISMATCH); a failed set is checked again" in reasons(cp, again)[label] for label in MAIN)
+
+
+def test_an_edited_manifest_makes_its_verdict_stale_and_breaks_the_skipped_child(ansible, copy):
+    cp = copy
+    first = verify(ansible, cp, **WEEK_ARGS)
+    assert not first["failed"], first
+    sidecars = cp.sidecar_files()
+
+    manifest = cp.file("full", "manifest.json")
+    data = json.loads(manifest.read_text())
+    data["vm"]["name"] = "renamed-by-hand"
+    os.chmod(manifest, 0o600)
+    manifest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.chmod(manifest, 0o400)
+
+    # The full is read again (its verdict was for another manifest) and passes: its files match
+    # what it says now. Its child's link, checked even for a current verdict, is broken; the
+    # finding reaches i2, which loses its skip.
+    result = verify(ansible, cp, fail_on_error=False, **WEEK_ARGS)
+    assert result["outcome"] == "failed", result
+    assert actions(cp, result) == {"full": ("checked", "data"), "i1": ("checked", "data"), "i2": ("checked", "data"),
+                                   "c1": ("skipped", "data"), "c2": ("skipped", "data")}
+    why = reasons(cp, result)
+    assert why["full"] == "its manifest changed since its last verdict"
+    assert why["i1"].startswith("its link to its parent is broken (the manifest of set ") and "renamed" not in why["i1"]
+    assert why["i2"] == f"skip withdrawn: a CHAIN_BROKEN finding in set {cp.built.ids['i1']} affects it"
+    assert [(f["code"], cp.labels[f["set_id"]]) for f in result["findings"]] == [("CHAIN_BROKEN", "i1")]
+    assert {label: cp.verdict(label)["outcome"] for label in MAIN} == {"full": "ok", "i1": "failed", "i2": "failed"}
+    assert {k: v for k, v in cp.sidecar_files().items() if k in OTHER} == {k: sidecars[k] for k in OTHER}
+    assert_counts(cp, result)
