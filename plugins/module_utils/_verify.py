@@ -592,7 +592,7 @@ class Verifier(Backend):
                 "codes": res["codes"],
                 "findings": res["findings"],
                 "manifest_sha256": res["manifest_sha256"],
-                "bytes_read": res["bytes_read"] + res["chain_bytes_read"],
+                "bytes_read": res["bytes_read"],
             }
             repo_mod.write_file_atomic(path, _manifest.dumps(sidecar), repo_mod.FILE_MODE)
             res["verified"] = now
