@@ -373,8 +373,18 @@ class Verifier(Backend):
                 scope = self._scope(catalogs)
             choices = self._select(catalogs, scope)
             read_started = time.monotonic()
-            outcomes = self._check_until_settled(catalogs, choices)
-            chain_read = self._compose(catalogs, choices)
+            outcomes: list[FileOutcome] = []
+            chain_read: dict[tuple[str, str], int] = {}
+            todo = self._to_check(choices)
+            while any(todo.values()):
+                outcomes += self._check_until_settled(catalogs, choices, todo)
+                read, unread = self._compose(catalogs, choices, done=set(chain_read))
+                chain_read.update(read)
+                # A point that does not read through its chain: the sets of that chain lose their skip,
+                # so that the damaged file itself is found (the point's finding only says it does not read).
+                todo = self._withdraw(choices, [
+                    (vm_uuid, chain, f"skip withdrawn: point {point} does not read through its chain, which holds this set")
+                    for vm_uuid, point, chain in unread])
             bytes_read = sum(o.bytes_read for o in outcomes) + sum(chain_read.values())
             read_seconds = time.monotonic() - read_started
             sets = self._set_results(catalogs, choices, outcomes, chain_read)
@@ -440,23 +450,30 @@ class Verifier(Backend):
     def _to_check(choices: dict[str, dict[str, Choice]]) -> dict[str, list[str]]:
         return {vm: [sid for sid, c in per_vm.items() if c.action == "check"] for vm, per_vm in choices.items()}
 
-    def _check_until_settled(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]]) -> list[FileOutcome]:
-        """Check the chosen sets; a skipped set that a finding affects (a damaged file of a set it
-        builds on) loses its skip and is checked too, until no finding reaches a skipped set."""
-        outcomes = self._check(catalogs, self._to_check(choices))
-        while True:
-            withdrawn: dict[str, list[str]] = {}
-            for finding in self.findings:
-                per_vm = choices.get(finding["vm_uuid"], {})
-                for set_id in finding["affected"]:
-                    choice = per_vm.get(set_id)
-                    if choice is not None and choice.action == "skip":
-                        choice.action, choice.verified = "check", None
-                        choice.reason = f"skip withdrawn: a {finding['code']} finding in set {finding['set_id']} affects it"
-                        withdrawn.setdefault(finding["vm_uuid"], []).append(set_id)
-            if not withdrawn:
-                return outcomes
-            outcomes += self._check(catalogs, {c.vm_uuid: sorted(withdrawn.get(c.vm_uuid, [])) for c in catalogs})
+    @staticmethod
+    def _withdraw(choices: dict[str, dict[str, Choice]], suspects: list[tuple[str, list[str], str]]) -> dict[str, list[str]]:
+        """Turn the skipped sets among ``suspects`` ((vm, set ids, why) triples) into checks; returns them per VM."""
+        withdrawn: dict[str, list[str]] = {}
+        for vm_uuid, set_ids, reason in suspects:
+            for set_id in set_ids:
+                choice = choices.get(vm_uuid, {}).get(set_id)
+                if choice is not None and choice.action == "skip":
+                    choice.action, choice.verified, choice.reason = "check", None, reason
+                    withdrawn.setdefault(vm_uuid, []).append(set_id)
+        return withdrawn
+
+    def _check_until_settled(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]],
+                             first: dict[str, list[str]]) -> list[FileOutcome]:
+        """Check the sets in ``first``; a skipped set that a finding affects (a damaged file of a set
+        it builds on) loses its skip and is checked too, until no finding reaches a skipped set."""
+        outcomes: list[FileOutcome] = []
+        todo = first
+        while any(todo.values()):
+            outcomes += self._check(catalogs, {c.vm_uuid: sorted(todo.get(c.vm_uuid, [])) for c in catalogs})
+            todo = self._withdraw(choices, [
+                (f["vm_uuid"], f["affected"], f"skip withdrawn: a {f['code']} finding in set {f['set_id']} affects it")
+                for f in self.findings])
+        return outcomes
 
     def _find(self, catalog: Catalog, code: str, set_id: str, msg: str, affected: list[str], file: str | None = None,
               **extra: t.Any) -> None:
@@ -510,14 +527,19 @@ class Verifier(Backend):
         except ValueError:
             return (err or out).strip()[:300] or f"rc={rc}"
 
-    def _compose(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]]) -> dict[tuple[str, str], int]:
+    def _compose(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]], done: set[tuple[str, str]]
+                 ) -> tuple[dict[tuple[str, str], int], list[tuple[str, str, list[str]]]]:
         """Each checked point asked at level restore is read through its backing chains, as restore
-        will (files of skipped sets included: the chain is read whole). Bytes read per point."""
+        will (files of skipped sets included: the chain is read whole). Returns the bytes read per
+        point (not those in ``done``, read before), and (vm, point, set ids of the chain) for each
+        disk that did not read."""
         failed = {(f["vm_uuid"], s) for f in self.findings for s in f["affected"]}
         read: dict[tuple[str, str], int] = {}
+        unread: list[tuple[str, str, list[str]]] = []
         for catalog in catalogs:
             for point, choice in choices[catalog.vm_uuid].items():
-                if choice.action != "check" or choice.level != "restore" or (catalog.vm_uuid, point) in failed:
+                key = (catalog.vm_uuid, point)
+                if choice.action != "check" or choice.level != "restore" or key in failed or key in done:
                     continue  # a failed point is already known to be unrestorable; do not pile up findings
                 total = 0
                 for disk in catalog.sets[point].manifest["disks"]:
@@ -528,9 +550,10 @@ class Verifier(Backend):
                     except VmBackupError as exc:
                         self._find(catalog, "IMAGE_INVALID", point, f"disk {disk['target']} of point {point} does not read "
                                    f"through its chain: {exc.msg}", [point], file=disk["file"])
+                        unread.append((catalog.vm_uuid, point, [sid for sid, _d in chain if sid != point]))
                     total += sum(d["size"] for _sid, d in chain)
-                read[(catalog.vm_uuid, point)] = total
-        return read
+                read[key] = total
+        return read, unread
 
     # ------------------------------------------------------------------ verdicts
     def _set_results(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]], outcomes: list[FileOutcome],

@@ -415,3 +415,29 @@ def test_an_edited_manifest_makes_its_verdict_stale_and_breaks_the_skipped_child
     assert {label: cp.verdict(label)["outcome"] for label in MAIN} == {"full": "ok", "i1": "failed", "i2": "failed"}
     assert {k: v for k, v in cp.sidecar_files().items() if k in OTHER} == {k: sidecars[k] for k in OTHER}
     assert_counts(cp, result)
+
+
+def test_a_point_that_does_not_read_through_its_chain_withdraws_the_skips_below_it(ansible, copy):
+    cp = copy
+    first = verify(ansible, cp, **NIGHTLY)
+    assert not first["failed"] and first["sets_checked"] == 5, first
+    sidecars = cp.sidecar_files()
+
+    # The full's second disk disappears while its verdict is current; the newest point is due
+    # (it lost its verdict). Its restore read fails on that disk, so the sets of that chain are
+    # read too, and the missing file itself is found.
+    cp.sidecar("i2").unlink()
+    cp.file("full", "disks/vdb.qcow2").unlink()
+    result = verify(ansible, cp, fail_on_error=False, **NIGHTLY)
+    assert result["outcome"] == "failed", result
+    assert actions(cp, result) == {"full": ("checked", "data"), "i1": ("checked", "data"), "i2": ("checked", "restore"),
+                                   "c1": ("skipped", "restore"), "c2": ("skipped", "restore")}
+    why = reasons(cp, result)
+    assert why["i2"] == "never verified"
+    assert why["full"] == why["i1"] == \
+        f"skip withdrawn: point {cp.built.ids['i2']} does not read through its chain, which holds this set"
+    assert [(f["code"], cp.labels[f["set_id"]], f["file"], [cp.labels[a] for a in f["affected"]]) for f in result["findings"]] == [
+        ("FILE_MISSING", "full", "disks/vdb.qcow2", list(MAIN)), ("IMAGE_INVALID", "i2", "disks/vdb.qcow2", ["i2"])]
+    assert {label: cp.verdict(label)["outcome"] for label in MAIN} == dict.fromkeys(MAIN, "failed")
+    assert {k: v for k, v in cp.sidecar_files().items() if k in OTHER} == {k: sidecars[k] for k in OTHER}
+    assert_counts(cp, result)
