@@ -20,7 +20,9 @@ whose verdict is current (``outcome: ok``, recorded for the manifest it has now,
 least the one asked of it, younger than ``skip_verified_within``) is skipped and its sidecar left
 as it is, so a run over an unchanged repository reads nothing. ``restore_points: newest`` asks
 ``level: restore`` only of the newest point of each VM and series. The selection is a pure
-function of the sets' views and the clock.
+function of the sets' views and the clock. A skip is withdrawn when a finding of the run affects
+the skipped set (a damaged set it builds on), or when a later point does not read through a
+chain that holds it.
 """
 
 from __future__ import annotations

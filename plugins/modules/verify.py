@@ -100,9 +100,11 @@ options:
       - Age is exact - now minus the verdict's C(verified) time; a verdict dated more than 5 minutes in the future is not
         trusted. Proxmox Backup Server counts whole days instead (C(outdated-after)); to re-verify each set on every
         Nth run of a schedule, give a little less than N intervals, such as V(156h) for every 7th nightly run.
-      - Skipping never hides a set from the others - a finding in a set that a skipped set builds on withdraws the skip
-        and the skipped set is checked too; a point read at level C(restore) reads the files of the sets below it whole,
-        skipped or not.
+      - Skipping never hides a set from the others - the link from a set to its parent is checked for every set in
+        scope; a finding in a set that a skipped set builds on withdraws the skip and the skipped set is checked too; a
+        point read at level C(restore) reads the files of the sets below it whole, skipped or not, and when it does not
+        read, those sets lose their skip as well, so that the damaged file itself is found. What a skip does trust is the
+        data of the skipped set itself - damage to it is found when its verdict falls due.
       - Unset (the default), every set in scope is checked.
     type: raw
   restore_points:

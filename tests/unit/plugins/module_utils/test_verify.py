@@ -294,3 +294,15 @@ def test_old_verdicts_fall_due_one_by_one():
     views = [view(A, verdict(age=8 * DAY)), view(B, verdict(age=6 * DAY)), view(C, verdict(outcome="failed"))]
     choices = select(views, "data", "all", WEEK, NOW)
     assert [c.action for c in choices] == ["check", "skip", "check"]
+
+
+def test_withdrawing_turns_only_skipped_sets_into_checks():
+    from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import Choice, Verifier
+    choices = {"u": {A: Choice(A, "data", "skip", "verified ok", verified="t"), B: Choice(B, "data", "check", "never verified"),
+                     C: Choice(C, "restore", "skip", "verified ok", verified="t")}}
+    withdrawn = Verifier._withdraw(choices, [("u", [A, B, "20000101T000000Z-001"], "why"), ("other-vm", [A], "why")])
+    assert withdrawn == {"u": [A]}
+    assert [(c.action, c.reason, c.verified) for c in choices["u"].values()] == [
+        ("check", "why", None), ("check", "never verified", None), ("skip", "verified ok", "t")]
+    assert Verifier._withdraw(choices, [("u", [A], "again")]) == {}  # already checked: nothing new, reason kept
+    assert choices["u"][A].reason == "why"
