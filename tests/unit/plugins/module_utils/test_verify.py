@@ -19,8 +19,10 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import (
     CLOCK_TOLERANCE,
     SIDECAR_FORMAT,
     SIDECAR_VERSION,
+    Choice,
     FileJob,
     SetView,
+    Verifier,
     VerifyParams,
     asked_levels,
     check_file,
@@ -297,7 +299,6 @@ def test_old_verdicts_fall_due_one_by_one():
 
 
 def test_withdrawing_turns_only_skipped_sets_into_checks():
-    from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import Choice, Verifier
     choices = {"u": {A: Choice(A, "data", "skip", "verified ok", verified="t"), B: Choice(B, "data", "check", "never verified"),
                      C: Choice(C, "restore", "skip", "verified ok", verified="t")}}
     withdrawn = Verifier._withdraw(choices, [("u", [A, B, "20000101T000000Z-001"], "why"), ("other-vm", [A], "why")])
