@@ -203,6 +203,7 @@ def test_interrupted_prune_is_finished_by_the_next(builder):
     os.mkdir(removing, 0o700)
     os.rename(repo.set_dir(VM, old[1]), os.path.join(removing, old[1]))
     checked, dummy = prune(builder, check=True, keep_last=1)
+    assert os.path.isdir(os.path.join(removing, old[1])), "check mode finished the removal"
     assert sorted(checked["cleaned_up"]) == sorted([
         f"finished removing {removing}/{old[1]} (left by an interrupted prune)",
         f"removed {repo.sets_dir(VM)}/{old[1]}.verify.json (a verdict whose set is gone)"])
@@ -351,3 +352,15 @@ def test_a_series_without_sets_warns(builder):
     assert backend.warnings == ["no selected VM has a set of series 'weelky' (series found: weekly); nothing of it was pruned"]
     dummy, backend = prune(builder, series="weekly", keep_last=1)
     assert backend.warnings == []
+
+
+def test_removing_planted_as_a_link_is_refused(builder, tmp_path):
+    builder.chain([0])
+    builder.chain([7], chain_id="ffffffffffff")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "file").write_bytes(b"keep")
+    os.symlink(str(elsewhere), os.path.join(builder.repo.vm_dir(VM), _prune.REMOVING))
+    before = tree(builder.repo.path)
+    _raises("UNSAFE_TARGET", prune, builder, keep_last=1)
+    assert tree(builder.repo.path) == before and (elsewhere / "file").read_bytes() == b"keep"
