@@ -372,6 +372,9 @@ def remove_staging(repo: repo_mod.Repository, vm_uuid: str, names: list[str]) ->
 class Pruner(Backend):
     """Applies a retention policy; see the module docstring for the removal protocol."""
 
+    cancel_outcome = ("stopped; sets already renamed into .removing/ are gone from the catalog and the next prune "
+                      "finishes removing them, every other set is untouched")
+
     def run(self) -> dict[str, t.Any]:
         started = time.monotonic()
         path, policy = validate_params(self.p)

@@ -136,7 +136,10 @@ def parse_duration(value: t.Any) -> dt.timedelta:
             units = [u for _n, u in parts]
             if len(set(units)) != len(units):
                 raise VmBackupError("INVALID_ARGUMENT", f"duration {value!r} names a unit twice")
-            delta = dt.timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+            if not seconds <= MAX_DURATION.total_seconds():  # also inf: timedelta() would overflow
+                raise VmBackupError("INVALID_ARGUMENT", f"duration {value!r} must be between 0 and {MAX_DURATION.days} days")
+            delta = dt.timedelta(seconds=seconds)
     else:
         raise VmBackupError("INVALID_ARGUMENT", f"duration {value!r} is not a duration such as 14d, 36h, 2w or 90m")
     if delta < dt.timedelta(0) or delta > MAX_DURATION:
