@@ -3,14 +3,13 @@ with `virsh metadata` exactly as the module documents it, and the selection rule
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from xml.sax import saxutils
 
 import libvirt
 import pytest
 
-from harness import PREFIX, URI, destroy_vm, run
+from harness import PREFIX, URI, run
 
 NS = "https://vmbackup.libvirt/schema/1"
 
