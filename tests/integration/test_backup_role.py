@@ -273,6 +273,13 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
         two = {vm.name: sets(repo, vm.uuid) for vm in (r1, r2, s1)}
         assert all(len(v) == 2 for v in two.values()), two
 
+        # --check shows what prune would remove (from the sets there now) and changes nothing.
+        before = tree_state(repo)
+        out = play(dict(variables, vmbackup_backup_period="2026-W51", vmbackup_backup_keep_last=1), check=True)
+        assert out.rc == 0, out.text
+        assert f"prune would remove 1 set(s): {two[r1.name][0]};" in out.stdout, out.text
+        assert tree_state(repo) == before
+
         # r2's lock is held (as by a run of another host): its export fails in the middle of the
         # run; r1 and s1 are backed up and pruned to one set, r2 keeps both of its sets.
         with open(repo / "vms" / r2.uuid / "lock", "rb") as held:
@@ -302,26 +309,31 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
         report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
         assert report["preflight_error"]["error_code"] == "TARGET_NO_SPACE" and report["vms"] == []
 
-        # Without it, the VM that does not fit fails alone: r1 and r2 are backed up and pruned to one set.
-        out = play(dict(variables, vmbackup_backup_period="2026-W52", vmbackup_backup_keep_last=1))
+        # Without it, the VM that does not fit fails alone, and (three exports at a time) r2, whose
+        # lock is held again, fails at export: r1 is backed up and pruned to one set.
+        with open(repo / "vms" / r2.uuid / "lock", "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            out = play(dict(variables, vmbackup_backup_period="2026-W52", vmbackup_backup_keep_last=1,
+                            vmbackup_backup_lock_timeout=1, vmbackup_backup_concurrency=3))
         assert out.rc != 0, out.text
         after = {vm.name: sets(repo, vm.uuid) for vm in (r1, r2, s1)}
-        for vm in (r1, r2):
-            assert len(after[vm.name]) == 1 and after[vm.name][0] not in two[vm.name], after
-            assert manifest(repo, vm.uuid, after[vm.name][0])["period"] == "2026-W52"
+        assert len(after[r1.name]) == 1 and after[r1.name][0] not in two[r1.name], after
+        assert manifest(repo, r1.uuid, after[r1.name][0])["period"] == "2026-W52"
+        assert after[r2.name] == two[r2.name] and len(after[r2.name]) == 2  # not backed up, and not pruned
         assert after[s1.name] == two[s1.name]  # not backed up, and not pruned
         assert not (repo / "vms" / s1.uuid / ".incomplete").exists() or not os.listdir(repo / "vms" / s1.uuid / ".incomplete")
         assert re.search(rf"{re.escape(s1.name)} at preflight: TARGET_NO_SPACE", out.stdout), out.text
         report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
         assert report["outcome"] == "failed"
-        assert [(f["name"], f["step"], f["error_code"]) for f in report["failures"]] == [(s1.name, "preflight", "TARGET_NO_SPACE")]
-        assert report["totals"]["ok"] == 2 and report["totals"]["failed"] == 1
+        assert sorted((f["name"], f["step"], f["error_code"]) for f in report["failures"]) == sorted(
+            [(s1.name, "preflight", "TARGET_NO_SPACE"), (r2.name, "export", "VM_LOCKED")])
+        assert report["totals"]["ok"] == 1 and report["totals"]["failed"] == 2
         lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
         assert f'vmbackup_last_run_status{{vm="{s1.name}",uuid="{s1.uuid}",series="default"}} 0' in lines
         assert (f'vmbackup_last_run_error{{vm="{s1.name}",uuid="{s1.uuid}",series="default",step="preflight",'
                 f'error_code="TARGET_NO_SPACE"}} 1') in lines
         assert f'vmbackup_last_run_status{{vm="{r1.name}",uuid="{r1.uuid}",series="default"}} 1' in lines
-        assert 'vmbackup_last_run_failed_vms{series="default"} 1' in lines
+        assert 'vmbackup_last_run_failed_vms{series="default"} 2' in lines
         if landed("backup_info"):  # the failed VM's last success is its newest set, read from the catalog
             assert any(ln.startswith(f'vmbackup_last_success_timestamp_seconds{{vm="{s1.name}"') for ln in lines), lines
     finally:
