@@ -244,6 +244,7 @@ def test_preflight_failures_touch_nothing(ansible, vms, repo_root, reports, tmp_
     # Bad role variables fail before libvirt is asked anything.
     out = play(dict(variables, vmbackup_backup_keep_last=None))
     assert out.rc != 0 and "prune without any keep_* rule" in out.stdout, out.text
+    assert json.loads((reports / "json" / "vmbackup-default.json").read_text())["preflight_error"]["error_code"] == "RETENTION_POLICY_EMPTY"
     out = play(dict(variables, vmbackup_backup_tier_policies={"gold": {"keep_weekley": 3}}))
     assert out.rc != 0 and "keep_weekley" in out.stdout, out.text
     assert tree_state(repo_root) == {**before, **{k: v for k, v in tree_state(repo_root).items() if k.startswith("reports")}}
