@@ -22,8 +22,9 @@ ln -s "$ROOT" "$work/collections/ansible_collections/vmbackup/libvirt"
 export ANSIBLE_COLLECTIONS_PATH="$work/collections"
 export ANSIBLE_LOCAL_TEMP="$work/ansible-tmp" ANSIBLE_HOME="$work/ansible-home"
 
+status=0
 echo "== argument specs match defaults"
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" - <<'PY' || status=1
 import pathlib
 import sys
 
@@ -49,7 +50,7 @@ sys.exit(1 if failed else 0)
 PY
 
 echo "== ansible-lint (production profile): roles and playbooks"
-"$VENV/bin/ansible-lint" --offline --format pep8 roles playbooks
+"$VENV/bin/ansible-lint" --offline --format pep8 roles playbooks || status=1
 
 echo "== ansible-lint (production profile, no configuration): README examples"
 mkdir -p "$work/readme"
@@ -66,6 +67,7 @@ for i, block in enumerate(blocks, 1):
 print(f"{len(list(out.iterdir()))} playbook examples")
 PY
 if compgen -G "$work/readme/*.yml" >/dev/null; then
-    (cd "$work/readme" && "$VENV/bin/ansible-lint" --offline --profile production --format pep8 ./*.yml)
+    (cd "$work/readme" && "$VENV/bin/ansible-lint" --offline --profile production --format pep8 ./*.yml) || status=1
 fi
-echo "lint: ok"
+if [ "$status" -eq 0 ]; then echo "lint: ok"; else echo "lint: FAILED"; fi
+exit "$status"
