@@ -362,3 +362,31 @@ def test_vm_that_cannot_be_planned_fails_alone(ansible, vms, conn, repo, reports
         assert f"{name} at preflight: NO_DISKS" in out.stdout, out.text
     finally:
         bare.cleanup()
+
+
+def test_metadata_opt_out_and_tier_policies(ansible, vms, repo, reports, tmp_path):
+    """A VM opted out with `virsh metadata` is never touched; a tier's policy overrides the base one."""
+    token = uuid.uuid4().hex[:6]
+    fill = [(0x5A, "0", "1M")]
+    plain = vms.create([DiskSpec(size="16M", fill=fill)], name=f"{PREFIX}role-{token}-plain", running=False)
+    gold = vms.create([DiskSpec(size="16M", fill=fill)], name=f"{PREFIX}role-{token}-gold", running=False)
+    optout = vms.create([DiskSpec(size="16M", fill=fill)], name=f"{PREFIX}role-{token}-optout", running=False)
+    ns = "https://vmbackup.libvirt/schema/1"
+    run(["virsh", "-c", "qemu:///system", "metadata", gold.name, ns, "--key", "vmbackup", "--config", "--set", '<backup tier="gold"/>'])
+    run(["virsh", "-c", "qemu:///system", "metadata", optout.name, ns, "--key", "vmbackup", "--config", "--set", '<backup enabled="no"/>'])
+    play = Play(ansible, tmp_path)
+    variables = base_vars(repo, reports, token, vmbackup_backup_keep_last=3,
+                          vmbackup_backup_tier_policies={"gold": {"verify": False, "keep_last": 1}})
+    for n, week in enumerate(("2026-W49", "2026-W50")):
+        for vm in (plain, gold):  # the shut-off VMs change, so each week copies them again
+            run(["qemu-io", "-f", "qcow2", "-c", f"write -P {0x60 + n:#x} 2M 1M", str(vm.disks["vda"])])
+        out = play(dict(variables, vmbackup_backup_period=week))
+        assert out.rc == 0, out.text
+    assert not (repo / "vms" / optout.uuid).exists()
+    plain_sets, gold_sets = sets(repo, plain.uuid), sets(repo, gold.uuid)
+    assert len(plain_sets) == 2 and len(gold_sets) == 1, (plain_sets, gold_sets)  # gold: keep_last 1
+    assert all((repo / "vms" / plain.uuid / "sets" / f"{i}.verify.json").exists() for i in plain_sets)
+    assert not (repo / "vms" / gold.uuid / "sets" / f"{gold_sets[0]}.verify.json").exists()  # gold: verify off
+    report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
+    assert {v["name"]: v["tier"] for v in report["vms"]} == {plain.name: "default", gold.name: "gold"}
+    assert f"{optout.name}: opted out by its metadata" in out.stdout, out.text
