@@ -40,7 +40,7 @@ class Play:
     """ansible-playbook with the role's variables as extra vars (what an AWX survey does)."""
 
     def __init__(self, ansible, workdir: pathlib.Path, playbook: str | None = None) -> None:
-        self.env = dict(ansible.env, ANSIBLE_STDOUT_CALLBACK="default")
+        self.env = dict(ansible.env, ANSIBLE_STDOUT_CALLBACK="default", ANSIBLE_SHOW_CUSTOM_STATS="1")
         self.bin = str(pathlib.Path(sys.executable).parent / "ansible-playbook")
         self.workdir = workdir
         self.playbook = playbook
@@ -75,6 +75,12 @@ class Outcome:
     @property
     def text(self) -> str:
         return f"rc={self.rc}\n{self.stdout[-12000:]}\n{self.stderr[-4000:]}"
+
+    def stats(self) -> dict:
+        """The set_stats data of the run (what AWX keeps as the job's artifacts)."""
+        match = re.search(r"^\s*RUN: (\{.*\})\s*$", self.stdout, re.M)
+        assert match, self.text
+        return json.loads(match.group(1))
 
     def changed_tasks(self) -> list[str]:
         """Names of the tasks that reported a change (default callback)."""
@@ -162,6 +168,7 @@ def test_check_run_check_rerun(ansible, vms, repo, reports, scratch, tmp_path):
     assert len(r1.checkpoints()) == 1 and len(r2.checkpoints()) == 1 and s1.checkpoints() == []
     report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
     assert report["outcome"] == "ok" and report["period"] == "2026-W49" and report["failures"] == []
+    assert out.stats()["vmbackup_backup"]["localhost"]["vms"] == report["vms"]
     assert report["totals"]["vms"] == 3 and report["totals"]["ok"] == 3 and report["totals"]["changed"] == 3
     assert {v["name"]: v["set_id"] for v in report["vms"]} == {k: v[0] for k, v in first.items()}
     assert sorted(os.listdir(reports / "prom")) == ["vmbackup_default.prom"]  # the temporary file is gone
@@ -329,6 +336,8 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
         assert sorted((f["name"], f["step"], f["error_code"]) for f in report["failures"]) == sorted(
             [(s1.name, "preflight", "TARGET_NO_SPACE"), (r2.name, "export", "VM_LOCKED")])
         assert report["totals"]["ok"] == 1 and report["totals"]["failed"] == 2
+        summary = out.stats()["vmbackup_backup"]["localhost"]
+        assert summary["outcome"] == "failed" and summary["failures"] == report["failures"]
         lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
         assert f'vmbackup_last_run_status{{vm="{s1.name}",uuid="{s1.uuid}",series="default"}} 0' in lines
         assert (f'vmbackup_last_run_error{{vm="{s1.name}",uuid="{s1.uuid}",series="default",step="preflight",'
