@@ -352,7 +352,8 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
 
 def test_vm_that_cannot_be_planned_fails_alone(ansible, vms, conn, repo, reports, tmp_path):
     token = uuid.uuid4().hex[:6]
-    good = vms.create([DiskSpec(size="16M")], name=f"{PREFIX}role-{token}-a", running=False)
+    # A name with a quote and a backslash: the Prometheus label must escape both.
+    good = vms.create([DiskSpec(size="16M")], name=f'{PREFIX}role-{token}-a"q\\b', running=False)
     # Only an empty CD-ROM drive: nothing export can back up (NO_DISKS), found when planning.
     bare = Domains(conn)
     name = bare.new_name(f"role-{token}-b")
@@ -369,6 +370,9 @@ def test_vm_that_cannot_be_planned_fails_alone(ansible, vms, conn, repo, reports
         assert [(f["name"], f["step"], f["error_code"]) for f in report["failures"]] == [(name, "preflight", "NO_DISKS")]
         assert {v["name"]: v["status"] for v in report["vms"]} == {good.name: "ok", name: "failed"}
         assert f"{name} at preflight: NO_DISKS" in out.stdout, out.text
+        label = good.name.replace("\\", "\\\\").replace('"', '\\"')
+        lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
+        assert f'vmbackup_last_run_status{{vm="{label}",uuid="{good.uuid}",series="default"}} 1' in lines, lines
     finally:
         bare.cleanup()
 
