@@ -242,6 +242,12 @@ def test_preflight_failures_touch_nothing(ansible, vms, repo_root, reports, tmp_
     lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
     assert 'vmbackup_last_run_success{series="default"} 0' in lines
 
+    # libvirt unreachable: the discovery fails, with libvirt's code.
+    out = play(dict(variables, vmbackup_backup_uri="qemu+unix:///system?socket=/nonexistent/libvirt-sock"))
+    assert out.rc != 0 and "LIBVIRT_UNAVAILABLE" in out.stdout, out.text
+    report = json.loads((reports / "json" / "vmbackup-default.json").read_text())
+    assert (report["preflight_error"]["step"], report["preflight_error"]["error_code"]) == ("discovery", "LIBVIRT_UNAVAILABLE")
+
     # A pattern that selects nothing is a failure too (a typo must not look like a quiet night).
     out = play(dict(variables, vmbackup_backup_include=[f"{PREFIX}role-{token}-typo*"]))
     assert out.rc != 0 and "NO_VM_SELECTED" in out.stdout and "vmbackup_backup_allow_empty" in out.stdout, out.text
