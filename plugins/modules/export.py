@@ -134,9 +134,9 @@ options:
         domain XML is byte-identical to the set's C(domain.xml), the NVRAM and TPM files have the sha256 the set recorded,
         and the set has no failed verdict from M(vmbackup.libvirt.verify). Anything else, or any doubt, takes a copy
         whose RV(reason) says what differed.
-      - A file's ctime cannot be set back (short of setting the system clock back), so content written and the mtime restored (C(touch -d)) is still seen. A VM
-        that was started and stopped is copied again, even when its guest wrote nothing, because libvirt hands the images to the
-        QEMU user and back, which changes their ctime.
+      - A file's ctime cannot be set back (short of setting the system clock back), so content written and the mtime
+        restored (C(touch -d)) is still seen. A VM that was started and stopped is copied again, even when its guest wrote
+        nothing, because libvirt hands the images to the QEMU user and back, which changes their ctime.
       - The state is recorded only when it did not change during the copy and is older than a second when recorded (a
         write in the same timestamp tick could not be told apart); block devices and network disks are always copied.
       - V(false) copies every shut-off VM on every run.
