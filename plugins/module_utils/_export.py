@@ -241,7 +241,7 @@ def unchanged_since(manifest: dict[str, t.Any], verdict: dict[str, t.Any] | None
     """
     set_id = manifest["set_id"]
     if manifest["type"] != "copy":
-        return f"the last set {set_id} of the series is a {manifest['type']} of the running VM"
+        return f"the last set {set_id} of the series was taken from the running VM ({manifest['type']})"
     if verdict is not None and verdict.get("outcome") != "ok":
         return f"the last verify of set {set_id} did not pass ({verdict.get('outcome')})"
     old = {d["target"]: d for d in manifest["disks"]}

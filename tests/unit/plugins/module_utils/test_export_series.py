@@ -116,7 +116,7 @@ def _edit_image(index, **over):
     (None, None, {"outcome": "ok"}, None),
     (None, None, {"outcome": "failed"}, "the last verify of set 20261201T000000Z-001 did not pass (failed)"),
     (None, None, {"outcome": "unreadable"}, "did not pass (unreadable)"),
-    (lambda m: m.update(type="full"), None, None, "is a full of the running VM"),
+    (lambda m: m.update(type="full"), None, None, "was taken from the running VM (full)"),
     (_edit_disk(images=None), None, None, "recorded no file state for disk vda"),
     (_edit_disk(images=[{"path": "/img/top.qcow2"}]), None, None, "recorded no file state for disk vda"),
     (_edit_disk(images=[_image(size=True)]), None, None, "recorded no file state for disk vda"),
