@@ -134,8 +134,8 @@ def _edit_image(index, **over):
     (None, _edit_image(0, ctime_ns=21), None, "(ctime_ns)"),
     (None, _edit_image(0, ino=9), None, "(ino)"),
     (None, _edit_image(0, dev=1), None, "(dev)"),
-    (None, _edit_image(1, mtime_ns=11, ctime_ns=21), None, "image /img/base.qcow2 of disk vda changed since set 20261201T000000Z-001 "
-                                                        "(mtime_ns, ctime_ns)"),
+    (None, _edit_image(1, mtime_ns=11, ctime_ns=21), None,
+     "image /img/base.qcow2 of disk vda changed since set 20261201T000000Z-001 (mtime_ns, ctime_ns)"),
     (None, lambda s: setattr(s, "domain_xml_sha256", "f" * 64), None, "the domain XML changed"),
     (None, lambda s: setattr(s, "firmware", None), None, "is a link or not a regular file"),
     (None, lambda s: setattr(s, "firmware", {}), None, "the NVRAM or TPM state changed"),
@@ -174,8 +174,8 @@ def test_image_state_only_for_regular_files(tmp_path):
     img = tmp_path / "vda.qcow2"
     img.write_bytes(b"x" * 10)
     st = img.stat()
-    assert _export.image_state(str(img)) == {"path": str(img), "size": 10, "mtime_ns": st.st_mtime_ns,
-                                              "ctime_ns": st.st_ctime_ns, "ino": st.st_ino, "dev": st.st_dev}
+    want = {"path": str(img), "size": 10, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino, "dev": st.st_dev}
+    assert _export.image_state(str(img)) == want
     assert _export.image_state(str(tmp_path)) is None
     assert _export.image_state(str(tmp_path / "missing")) is None
     assert _export.image_state("/dev/null") is None
