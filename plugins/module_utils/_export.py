@@ -48,6 +48,11 @@ RUN_FILE = "run.json"
 RACY_NS = 1_000_000_000
 IMAGE_STATE_KEYS = ("path", "size", "mtime_ns", "ctime_ns", "ino", "dev")
 FIRMWARE_ROLES = ("nvram", "tpm")
+MOUNTINFO = "/proc/self/mountinfo"
+# File systems on which an image's stat is trusted for the economy: local ones, whose attributes
+# change with every write. On anything else (NFS, CIFS, FUSE, a btrfs subvolume whose st_dev no
+# mount shows, ...) a shut-off VM is always copied.
+LOCAL_FS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "bcachefs", "jfs", "overlay"))
 
 
 @dataclasses.dataclass
@@ -196,12 +201,32 @@ def image_state(path: str) -> dict[str, t.Any] | None:
             "ino": st.st_ino, "dev": st.st_dev}
 
 
-def chain_states(paths: list[str] | None) -> list[dict[str, t.Any]] | None:
-    """image_state of every image of a chain; None when any is not a plain regular file."""
+def fs_type_of_dev(dev: int, mountinfo: str) -> str | None:
+    """The file system type mounted from device ``dev`` (a file's st_dev), from mountinfo text."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == want and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
+
+def chain_states(paths: list[str] | None, mountinfo: str = MOUNTINFO) -> list[dict[str, t.Any]] | None:
+    """image_state of every image of a chain; None when any is not a regular file on a local file
+    system (a network file system may serve cached attributes while another host writes)."""
     if not paths:
         return None
     states = [image_state(path) for path in paths]
-    return None if any(s is None for s in states) else states  # type: ignore[return-value]
+    if any(s is None for s in states):
+        return None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    if any(fs_type_of_dev(s["dev"], text) not in LOCAL_FS for s in states):  # type: ignore[index]
+        return None
+    return states  # type: ignore[return-value]
 
 
 def is_racy(states: list[dict[str, t.Any]], recorded_at_ns: int) -> bool:

@@ -138,7 +138,9 @@ options:
         restored (C(touch -d)) is still seen. A VM that was started and stopped is copied again, even when its guest wrote
         nothing, because libvirt hands the images to the QEMU user and back, which changes their ctime.
       - The state is recorded only when it did not change during the copy and is older than a second when recorded (a
-        write in the same timestamp tick could not be told apart); block devices and network disks are always copied.
+        write in the same timestamp tick could not be told apart). Block devices, network disks, and images on anything
+        but a local file system (ext2/3/4, xfs, btrfs, tmpfs, zfs, f2fs, bcachefs, jfs, overlay; not NFS, CIFS or FUSE,
+        whose attributes may be cached while another host writes) are always copied.
       - V(false) copies every shut-off VM on every run.
     type: bool
     default: true

@@ -181,7 +181,27 @@ def test_image_state_only_for_regular_files(tmp_path):
     assert _export.image_state("/dev/null") is None
     assert _export.chain_states([str(img), "/dev/null"]) is None
     assert _export.chain_states(None) is None
-    assert _export.chain_states([str(img)]) == [_export.image_state(str(img))]
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for fstype, trusted in (("ext4", True), ("xfs", True), ("nfs4", False), ("fuse.sshfs", False), ("cifs", False)):
+        info = tmp_path / f"mountinfo-{fstype}"
+        info.write_text(f"22 27 0:21 / /proc rw - proc proc rw\n36 27 {dev} / /var rw,relatime - {fstype} /dev/x rw\n")
+        want = [_export.image_state(str(img))] if trusted else None
+        assert _export.chain_states([str(img)], str(info)) == want, fstype
+    # no mount shows the file's device, or no mountinfo at all: in doubt, not trusted
+    (tmp_path / "other").write_text("36 27 254:99 / /var rw - ext4 /dev/x rw\n")
+    assert _export.chain_states([str(img)], str(tmp_path / "other")) is None
+    assert _export.chain_states([str(img)], str(tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize("line, want", [
+    ("36 27 8:1 / /srv rw,relatime shared:1 - ext4 /dev/sda1 rw", "ext4"),
+    ("37 27 0:50 / /mnt/nfs rw - nfs4 host:/export rw,vers=4.2", "nfs4"),
+    ("38 27 8:2 /sub /bind rw - xfs /dev/sda2 rw", "xfs"),
+    ("39 27 8:3 / /x rw", None),
+])
+def test_fs_type_of_dev(line, want):
+    major, minor = (int(x) for x in line.split()[2].split(":"))
+    assert _export.fs_type_of_dev(os.makedev(major, minor), line + "\n") == want
 
 
 @pytest.mark.parametrize("mtime_ns, ctime_ns, racy", [
