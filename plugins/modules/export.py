@@ -117,12 +117,14 @@ options:
       - "In O(mode=auto), a chain holds at most this many sets, its full included; the run after that starts a new chain
         with a full. RV(reason) names the rule, for example C(full: the chain of set X has 4 sets (full_every_sets=4))."
       - Periodic fulls let retention remove old chains as a whole. Ignored with O(mode=full) and O(mode=incremental).
-      - Unset (the default), a chain grows until something else (a resize, a lost bitmap, O(mode=full)) ends it.
+      - Unset (the default), a chain grows until something else (a resize, a lost bitmap, O(mode=full)) ends it. V(1) makes
+        every run a full.
     type: int
   full_every_days:
     description:
       - In O(mode=auto), a new chain starts when the full of the current chain started more than this many days ago
-        (fractions allowed, such as C(0.5)); measured from the full's C(started) time to the run's clock.
+        (above 0 and up to 36600, fractions allowed, such as C(0.5)); measured from the full's C(started) time to the run's
+        clock. A full dated after that clock never triggers it.
       - Ignored with O(mode=full) and O(mode=incremental). Unset (the default), no such rule applies.
     type: float
   skip_unchanged:
