@@ -545,9 +545,10 @@ class Exporter(Backend):
             if not catalog.sets:
                 return None, "no committed set of this VM in the repository"
             return None, f"no committed set of series {series} of this VM in the repository"
-        if damaged:
-            self.warnings.append(f"set(s) {', '.join(damaged)} are unreadable (series unknown); "
-                                 f"set {set_id} is the newest readable set of series {series}")
+        warning = (f"set(s) {', '.join(damaged)} are unreadable (series unknown); "
+                   f"set {set_id} is the newest readable set of series {series}")
+        if damaged and warning not in self.warnings:  # planned twice in a real run (before and under the lock)
+            self.warnings.append(warning)
         entry = catalog.sets[set_id]
         manifest, sha = entry.manifest, entry.manifest_sha256
         if manifest["type"] == "copy" or not manifest.get("checkpoint"):
