@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 import libvirt_qemu
 
-from harness import DiskSpec, Domains, MIB, chain_json, expect_ok, images_equal, make_dir, run, tree_state
+from harness import DiskSpec, Domains, MIB, chain_json, expect_ok, images_equal, make_dir, result_and_warnings, run, tree_state
 
 # A state recorded within a second of the last write is not trusted (see skip_unchanged), so
 # each offline change is followed by this pause before the copy that is to record its state.
@@ -143,6 +143,30 @@ def test_another_series_checkpoint_lost_from_libvirt_keeps_its_bitmap(ansible, v
     m2 = expect_ok(ansible("export", dict(base, series="monthly")))
     assert m2["type"] == "incremental" and "redefined" in m2["reason"], m2
     assert_point([m1, m2], ref)
+    assert virsh_checkpoints(vm) == {w2["checkpoint"], m2["checkpoint"]}
+
+
+def test_a_damaged_set_of_another_series_does_not_stop_this_series_chain(ansible, vms, repo, scratch):
+    """A damaged manifest's series is unknown: the weekly chain continues from its own newest
+    readable set (with a warning), and the monthly series, whose only set it was, takes a full."""
+    vm = vms.create([DiskSpec("32M", fill=[(0x71, "0", "2M")])])
+    base = {"name": vm.name, "repository": str(repo)}
+    w1 = expect_ok(ansible("export", dict(base, series="weekly")))
+    m1 = expect_ok(ansible("export", dict(base, series="monthly")))
+    path = pathlib.Path(m1["repository_path"]) / "manifest.json"
+    os.chmod(path.parent, 0o700)
+    os.chmod(path, 0o600)
+    path.write_bytes(path.read_bytes()[:-30])  # no longer JSON
+    os.chmod(path, 0o400)
+    vm.write("vda", 0x72, "4M", "1M")
+    ref = vm.snapshot_disk("vda", scratch / "w2.qcow2")
+
+    w2, warnings = result_and_warnings(ansible, "export", dict(base, series="weekly"))
+    assert (w2["changed"], w2["type"], w2["parent"]) == (True, "incremental", w1["set_id"]), w2
+    assert f"set(s) {m1['set_id']} are unreadable (series unknown)" in warnings, warnings
+    assert_point([w1, w2], ref)
+    m2 = expect_ok(ansible("export", dict(base, series="monthly")))
+    assert m2["type"] == "full" and f"the last set {m1['set_id']} is unreadable" in m2["reason"], m2
     assert virsh_checkpoints(vm) == {w2["checkpoint"], m2["checkpoint"]}
 
 
