@@ -143,6 +143,8 @@ options:
         write in the same timestamp tick could not be told apart). Block devices, network disks, and images on anything
         but a local file system (ext2/3/4, xfs, btrfs, tmpfs, zfs, f2fs, bcachefs, jfs, overlay; not NFS, CIFS or FUSE,
         whose attributes may be cached while another host writes) are always copied.
+      - An unchanged VM's set is returned however old it is; O(full_every_sets) and O(full_every_days) concern chains
+        of the running VM, not copies.
       - V(false) copies every shut-off VM on every run.
     type: bool
     default: true
