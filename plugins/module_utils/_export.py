@@ -175,17 +175,17 @@ def periodic_full_reason(chain: list[dict[str, t.Any]], now: dt.datetime, every_
 
 
 def series_checkpoints(manifests: t.Iterable[dict[str, t.Any]]) -> dict[str, str]:
-    """Per series, the checkpoint of its newest set that names one (``manifests`` oldest first).
+    """Per series, the checkpoint of its newest set, when that set has one (``manifests`` oldest first).
 
     That is the checkpoint each series keeps: its next incremental starts from it. A series whose
-    newest set is a copy of the shut-off VM keeps the checkpoint before it (unused while the VM is
-    off, and deleting it would rewrite the images the copy just recorded as unchanged).
+    newest set is a copy of the shut-off VM keeps none: its next run of the running VM is a full.
+    The set holding a kept checkpoint is always its series' newest, which prune never removes; a
+    checkpoint whose chain had been pruned away would no longer be recognised as ours.
     """
-    out: dict[str, str] = {}
+    out: dict[str, str | None] = {}
     for manifest in manifests:
-        if manifest.get("checkpoint"):
-            out[_manifest.series_of(manifest)] = manifest["checkpoint"]
-    return out
+        out[_manifest.series_of(manifest)] = manifest.get("checkpoint")
+    return {series: checkpoint for series, checkpoint in out.items() if checkpoint}
 
 
 def image_state(path: str) -> dict[str, t.Any] | None:
@@ -714,7 +714,7 @@ class Exporter(Backend):
     def _retire_checkpoints(self, dom, repo: repo_mod.Repository, vm_uuid: str, keep: str | None) -> None:
         """Delete this repository's checkpoints that no future run can use: each is a live
         dirty bitmap QEMU updates on every guest write. Each series keeps the checkpoint of its
-        newest set that has one (series_checkpoints), and ``keep`` (this run's) is kept. Other
+        newest set (series_checkpoints), and ``keep`` (this run's) is kept. Other
         repositories' and foreign checkpoints (other chain ids or names) are never touched."""
         catalog = Catalog(repo, vm_uuid)
         kept = set(series_checkpoints(catalog.manifests()).values()) | ({keep} if keep else set())

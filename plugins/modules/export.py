@@ -30,9 +30,9 @@ description:
   - Directories are named after the VM's UUID and the set id, never after the VM's name.
   - A VM can have several independent series of chains in one repository (one per schedule, see O(series)). The parent of
     an incremental, the O(period) check, the economy for shut-off VMs and the checkpoint kept in libvirt are all per series.
-  - Each series keeps exactly one live checkpoint, the one of its newest set that has a checkpoint; a run deletes the older
-    checkpoints of its repository's chains but never another series' kept one, and every checkpoint's dirty bitmap stays
-    independent, so a run of one series never invalidates another series' next incremental.
+  - Each series keeps at most one live checkpoint, the one of its newest set; a run deletes the older checkpoints of its
+    repository's chains but never another series' kept one, and every checkpoint's dirty bitmap stays independent, so a run
+    of one series never invalidates another series' next incremental.
 extends_documentation_fragment:
   - vmbackup.libvirt._connection
   - vmbackup.libvirt._repository
@@ -178,9 +178,10 @@ notes:
     512 bytes up to 32 GiB disks and grows beyond (16 KiB at 1 TiB, keeping it at 8 MiB of memory); a shrink by less than
     the granularity is not seen."
   - A set taken by an earlier version has no size sentinel, so the first run after an upgrade takes a full.
-  - A series whose newest set is a C(copy) of the shut-off VM keeps the checkpoint of its set before that one (unused while
-    the VM is off; deleting it would rewrite the images and make the next unchanged night look changed). The series' next
-    run of the running VM is a full and retires it.
+  - A series' first C(copy) after the VM stopped retires the checkpoint of the running VM's last set; libvirt cannot delete
+    the bitmaps of a shut-off VM, so qemu-img removes them from the images, which changes them after the copy recorded
+    their state. The second run of the shut-off VM therefore copies once more; from the third on, an unchanged VM is not
+    copied (O(skip_unchanged)).
 seealso:
   - name: libvirt backup API
     description: Push-mode backups and checkpoints.

@@ -63,8 +63,10 @@ def _m(set_id: str, series: str | None, checkpoint: str | None) -> dict:
     # absent series is default; each series keeps its own newest
     ([_m("a", None, "cp-a"), _m("b", "weekly", "cp-b"), _m("c", "monthly", "cp-c"), _m("d", "weekly", "cp-d")],
      {"default": "cp-a", "weekly": "cp-d", "monthly": "cp-c"}),
-    # a newest copy (no checkpoint) keeps the checkpoint before it
-    ([_m("a", "weekly", "cp-a"), _m("b", "weekly", None)], {"weekly": "cp-a"}),
+    # a newest copy (no checkpoint) keeps none of its series: the one before it is retired
+    ([_m("a", "weekly", "cp-a"), _m("b", "weekly", None)], {}),
+    ([_m("a", "weekly", "cp-a"), _m("b", "monthly", None), _m("c", "weekly", None), _m("d", "monthly", "cp-d")],
+     {"monthly": "cp-d"}),
     ([_m("a", "weekly", None)], {}),
 ])
 def test_series_checkpoints(manifests, want):
