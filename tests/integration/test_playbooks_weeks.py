@@ -17,10 +17,10 @@ import uuid
 import pytest
 
 from harness import PREFIX, DiskSpec, chain_json, images_equal, tree_state
-from test_backup_role import Play, landed
+from test_backup_role import Play, needs
 
-pytestmark = pytest.mark.skipif(
-    not (landed("prune") and shutil.which("faketime")), reason="needs the prune module and faketime (apt-get install faketime)")
+pytestmark = [needs("domain_info", "export", "verify", "prune", "backup_info"),
+              pytest.mark.skipif(not shutil.which("faketime"), reason="needs faketime (apt-get install faketime)")]
 
 # Policies of this test (the playbooks' defaults are 4/5 and 3/12/3; smaller values show a whole
 # cycle of fulls and prunes in six weeks and four months, and exercise the override variables).
