@@ -11,6 +11,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -178,13 +179,15 @@ def test_check_run_check_rerun(ansible, vms, repo, reports, scratch, tmp_path):
     lines = prom_lines(reports / "prom" / "vmbackup_default.prom")
     for vm in (r1, r2, s1):
         assert f'vmbackup_last_run_status{{vm="{vm.name}",uuid="{vm.uuid}",series="default"}} 1' in lines
-        stamp = [ln for ln in lines if ln.startswith(f'vmbackup_last_success_timestamp_seconds{{vm="{vm.name}"')]
-        assert len(stamp) == 1
+        newest = [ln for ln in lines if ln.startswith(f'vmbackup_newest_set_timestamp_seconds{{vm="{vm.name}"')]
+        success = [ln for ln in lines if ln.startswith(f'vmbackup_last_success_timestamp_seconds{{vm="{vm.name}"')]
+        assert len(newest) == 1 and len(success) == 1, lines
         # The set id is the backup's UTC point in time: the metric says the same instant.
         set_id = first[vm.name][0]
         expected = int(subprocess.run(["date", "-u", "-d", f"{set_id[:4]}-{set_id[4:6]}-{set_id[6:8]} {set_id[9:11]}:{set_id[11:13]}:{set_id[13:15]}",
                                        "+%s"], capture_output=True, text=True, check=True).stdout)
-        assert int(stamp[0].split()[-1]) == expected
+        assert int(newest[0].split()[-1]) == expected
+        assert expected <= int(success[0].split()[-1]) <= time.time()
     assert "vmbackup_last_run_success{series=\"default\"} 1" in lines
 
     # 3. The VM changes; --check for the next week plans an incremental and changes nothing.
@@ -352,9 +355,11 @@ def test_one_failed_vm_does_not_stop_the_others(ansible, vms, repo_root, reports
                 f'error_code="TARGET_NO_SPACE"}} 1') in lines
         assert f'vmbackup_last_run_status{{vm="{r1.name}",uuid="{r1.uuid}",series="default"}} 1' in lines
         assert 'vmbackup_last_run_failed_vms{series="default"} 2' in lines
-        # The failed VMs' last success is their newest set, read from the catalog.
+        # The failed VMs' last success is their newest set's point in time, read from the catalog.
         for vm in (s1, r2):
-            assert any(ln.startswith(f'vmbackup_last_success_timestamp_seconds{{vm="{vm.name}"') for ln in lines), lines
+            success = [ln for ln in lines if ln.startswith(f'vmbackup_last_success_timestamp_seconds{{vm="{vm.name}"')]
+            newest = [ln for ln in lines if ln.startswith(f'vmbackup_newest_set_timestamp_seconds{{vm="{vm.name}"')]
+            assert len(success) == 1 and len(newest) == 1 and success[0].split()[-1] == newest[0].split()[-1], lines
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
