@@ -604,3 +604,47 @@ def test_without_jmespath_a_query_is_missing_dependency(repo, chain, without_jme
     # Without a query, the catalog needs no jmespath.
     params = without_jmespath.InfoParams(repository=repo.path)
     assert without_jmespath.InfoBackend(params, run=None, qemu_img_path="q", check_mode=False).run()["totals"]["sets"] == 4
+
+
+# --------------------------------------------------------------------------- the memoised restore paths
+def _sets_of_chain_fault(catalog: _catalog.Catalog, set_id: str) -> str | None:
+    try:
+        catalog.sets_of_chain(set_id)
+    except VmBackupError as exc:
+        return exc.msg
+    return None
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r, c: None,
+    lambda r, c: shutil.rmtree(r.repo.set_dir(VM, c["i1"])),
+    lambda r, c: shutil.rmtree(r.repo.set_dir(VM, c["full"])),
+    lambda r, c: r.rewrite(c["full"], _edit_name),
+    lambda r, c: (r.rewrite(c["full"], _edit_name), r.rewrite(c["i2"], _edit_name)),
+    lambda r, c: r.write(c["i1"], b"[]"),
+    lambda r, c: r.write(c["i3"], b"[]"),
+    lambda r, c: r.rewrite(c["i2"], lambda m: m["disks"][0].update(virtual_size=2 << 30)),
+], ids=["sound", "missing-middle", "missing-full", "edited-full", "two-edits", "unreadable-middle", "unreadable-newest",
+        "resized-disk"])
+def test_restore_paths_agree_with_sets_of_chain_on_every_point(repo, chain, damage):
+    """The memoised walk gives sets_of_chain's answer for every point, whatever order the points are asked in."""
+    damage(repo, chain)
+    repo.add(5, "copy")
+    catalog = _catalog.Catalog(repo.repo, VM)
+    for order in (catalog.ids(), list(reversed(catalog.ids()))):
+        paths = _info.RestorePaths(catalog, {})
+        assert {sid: paths.chain_fault(sid) for sid in order} == {sid: _sets_of_chain_fault(catalog, sid) for sid in order}
+
+
+def test_a_long_chain_costs_each_link_once(repo, monkeypatch):
+    ids = [repo.add(0)]
+    for hour in range(1, 400):
+        ids.append(repo.add(hour, "incremental", ids[-1], disk_bytes=1))
+    repo.verdict(ids[100], "failed")
+    calls = []
+    original = _catalog.Catalog.link_fault
+    monkeypatch.setattr(_catalog.Catalog, "link_fault", lambda self, sid: calls.append(sid) or original(self, sid))
+    sets = _sets(repo.info())
+    assert len(calls) == len(ids)  # sets_of_chain per point would make 400 * 401 / 2 calls
+    assert [sets[sid]["restorable"] for sid in ids] == [True] * 100 + [False] * 300
+    assert sets[ids[-1]]["restore_fault"].startswith(f"set {ids[100]}, which set {ids[-1]} builds on, failed verification")
