@@ -143,9 +143,12 @@ def verdict_view(raw: dict[str, t.Any] | None, manifest_sha256: str | None, now:
         return None
     outcome = raw.get("outcome")
     if outcome not in VERDICT_OUTCOMES:
-        return {"outcome": "unreadable", "level": None, "verified": None, "age_seconds": None, "current": False, "codes": []}
+        return {"outcome": "unreadable", "level": None, "verified": None, "age_seconds": None, "current": False, "codes": [],
+                "first_finding": None}
     verified = raw.get("verified") if isinstance(raw.get("verified"), str) else None
     codes = raw.get("codes")
+    findings = raw.get("findings")
+    first = findings[0] if isinstance(findings, list) and findings and isinstance(findings[0], dict) else {}
     return {
         "outcome": outcome,
         "level": raw.get("level") if isinstance(raw.get("level"), str) else None,
@@ -153,6 +156,8 @@ def verdict_view(raw: dict[str, t.Any] | None, manifest_sha256: str | None, now:
         "age_seconds": _age(now, verified),
         "current": manifest_sha256 is not None and raw.get("manifest_sha256") == manifest_sha256,
         "codes": [c for c in codes if isinstance(c, str)] if isinstance(codes, list) else [],
+        # Where the damage is: a point's verdict also fails for a finding in a set it builds on.
+        "first_finding": first.get("msg") if isinstance(first.get("msg"), str) else None,
     }
 
 
@@ -229,8 +234,9 @@ class RestorePaths:
         if verdict["outcome"] == "unreadable":
             return f"the verify verdict of set {member}{where} is unreadable"
         codes = f" ({', '.join(verdict['codes'])})" if verdict["codes"] else ""
-        stale = "" if verdict["current"] else "; the manifest changed since, verify again to clear it"
-        return f"set {member}{where} failed verification on {verdict['verified']}{codes}{stale}"
+        finding = f": {verdict['first_finding']}" if verdict["first_finding"] else ""
+        stale = "; the manifest changed since, verify again to clear it" if not verdict["current"] else ""
+        return f"set {member}{where} failed verification on {verdict['verified']}{codes}{finding}{stale}"
 
 
 def set_view(catalog: Catalog, set_id: str, paths: RestorePaths, now: dt.datetime) -> dict[str, t.Any]:

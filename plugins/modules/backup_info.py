@@ -243,6 +243,10 @@ vms:
               description: The error codes the verdict found.
               type: list
               elements: str
+            first_finding:
+              description: The message of the verdict's first finding (which names the damaged file and its set; a point's
+                verdict also fails for damage in a set it builds on), or null.
+              type: str
         restorable:
           description: Whether the point can be restored as far as the catalog knows (see the description).
           type: bool

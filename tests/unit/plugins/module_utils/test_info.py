@@ -98,11 +98,12 @@ class Repo:
         self.write(set_id, _manifest.dumps(manifest), vm_uuid)
 
     def verdict(self, set_id: str, outcome: str = "ok", *, at: dt.datetime = NOW - dt.timedelta(hours=1), level: str = "data",
-                codes: list[str] | None = None, stale: bool = False, vm_uuid: str = VM, raw: bytes | None = None) -> None:
+                codes: list[str] | None = None, stale: bool = False, vm_uuid: str = VM, raw: bytes | None = None,
+                findings: list[dict[str, t.Any]] | None = None) -> None:
         """A sidecar as verify writes it; ``stale`` records the sha256 of another manifest."""
         data = raw if raw is not None else _manifest.dumps({
             "format": "vmbackup.libvirt/verify", "format_version": 1, "set_id": set_id, "verified": _manifest.iso(at),
-            "host": "hv1", "level": level, "outcome": outcome, "codes": codes or [], "findings": [],
+            "host": "hv1", "level": level, "outcome": outcome, "codes": codes or [], "findings": findings or [],
             "manifest_sha256": "b" * 64 if stale else self.sha(set_id, vm_uuid), "bytes_read": 0,
         })
         with open(os.path.join(self.repo.sets_dir(vm_uuid), f"{set_id}.verify.json"), "wb") as fh:
@@ -351,7 +352,7 @@ def test_a_failed_verdict_blocks_its_point_and_every_later_point(repo, chain, on
     sets = _sets(repo.info())
     v = sets[chain[on]]["verdict"]
     assert v == {"outcome": outcome, "level": "data", "verified": "2026-11-26T23:00:00Z", "age_seconds": 3600,
-                 "current": not stale, "codes": ["CHECKSUM_MISMATCH"] if outcome == "failed" else []}
+                 "current": not stale, "codes": ["CHECKSUM_MISMATCH"] if outcome == "failed" else [], "first_finding": None}
     for label, set_id in chain.items():
         assert sets[set_id]["restorable"] is (label not in blocked), label
     if fault is not None:
@@ -365,7 +366,7 @@ def test_an_unreadable_verdict_blocks_like_a_failed_one(repo, chain, raw):
     repo.verdict(chain["i1"], raw=raw)
     sets = _sets(repo.info())
     assert sets[chain["i1"]]["verdict"] == {"outcome": "unreadable", "level": None, "verified": None, "age_seconds": None,
-                                            "current": False, "codes": []}
+                                            "current": False, "codes": [], "first_finding": None}
     assert [sets[chain[k]]["restorable"] for k in ("full", "i1", "i2", "i3")] == [True, False, False, False]
     assert f"the verify verdict of set {chain['i1']}, which set {chain['i3']} builds on, is unreadable" in \
         sets[chain["i3"]]["restore_fault"]
@@ -380,6 +381,17 @@ def test_a_verdict_of_a_restore_level_and_a_verdict_without_manifest_hash(repo, 
     assert sets[chain["i1"]]["verdict"]["level"] == "restore" and sets[chain["i1"]]["verdict"]["current"] is True
     assert sets[chain["i2"]]["verdict"]["current"] is False and sets[chain["i2"]]["verdict"]["outcome"] == "ok"
     assert sets[chain["i2"]]["restorable"] is True
+
+
+def test_the_fault_names_the_first_finding_of_the_verdict(repo, chain):
+    """verify fails i3's verdict for a damaged file of i2: the fault says where the damage is."""
+    finding = {"code": "CHECKSUM_MISMATCH", "set_id": chain["i2"], "file": "disks/vda.qcow2",
+               "msg": f"disks/vda.qcow2 of set {chain['i2']} has sha256 x, the manifest says y", "affected": [chain["i2"], chain["i3"]]}
+    repo.verdict(chain["i3"], "failed", codes=["CHECKSUM_MISMATCH"], findings=[finding])
+    s = _sets(repo.info())[chain["i3"]]
+    assert s["verdict"]["first_finding"] == finding["msg"]
+    assert s["restore_fault"] == (f"set {chain['i3']} failed verification on 2026-11-26T23:00:00Z (CHECKSUM_MISMATCH): "
+                                  f"disks/vda.qcow2 of set {chain['i2']} has sha256 x, the manifest says y")
 
 
 def test_newest_restorable_skips_a_newest_point_that_failed(repo, chain):
