@@ -407,8 +407,8 @@ def test_vms_are_sorted_by_name_then_uuid_and_totals_add_up(repo):
     repo.add(3, vm_uuid=VM, name="b", disk_bytes=4, chain_id=CHAIN2)
     result = repo.info()
     assert [(vm["name"], vm["uuid"]) for vm in result["vms"]] == [("a", THIRD_VM), ("b", VM), ("b", OTHER_VM)]
-    assert [vm["totals"] for vm in result["vms"]] == [{"sets": 1, "bytes": 2 + DOMAIN_XML}, {"sets": 2, "bytes": 7 + 2 * DOMAIN_XML},
-                                                       {"sets": 1, "bytes": 1 + DOMAIN_XML}]
+    assert [vm["totals"] for vm in result["vms"]] == [
+        {"sets": 1, "bytes": 2 + DOMAIN_XML}, {"sets": 2, "bytes": 7 + 2 * DOMAIN_XML}, {"sets": 1, "bytes": 1 + DOMAIN_XML}]
     assert result["totals"] == {"vms": 3, "sets": 4, "bytes": 10 + 4 * DOMAIN_XML}
 
 
