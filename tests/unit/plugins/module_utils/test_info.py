@@ -660,3 +660,28 @@ def test_a_long_chain_costs_each_link_once(repo, monkeypatch):
     assert len(calls) == len(ids)  # sets_of_chain per point would make 400 * 401 / 2 calls
     assert [sets[sid]["restorable"] for sid in ids] == [True] * 100 + [False] * 300
     assert sets[ids[-1]]["restore_fault"].startswith(f"set {ids[100]}, which set {ids[-1]} builds on, failed verification")
+
+
+# --------------------------------------------------------------------------- trust
+def test_a_repository_reached_through_a_symbolic_link_is_refused(repo, chain, tmp_path):
+    os.symlink(repo.path, tmp_path / "link")
+    _raises("UNSAFE_TARGET", backend(str(tmp_path / "link")).run)
+
+
+def test_a_group_writable_repository_is_refused_unless_allowed(repo, chain):
+    os.chmod(repo.path, 0o775)
+    _raises("UNSAFE_TARGET", backend(repo.path).run)
+    assert backend(repo.path, allow_unsafe_permissions=True).run()["totals"]["sets"] == 4
+
+
+def test_planted_links_are_never_followed(repo, chain, tmp_path):
+    """A verdict that is a link reads as unreadable (and blocks); a set whose manifest is a link is not a set."""
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"outcome": "ok", "verified": "2026-11-26T00:00:00Z"}))
+    os.symlink(outside, os.path.join(repo.repo.sets_dir(VM), f"{chain['i2']}.verify.json"))
+    planted = repo.repo.set_dir(VM, "20261125T200000Z-001")
+    os.makedirs(planted)
+    os.symlink(os.path.join(repo.repo.set_dir(VM, chain["full"]), "manifest.json"), os.path.join(planted, "manifest.json"))
+    sets = _sets(repo.info())
+    assert list(sets) == list(chain.values())
+    assert sets[chain["i2"]]["verdict"]["outcome"] == "unreadable" and not sets[chain["i2"]]["restorable"]
