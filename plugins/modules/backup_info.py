@@ -28,7 +28,7 @@ description:
     catalog knows (see RV(vms[].sets[].verdict)).
   - Only manifests and verify verdicts are read, never the data files - the catalog is cheap on thousands of sets.
     Use M(vmbackup.libvirt.verify) to prove the data.
-  - The module writes nothing at all (no lock file, no verdict, no access time it can avoid).
+  - The module writes nothing at all (no lock file, no verdict); the file system may update access times, as for any reader.
   - An empty repository gives an empty RV(vms) list. A VM or series that is asked for and has no committed set fails
     with C(SET_NOT_FOUND), as M(vmbackup.libvirt.verify) does. A missing repository fails with C(REPOSITORY_NOT_FOUND).
   - The module does not need libvirt; a VM is found in the repository by its UUID or by the name its newest set records.
