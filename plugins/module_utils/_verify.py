@@ -14,14 +14,26 @@ hashes to what the child recorded). A finding names the file and the set, and li
 (set) whose restore would read the damaged part. ``level: restore`` also reads every point
 through its whole backing chain. The verdict goes to ``sets/<set-id>.verify.json``, never into
 the committed set.
+
+For schedules (a nightly verify), :func:`select` decides which sets need reading at all: a set
+whose verdict is current (``outcome: ok``, recorded for the manifest it has now, at a level at
+least the one asked of it, younger than ``skip_verified_within``) is skipped and its sidecar left
+as it is, so a run over an unchanged repository reads nothing. ``restore_points: newest`` asks
+``level: restore`` only of the newest point of each VM and series. The selection is a pure
+function of the sets' views and the clock. A skip is withdrawn when a finding of the run affects
+the skipped set (a damaged set it builds on), or when a later point does not read through a
+chain that holds it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime as dt
 import json
+import math
 import os
+import re
 import socket
 import stat
 import time
@@ -38,6 +50,7 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import 
 SIDECAR_FORMAT = "vmbackup.libvirt/verify"
 SIDECAR_VERSION = 1
 LEVELS = ("data", "restore")
+RESTORE_POINTS = ("all", "newest")
 MIB = 1024 * 1024
 _CHUNK = 4 * MIB
 # Severity order of codes when one must be reported for many findings.
@@ -56,6 +69,9 @@ class VerifyParams:
     record: bool = True
     lock_timeout: float = 60.0
     allow_unsafe_permissions: bool = False
+    series: str | None = None
+    skip_verified_within: t.Any = None  # a duration (see parse_duration); parsed by validate_params
+    restore_points: str = "all"
 
 
 @dataclasses.dataclass
@@ -142,6 +158,163 @@ def unlisted_files(catalog: Catalog, set_id: str) -> list[str]:
     return sorted(found)
 
 
+# ---------------------------------------------------------------------- durations
+# Until _retention.parse_duration lands, the same syntax lives here (the lead switches the import).
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw]?)\s*$")
+_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
+
+
+def parse_duration(value: t.Any, option: str = "duration") -> dt.timedelta:
+    """``14d``, ``36h``, ``2w``, ``90m`` or a bare number (of days, also a YAML number) -> timedelta.
+
+    Zero, negative, non-finite and out-of-range values are refused with INVALID_ARGUMENT.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise VmBackupError("INVALID_ARGUMENT", f"{option} must be a duration such as 7d, 36h, 2w, 90m or a number of days, "
+                                                f"not {value!r}")
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value)
+        if not match:
+            raise VmBackupError("INVALID_ARGUMENT", f"{option} {value!r} is not a duration such as 7d, 36h, 2w, 90m "
+                                                    "or a number of days")
+        number, unit = float(match.group(1)), match.group(2)
+    else:
+        number, unit = float(value), ""
+    seconds = number * _UNIT_SECONDS[unit]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise VmBackupError("INVALID_ARGUMENT", f"{option} must be a positive, finite duration, not {value!r}")
+    try:
+        return dt.timedelta(seconds=seconds)
+    except OverflowError:
+        raise VmBackupError("INVALID_ARGUMENT", f"{option} {value!r} is out of range") from None
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """A short human duration, truncated: the largest unit and the next when not zero (``8d 2h``,
+    ``3h 5m``, ``7d``, ``12s``)."""
+    seconds = max(0, int(delta.total_seconds()))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if seconds >= size or unit == "s":
+            text = f"{seconds // size}{unit}"
+            if i + 1 < len(units):
+                nxt, nsize = units[i + 1]
+                rest = seconds % size // nsize
+                if rest:
+                    text += f" {rest}{nxt}"
+            return text
+    return "0s"  # not reached
+
+
+# ---------------------------------------------------------------------- which sets to read
+# A verdict dated this far in the future still counts (clocks of hosts sharing a repository
+# differ a little); further ahead it is not trusted and the set is checked again.
+CLOCK_TOLERANCE = dt.timedelta(minutes=5)
+_LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SetView:
+    """What the selection needs to know of one set in scope."""
+
+    set_id: str
+    series: str | None  # None when the manifest is unreadable
+    manifest_sha256: str | None
+    link_fault: str | None = None  # why the link to its parent is broken, None when sound (or a base)
+    verdict: dict[str, t.Any] | None = None  # its sidecar as read, None when never verified
+
+    @property
+    def readable(self) -> bool:
+        return self.series is not None
+
+
+@dataclasses.dataclass
+class Choice:
+    """The decision for one set: read it (``check``) at ``level``, or leave it (``skip``), and why."""
+
+    set_id: str
+    level: str
+    action: str  # check | skip
+    reason: str
+    verified: str | None = None  # a skipped set's standing verdict time
+
+
+def asked_levels(views: list[SetView], level: str, restore_points: str) -> dict[str, str]:
+    """The level asked of each set: with level restore and restore_points newest, only the newest
+    readable point of each series reads its whole chain; every other set gets data."""
+    if level != "restore" or restore_points == "all":
+        return {v.set_id: level for v in views}
+    newest: dict[str, str] = {}
+    for view in views:
+        if view.readable and view.set_id > newest.get(view.series, ""):
+            newest[view.series] = view.set_id
+    chosen = set(newest.values())
+    return {v.set_id: "restore" if v.set_id in chosen else "data" for v in views}
+
+
+def verdict_standing(view: SetView, level: str, within: dt.timedelta, now: dt.datetime) -> tuple[bool, str]:
+    """(True, why) when the set's verdict makes reading it again unnecessary; else (False, why it is read).
+
+    Current means: a verdict of this collection's format with outcome ok, recorded for the manifest
+    the set has now, at a level at least ``level``, younger than ``within``, and the link to the
+    parent still sound (the parent's manifest may have changed since). A failed verdict is never
+    current: the set is read again until it passes.
+    """
+    if not view.readable:
+        return False, "its manifest is unreadable"
+    if view.link_fault is not None:
+        return False, f"its link to its parent is broken ({view.link_fault})"
+    v = view.verdict
+    if v is None:
+        return False, "never verified"
+    if v.get("outcome") == "unreadable":
+        return False, "its verdict file is unreadable"
+    if v.get("format") != SIDECAR_FORMAT or v.get("format_version") != SIDECAR_VERSION:
+        return False, "its verdict file is not in this collection's format"
+    if v.get("outcome") != "ok":
+        codes = v.get("codes") if isinstance(v.get("codes"), list) else []
+        detail = f" ({', '.join(str(c) for c in codes)})" if codes else ""
+        return False, f"its last verdict is {v.get('outcome')!s}{detail}; a failed set is checked again"
+    if not view.manifest_sha256 or v.get("manifest_sha256") != view.manifest_sha256:
+        return False, "its manifest changed since its last verdict"
+    if _LEVEL_RANK.get(v.get("level"), -1) < _LEVEL_RANK[level]:
+        return False, f"its last verdict is at level {v.get('level')}, level {level} is asked of it"
+    try:
+        verified = _manifest.parse_iso(v.get("verified"))
+    except (TypeError, ValueError):
+        return False, "its verdict has no valid time"
+    age = now - verified
+    if age < -CLOCK_TOLERANCE:
+        return False, f"its last verdict is dated in the future ({v['verified']}): the clock went back"
+    if age >= within:
+        return False, f"its last verdict ({v['verified']}) is {format_duration(age)} old, not within {format_duration(within)}"
+    return True, (f"verified ok at level {v['level']} {format_duration(age)} ago ({v['verified']}), within "
+                  f"{format_duration(within)}; manifest unchanged")
+
+
+def select(views: list[SetView], level: str, restore_points: str, within: dt.timedelta | None,
+           now: dt.datetime) -> list[Choice]:
+    """Decide, for each set in scope (oldest first), whether to read it and at which level.
+
+    Without ``within`` every set is read (the run is a full verify). Skipping a set never hides
+    it from the chain checks of the others: the caller still sees it in the catalog, a restore
+    read of a later point reads its files, and a finding there withdraws the skip.
+    """
+    levels = asked_levels(views, level, restore_points)
+    out = []
+    for view in views:
+        asked = levels[view.set_id]
+        if within is None:
+            out.append(Choice(view.set_id, asked, "check", "skip_verified_within is not set"))
+            continue
+        current, why = verdict_standing(view, asked, within, now)
+        if current:
+            out.append(Choice(view.set_id, asked, "skip", why, verified=view.verdict["verified"]))
+        else:
+            out.append(Choice(view.set_id, asked, "check", why))
+    return out
+
+
 def validate_params(p: VerifyParams) -> str:
     path = repo_mod.validate_repository_path(p.repository)
     if p.name is not None and p.uuid is not None:
@@ -157,6 +330,12 @@ def validate_params(p: VerifyParams) -> str:
     if p.workers is not None and p.workers < 1:
         raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
     validate_timeout(p.lock_timeout)
+    if p.series is not None:
+        _manifest.validate_series(p.series)
+    if p.restore_points not in RESTORE_POINTS:
+        raise VmBackupError("INVALID_ARGUMENT", f"restore_points {p.restore_points!r} is not one of {', '.join(RESTORE_POINTS)}")
+    if p.skip_verified_within is not None and not isinstance(p.skip_verified_within, dt.timedelta):
+        p.skip_verified_within = parse_duration(p.skip_verified_within, "skip_verified_within")
     return path
 
 
@@ -178,6 +357,8 @@ class Verifier(Backend):
     def run(self) -> dict[str, t.Any]:
         started = time.monotonic()
         repo = open_for_reading(validate_params(self.p), self.p.allow_unsafe_permissions)
+        if self.p.level != "restore" and self.p.restore_points != "all":
+            self.warnings.append(f"restore_points={self.p.restore_points} has no effect with level=data")
         catalogs = resolve_vms(repo, self.p.name, self.p.uuid)
         scope = self._scope(catalogs)
         locks = []
@@ -189,16 +370,26 @@ class Verifier(Backend):
                         lock = VmLock(repo.lock_path(catalog.vm_uuid), self.p.lock_timeout, "verify", shared=True)
                         lock.acquire()
                         locks.append(lock)
-                # Under the lock, read the sets again: they may have changed while we waited.
+                # Under the lock, read the sets (and their verdicts) again: they may have changed while we waited.
                 catalogs = [Catalog(repo, c.vm_uuid) for c in catalogs]
                 scope = self._scope(catalogs)
+            choices = self._select(catalogs, scope)
             read_started = time.monotonic()
-            outcomes = self._check(catalogs, scope)
-            bytes_read = sum(o.bytes_read for o in outcomes)
-            if self.p.level == "restore":
-                bytes_read += self._compose(catalogs, scope)
+            outcomes: list[FileOutcome] = []
+            chain_read: dict[tuple[str, str], int] = {}
+            todo = self._to_check(choices)
+            while any(todo.values()):
+                outcomes += self._check_until_settled(catalogs, choices, todo)
+                read, unread = self._compose(catalogs, choices, done=set(chain_read))
+                chain_read.update(read)
+                # A point that does not read through its chain: the sets of that chain lose their skip,
+                # so that the damaged file itself is found (the point's finding only says it does not read).
+                todo = self._withdraw(choices, [
+                    (vm_uuid, chain, f"skip withdrawn: point {point} does not read through its chain, which holds this set")
+                    for vm_uuid, point, chain in unread])
+            bytes_read = sum(o.bytes_read for o in outcomes) + sum(chain_read.values())
             read_seconds = time.monotonic() - read_started
-            sets = self._set_results(catalogs, scope, outcomes)
+            sets = self._set_results(catalogs, choices, outcomes, chain_read)
             written = [] if self.check_mode or not self.p.record else self._record(catalogs, sets)
         finally:
             for lock in locks:
@@ -212,12 +403,17 @@ class Verifier(Backend):
 
     # ------------------------------------------------------------------ what to check
     def _scope(self, catalogs: list[Catalog]) -> dict[str, list[str]]:
-        """Set ids to check per VM: all, or one point with every ancestor it reads."""
+        """Set ids in scope per VM, oldest first: all (of the series), or one point with every ancestor it reads.
+
+        With a series, an unreadable set is in every series' scope (its series cannot be told, and
+        it may be a point of this one): it is reported, never silently left out.
+        """
         scope: dict[str, list[str]] = {}
         for catalog in catalogs:
             if self.p.set_id is None:
-                scope[catalog.vm_uuid] = catalog.ids()
-            elif self.p.set_id in catalog.sets:
+                scope[catalog.vm_uuid] = [sid for sid in catalog.ids()
+                                          if self.p.series is None or catalog.sets[sid].series in (self.p.series, None)]
+            elif self.p.set_id in catalog.sets and self.p.series in (None, catalog.sets[self.p.set_id].series):
                 ids, current = [], self.p.set_id
                 while current in catalog.sets and current not in ids:
                     ids.append(current)
@@ -226,9 +422,60 @@ class Verifier(Backend):
             else:
                 scope[catalog.vm_uuid] = []
         if self.p.set_id is not None and not any(scope.values()):
-            raise VmBackupError("SET_NOT_FOUND", f"set {self.p.set_id} is not a committed set in repository {self.p.repository}",
-                                set_id=self.p.set_id)
+            of_series = f" of series {self.p.series}" if self.p.series is not None else ""
+            raise VmBackupError("SET_NOT_FOUND", f"set {self.p.set_id} is not a committed set{of_series} in repository "
+                                f"{self.p.repository}", set_id=self.p.set_id)
+        if self.p.series is not None and not any(catalog.sets[sid].series == self.p.series
+                                                 for catalog in catalogs for sid in scope[catalog.vm_uuid]):
+            # A mistyped series would otherwise verify nothing, successfully, every night.
+            raise VmBackupError("SET_NOT_FOUND", f"no committed set of series {self.p.series} in repository {self.p.repository}"
+                                + (f" for VM {self.p.name or self.p.uuid}" if self.p.name or self.p.uuid else ""))
         return scope
+
+    def _select(self, catalogs: list[Catalog], scope: dict[str, list[str]]) -> dict[str, dict[str, Choice]]:
+        """Per VM, per set in scope: check or skip, at which level, and why (see select())."""
+        now = _manifest.utcnow()
+        choices: dict[str, dict[str, Choice]] = {}
+        for catalog in catalogs:
+            views = []
+            for set_id in scope[catalog.vm_uuid]:
+                entry = catalog.sets[set_id]
+                fault = catalog.link_fault(set_id) if entry.manifest is not None else None
+                # Without skipping, no sidecar needs reading.
+                verdict = catalog.verdict(set_id) if self.p.skip_verified_within is not None else None
+                views.append(SetView(set_id, entry.series, entry.manifest_sha256, fault.msg if fault else None, verdict))
+            picked = select(views, self.p.level, self.p.restore_points, self.p.skip_verified_within, now)
+            choices[catalog.vm_uuid] = {c.set_id: c for c in picked}
+        return choices
+
+    @staticmethod
+    def _to_check(choices: dict[str, dict[str, Choice]]) -> dict[str, list[str]]:
+        return {vm: [sid for sid, c in per_vm.items() if c.action == "check"] for vm, per_vm in choices.items()}
+
+    @staticmethod
+    def _withdraw(choices: dict[str, dict[str, Choice]], suspects: list[tuple[str, list[str], str]]) -> dict[str, list[str]]:
+        """Turn the skipped sets among ``suspects`` ((vm, set ids, why) triples) into checks; returns them per VM."""
+        withdrawn: dict[str, list[str]] = {}
+        for vm_uuid, set_ids, reason in suspects:
+            for set_id in set_ids:
+                choice = choices.get(vm_uuid, {}).get(set_id)
+                if choice is not None and choice.action == "skip":
+                    choice.action, choice.verified, choice.reason = "check", None, reason
+                    withdrawn.setdefault(vm_uuid, []).append(set_id)
+        return withdrawn
+
+    def _check_until_settled(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]],
+                             first: dict[str, list[str]]) -> list[FileOutcome]:
+        """Check the sets in ``first``; a skipped set that a finding affects (a damaged file of a set
+        it builds on) loses its skip and is checked too, until no finding reaches a skipped set."""
+        outcomes: list[FileOutcome] = []
+        todo = first
+        while any(todo.values()):
+            outcomes += self._check(catalogs, {c.vm_uuid: sorted(todo.get(c.vm_uuid, [])) for c in catalogs})
+            todo = self._withdraw(choices, [
+                (f["vm_uuid"], f["affected"], f"skip withdrawn: a {f['code']} finding in set {f['set_id']} affects it")
+                for f in self.findings])
+        return outcomes
 
     def _find(self, catalog: Catalog, code: str, set_id: str, msg: str, affected: list[str], file: str | None = None,
               **extra: t.Any) -> None:
@@ -282,14 +529,21 @@ class Verifier(Backend):
         except ValueError:
             return (err or out).strip()[:300] or f"rc={rc}"
 
-    def _compose(self, catalogs: list[Catalog], scope: dict[str, list[str]]) -> int:
-        """level=restore: read every sound point through its backing chain, as restore will."""
+    def _compose(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]], done: set[tuple[str, str]]
+                 ) -> tuple[dict[tuple[str, str], int], list[tuple[str, str, list[str]]]]:
+        """Each checked point asked at level restore is read through its backing chains, as restore
+        will (files of skipped sets included: the chain is read whole). Returns the bytes read per
+        point (not those in ``done``, read before), and (vm, point, set ids of the chain) for each
+        disk that did not read."""
         failed = {(f["vm_uuid"], s) for f in self.findings for s in f["affected"]}
-        read = 0
+        read: dict[tuple[str, str], int] = {}
+        unread: list[tuple[str, str, list[str]]] = []
         for catalog in catalogs:
-            for point in scope[catalog.vm_uuid]:
-                if (catalog.vm_uuid, point) in failed:
-                    continue  # already known to be unrestorable; do not pile up findings
+            for point, choice in choices[catalog.vm_uuid].items():
+                key = (catalog.vm_uuid, point)
+                if choice.action != "check" or choice.level != "restore" or key in failed or key in done:
+                    continue  # a failed point is already known to be unrestorable; do not pile up findings
+                total = 0
                 for disk in catalog.sets[point].manifest["disks"]:
                     chain = catalog.disk_chain(point, disk["target"])
                     files = [os.path.join(catalog.repo.set_dir(catalog.vm_uuid, sid), d["file"]) for sid, d in chain]
@@ -298,18 +552,22 @@ class Verifier(Backend):
                     except VmBackupError as exc:
                         self._find(catalog, "IMAGE_INVALID", point, f"disk {disk['target']} of point {point} does not read "
                                    f"through its chain: {exc.msg}", [point], file=disk["file"])
-                    read += sum(d["size"] for _sid, d in chain)
-        return read
+                        unread.append((catalog.vm_uuid, point, [sid for sid, _d in chain if sid != point]))
+                    total += sum(d["size"] for _sid, d in chain)
+                read[key] = total
+        return read, unread
 
     # ------------------------------------------------------------------ verdicts
-    def _set_results(self, catalogs: list[Catalog], scope: dict[str, list[str]], outcomes: list[FileOutcome]) -> list[dict[str, t.Any]]:
+    def _set_results(self, catalogs: list[Catalog], choices: dict[str, dict[str, Choice]], outcomes: list[FileOutcome],
+                     chain_read: dict[tuple[str, str], int]) -> list[dict[str, t.Any]]:
         per_set: dict[tuple[str, str], list[FileOutcome]] = {}
         for out in outcomes:
             per_set.setdefault((out.job.vm_uuid, out.job.set_id), []).append(out)
         results = []
         for catalog in catalogs:
-            for set_id in scope[catalog.vm_uuid]:
+            for set_id, choice in choices[catalog.vm_uuid].items():
                 entry = catalog.sets[set_id]
+                checked = choice.action == "check"
                 mine = [f for f in self.findings if f["vm_uuid"] == catalog.vm_uuid and set_id in f["affected"]]
                 done = per_set.get((catalog.vm_uuid, set_id), [])
                 read = sum(o.bytes_read for o in done)
@@ -319,23 +577,33 @@ class Verifier(Backend):
                     "vm_name": (entry.manifest or {}).get("vm", {}).get("name") or catalog.vm_name(),
                     "set_id": set_id,
                     "type": (entry.manifest or {}).get("type"),
+                    "series": entry.series,
+                    "action": "checked" if checked else "skipped",
+                    "reason": choice.reason,
+                    "level": choice.level,
+                    # A skipped set keeps the verdict it had (ok, current); findings always withdraw a skip.
                     "outcome": "failed" if mine else "ok",
                     "codes": sorted({f["code"] for f in mine}, key=_code_rank),
                     "findings": mine,
                     "files_checked": len(done),
                     "bytes_read": read,
+                    "chain_bytes_read": chain_read.get((catalog.vm_uuid, set_id), 0),
                     "duration_s": round(seconds, 3),
                     "throughput_mib_s": round(read / MIB / seconds, 1) if seconds > 0 and read else None,
+                    "verified": choice.verified,
                     "manifest_sha256": entry.manifest_sha256,
                 })
         return results
 
     def _record(self, catalogs: list[Catalog], sets: list[dict[str, t.Any]]) -> list[str]:
-        """Write each verdict beside its set (sets/<set-id>.verify.json); the set stays untouched."""
+        """Write the verdict of each checked set beside it (sets/<set-id>.verify.json); the set stays
+        untouched, and so does the sidecar of a skipped set (its time must not move)."""
         repos = {c.vm_uuid: c.repo for c in catalogs}
         now = _manifest.iso(_manifest.utcnow())
         written = []
         for res in sets:
+            if res["action"] != "checked":
+                continue
             repo = repos[res["vm_uuid"]]
             path = os.path.join(repo.sets_dir(res["vm_uuid"]), f"{res['set_id']}.verify.json")
             sidecar = {
@@ -344,7 +612,7 @@ class Verifier(Backend):
                 "set_id": res["set_id"],
                 "verified": now,
                 "host": socket.gethostname(),
-                "level": self.p.level,
+                "level": res["level"],  # the level this set was read at, not the run's (restore_points: newest)
                 "outcome": res["outcome"],
                 "codes": res["codes"],
                 "findings": res["findings"],
@@ -352,28 +620,37 @@ class Verifier(Backend):
                 "bytes_read": res["bytes_read"],
             }
             repo_mod.write_file_atomic(path, _manifest.dumps(sidecar), repo_mod.FILE_MODE)
+            res["verified"] = now
             written.append(path)
         return written
 
     def _result(self, sets, written, bytes_read, read_seconds, seconds) -> dict[str, t.Any]:
-        failed = [s for s in sets if s["outcome"] != "ok"]
+        checked = [s for s in sets if s["action"] == "checked"]
+        skipped = [s for s in sets if s["action"] == "skipped"]
+        failed = [s for s in checked if s["outcome"] != "ok"]
         findings = sorted(self.findings, key=lambda f: (f["vm_uuid"], f["set_id"], _code_rank(f["code"]), f["file"] or ""))
         # Each finding is listed once, at the top; a set refers to those that affect it by index
         # (a bit flip in a full would otherwise be copied into every point of its chain).
         index = {id(f): i for i, f in enumerate(findings)}
         sets = [dict({k: v for k, v in s.items() if k != "findings"}, finding_refs=sorted(index[id(f)] for f in s["findings"]))
                 for s in sets]
-        # A real run records a verdict beside every set it checks: that is the change check mode predicts.
-        changed = bool(sets) and self.p.record if self.check_mode else bool(written)
+        # A real run records a verdict beside every set it checks: that is the change check mode
+        # predicts. Skipped sets are not written, so a run that skips everything changes nothing.
+        changed = bool(checked) and self.p.record if self.check_mode else bool(written)
         result: dict[str, t.Any] = {
             "changed": changed,
             "outcome": "failed" if failed else "ok",
             "level": self.p.level,
+            "restore_points": self.p.restore_points,
+            "series": self.p.series,
             "sets": sets,
             "findings": findings,
-            "sets_checked": len(sets),
-            "sets_ok": len(sets) - len(failed),
+            "sets_checked": len(checked),
+            "sets_skipped": len(skipped),
+            "sets_ok": len(checked) - len(failed),
             "sets_failed": len(failed),
+            "checked_sets": [s["set_id"] for s in checked],
+            "skipped_sets": [s["set_id"] for s in skipped],
             "failed_sets": [s["set_id"] for s in failed],
             "bytes_read": bytes_read,
             "duration_s": round(seconds, 3),
@@ -381,13 +658,15 @@ class Verifier(Backend):
             "workers": self.p.workers or os.cpu_count() or 1,
             "sidecars": written,
         }
+        skip_note = f", {len(skipped)} skipped (verified within {format_duration(self.p.skip_verified_within)})" if skipped else ""
         if failed:
             first = findings[0]
             result["error_code"] = first["code"]
-            result["msg"] = (f"{len(failed)} of {len(sets)} sets failed verification; first: {first['code']} {first['msg']} "
-                             f"(affects {', '.join(first['affected'])})")
+            result["msg"] = (f"{len(failed)} of {len(checked)} checked sets failed verification{skip_note}; first: {first['code']} "
+                             f"{first['msg']} (affects {', '.join(first['affected'])})")
         else:
-            result["msg"] = f"{len(sets)} sets verified ({self.p.level}): {bytes_read} bytes read in {seconds:.1f}s"
+            result["msg"] = (f"{len(checked)} sets verified ({self.p.level}){skip_note}: {bytes_read} bytes read "
+                             f"in {seconds:.1f}s")
         return result
 
 
