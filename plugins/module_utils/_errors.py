@@ -49,6 +49,8 @@ ERROR_CODES: dict[str, str] = {
     "REPOSITORY_FORMAT": "the repository or a manifest has an unknown or unreadable format",
     "IO_ERROR": "reading or writing the repository failed (disk full, permissions, I/O error)",
     "CANCELLED": "the run received SIGINT or SIGTERM (an AWX job cancel) and rolled back",
+    "RETENTION_POLICY_EMPTY": "prune was given no retention rule (every keep_* option unset or 0): it would keep nothing by policy",
+    "CLOCK_SKEW": "a set is dated after this host's clock; prune removes nothing until the clock (or the set's host's) is right",
 }
 
 

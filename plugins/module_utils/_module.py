@@ -89,6 +89,9 @@ class Backend:
         self.warnings: list[str] = []
         self.cleaned: list[str] = []
 
+    # What a cancel leaves, in the words of the module (prune cannot put removed sets back).
+    cancel_outcome = "the run was rolled back"
+
     def run(self) -> dict[str, t.Any]:
         raise NotImplementedError
 
@@ -121,7 +124,7 @@ def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool 
         failure = {"msg": f"I/O error on {exc.filename or 'the repository'}: {exc.strerror or exc}",
                    "error_code": "IO_ERROR", "failed_path": exc.filename}
     except Cancelled as exc:
-        failure = {"msg": f"cancelled by {exc.signal_name}; the run was rolled back", "error_code": "CANCELLED",
+        failure = {"msg": f"cancelled by {exc.signal_name}; {backend.cancel_outcome}", "error_code": "CANCELLED",
                    "signal": exc.signal_name}
     # The outcome is decided: a signal now must not turn it into a traceback.
     for signum in CANCEL_SIGNALS:

@@ -31,15 +31,14 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
-import math
 import os
-import re
 import socket
 import stat
 import time
 import typing as t
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _retention
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
@@ -159,34 +158,17 @@ def unlisted_files(catalog: Catalog, set_id: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- durations
-# Until _retention.parse_duration lands, the same syntax lives here (the lead switches the import).
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw]?)\s*$")
-_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
-
-
 def parse_duration(value: t.Any, option: str = "duration") -> dt.timedelta:
-    """``14d``, ``36h``, ``2w``, ``90m`` or a bare number (of days, also a YAML number) -> timedelta.
-
-    Zero, negative, non-finite and out-of-range values are refused with INVALID_ARGUMENT.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise VmBackupError("INVALID_ARGUMENT", f"{option} must be a duration such as 7d, 36h, 2w, 90m or a number of days, "
-                                                f"not {value!r}")
-    if isinstance(value, str):
-        match = _DURATION_RE.fullmatch(value)
-        if not match:
-            raise VmBackupError("INVALID_ARGUMENT", f"{option} {value!r} is not a duration such as 7d, 36h, 2w, 90m "
-                                                    "or a number of days")
-        number, unit = float(match.group(1)), match.group(2)
-    else:
-        number, unit = float(value), ""
-    seconds = number * _UNIT_SECONDS[unit]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise VmBackupError("INVALID_ARGUMENT", f"{option} must be a positive, finite duration, not {value!r}")
+    """``14d``, ``36h``, ``2w``, ``90m``, ``1w2d`` or a bare number (of days, also a YAML number) -> timedelta:
+    retention's syntax (one parser for the collection), and here it must be more than zero.
+    INVALID_ARGUMENT names ``option``."""
     try:
-        return dt.timedelta(seconds=seconds)
-    except OverflowError:
-        raise VmBackupError("INVALID_ARGUMENT", f"{option} {value!r} is out of range") from None
+        delta = _retention.parse_duration(value)
+    except VmBackupError as exc:
+        raise VmBackupError("INVALID_ARGUMENT", f"{option}: {exc.msg}") from None
+    if delta <= dt.timedelta(0):
+        raise VmBackupError("INVALID_ARGUMENT", f"{option} must be a positive duration, not {value!r}")
+    return delta
 
 
 def format_duration(delta: dt.timedelta) -> str:
