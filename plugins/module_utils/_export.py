@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime as dt
+import errno
+import hashlib
 import json
+import math
 import os
 import socket
+import stat
 import time
 import typing as t
 
@@ -38,6 +43,16 @@ MIB = 1024 * 1024
 SPACE_HEADROOM = 16 * MIB
 SPACE_FACTOR = 1.05
 RUN_FILE = "run.json"
+# An image whose mtime or ctime is this close to the moment its state was recorded may still be
+# written within the same timestamp tick ("racy git"): its state is not recorded for the economy.
+RACY_NS = 1_000_000_000
+IMAGE_STATE_KEYS = ("path", "size", "mtime_ns", "ctime_ns", "ino", "dev")
+FIRMWARE_ROLES = ("nvram", "tpm")
+MOUNTINFO = "/proc/self/mountinfo"
+# File systems on which an image's stat is trusted for the economy: local ones, whose attributes
+# change with every write. On anything else (NFS, CIFS, FUSE, a btrfs subvolume whose st_dev no
+# mount shows, ...) a shut-off VM is always copied.
+LOCAL_FS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "bcachefs", "jfs", "overlay"))
 
 
 @dataclasses.dataclass
@@ -55,6 +70,10 @@ class ExportParams:
     workers: int | None = None
     create_repository: bool = False
     required_mount: str | None = None
+    series: str = _manifest.DEFAULT_SERIES
+    full_every_sets: int | None = None
+    full_every_days: float | None = None
+    skip_unchanged: bool = True
 
 
 @dataclasses.dataclass
@@ -64,6 +83,7 @@ class PlannedDisk:
     virtual_size: int
     allocated_bytes: int
     estimated_bytes: int
+    images: list[str] | None = None  # every image of the disk's backing chain, top first (None: not plain files)
 
     def public(self) -> dict[str, t.Any]:
         return {
@@ -124,10 +144,203 @@ def validate_params(p: ExportParams) -> str:
     for target in (p.disks or []) + (p.exclude_disks or []):
         _manifest.validate_target(target)
     _manifest.validate_period(p.period)
+    _manifest.validate_series(p.series)
     validate_timeout(p.lock_timeout)
     if p.workers is not None and p.workers < 1:
         raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
+    if p.full_every_sets is not None and (isinstance(p.full_every_sets, bool) or p.full_every_sets < 1):
+        raise VmBackupError("INVALID_ARGUMENT", f"full_every_sets must be 1 or more (or null), not {p.full_every_sets!r}")
+    if p.full_every_days is not None and not (math.isfinite(p.full_every_days) and 0 < p.full_every_days <= 36600):
+        raise VmBackupError("INVALID_ARGUMENT", f"full_every_days must be a number of days above 0 (or null), not {p.full_every_days!r}")
     return path
+
+
+# ---------------------------------------------------------------------- pure decisions (unit-tested)
+def periodic_full_reason(chain: list[dict[str, t.Any]], now: dt.datetime, every_sets: int | None,
+                         every_days: float | None) -> str | None:
+    """Why the chain ``chain`` (its manifests, full first) must not grow, or None.
+
+    ``every_sets``: a chain holds at most that many sets, its full included. ``every_days``: a
+    chain whose full started more than that many days before ``now`` gets no further set.
+    """
+    base, last = chain[0], chain[-1]
+    if every_sets is not None and len(chain) >= every_sets:
+        return f"the chain of set {last['set_id']} has {len(chain)} sets (full_every_sets={every_sets})"
+    if every_days is not None:
+        age = now - _manifest.parse_iso(base["started"])
+        if age > dt.timedelta(days=every_days):
+            return (f"the full {base['set_id']} of the chain started {age.total_seconds() / 86400:.1f} days ago "
+                    f"(full_every_days={every_days:g})")
+    return None
+
+
+def series_checkpoints(manifests: t.Iterable[dict[str, t.Any]]) -> dict[str, str]:
+    """Per series, the checkpoint of its newest set, when that set has one (``manifests`` oldest first).
+
+    That is the checkpoint each series keeps: its next incremental starts from it. A series whose
+    newest set is a copy of the shut-off VM keeps none: its next run of the running VM is a full.
+    The set holding a kept checkpoint is always its series' newest, which prune never removes; a
+    checkpoint whose chain had been pruned away would no longer be recognised as ours.
+    """
+    out: dict[str, str | None] = {}
+    for manifest in manifests:
+        out[_manifest.series_of(manifest)] = manifest.get("checkpoint")
+    return {series: checkpoint for series, checkpoint in out.items() if checkpoint}
+
+
+def image_state(path: str) -> dict[str, t.Any] | None:
+    """What identifies an image file's content without reading it: size, mtime, ctime, inode and
+    device. None when it is not a regular file (a block device's times say nothing about writes)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino, "dev": st.st_dev}
+
+
+def fs_type_of_dev(dev: int, mountinfo: str) -> str | None:
+    """The file system type mounted from device ``dev`` (a file's st_dev), from mountinfo text."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == want and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
+
+def chain_states(paths: list[str] | None, mountinfo: str = MOUNTINFO) -> list[dict[str, t.Any]] | None:
+    """image_state of every image of a chain; None when any is not a regular file on a local file
+    system (a network file system may serve cached attributes while another host writes)."""
+    if not paths:
+        return None
+    states = [image_state(path) for path in paths]
+    if any(s is None for s in states):
+        return None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    if any(fs_type_of_dev(s["dev"], text) not in LOCAL_FS for s in states):  # type: ignore[index]
+        return None
+    return states  # type: ignore[return-value]
+
+
+def is_racy(states: list[dict[str, t.Any]], recorded_at_ns: int) -> bool:
+    """Whether a write could still follow unseen: a time this close to the recording may be
+    shared by a later write within the same timestamp tick."""
+    return any(max(s["mtime_ns"], s["ctime_ns"]) > recorded_at_ns - RACY_NS for s in states)
+
+
+def recorded_images(disk: dict[str, t.Any]) -> list[dict[str, t.Any]] | None:
+    """The ``images`` a set's disk entry recorded, or None when absent or malformed (an additive
+    field that only this economy reads: a bad one means "copy", never an unreadable set)."""
+    images = disk.get("images")
+    if not isinstance(images, list) or not images:
+        return None
+    for image in images:
+        if not isinstance(image, dict) or set(image) != set(IMAGE_STATE_KEYS) or not isinstance(image["path"], str):
+            return None
+        if not all(isinstance(image[k], int) and not isinstance(image[k], bool) for k in IMAGE_STATE_KEYS[1:]):
+            return None
+    return images
+
+
+@dataclasses.dataclass
+class OfflineState:
+    """A shut-off VM as observed for the economy: what a copy would read."""
+
+    domain_xml_sha256: str
+    disks: dict[str, dict[str, t.Any]]  # target -> {format, virtual_size, images (chain_states or None)}
+    firmware: dict[str, str] | None  # set-relative path -> sha256; None when a file cannot be read safely
+
+
+def unchanged_since(manifest: dict[str, t.Any], verdict: dict[str, t.Any] | None, now: OfflineState) -> str | None:
+    """None when the shut-off VM is exactly as set ``manifest`` recorded it; else what differs.
+
+    Safe by construction: every doubt (no recorded state, a failed verdict, anything different)
+    is a difference, so the caller copies.
+    """
+    set_id = manifest["set_id"]
+    if manifest["type"] != "copy":
+        return f"the last set {set_id} of the series was taken from the running VM ({manifest['type']})"
+    if verdict is not None and verdict.get("outcome") != "ok":
+        return f"the last verify of set {set_id} did not pass ({verdict.get('outcome')})"
+    old = {d["target"]: d for d in manifest["disks"]}
+    if set(old) != set(now.disks):
+        return f"the disks changed since set {set_id} ({sorted(old)} -> {sorted(now.disks)})"
+    for target in sorted(old):
+        recorded, current = recorded_images(old[target]), now.disks[target]
+        if recorded is None:
+            return f"set {set_id} recorded no file state for disk {target}"
+        if current["images"] is None:
+            return f"disk {target} is not a chain of regular image files"
+        if (old[target].get("format"), old[target].get("virtual_size")) != (current["format"], current["virtual_size"]):
+            return f"disk {target} changed format or size since set {set_id}"
+        if [i["path"] for i in recorded] != [i["path"] for i in current["images"]]:
+            return f"the image chain of disk {target} changed since set {set_id}"
+        for was, cur in zip(recorded, current["images"]):
+            differs = [k for k in IMAGE_STATE_KEYS[1:] if was[k] != cur[k]]
+            if differs:
+                return f"image {cur['path']} of disk {target} changed since set {set_id} ({', '.join(differs)})"
+    domain = manifest["files"].get("domain.xml") or {}
+    if domain.get("sha256") != now.domain_xml_sha256:
+        return f"the domain XML changed since set {set_id}"
+    if now.firmware is None:
+        return "a firmware file (NVRAM, TPM state) is a link or not a regular file"
+    saved = {rel: e["sha256"] for rel, e in manifest["files"].items() if e.get("role") in FIRMWARE_ROLES}
+    if saved != now.firmware:
+        return f"the NVRAM or TPM state changed since set {set_id}"
+    return None
+
+
+def chain_files(chain: list[dict[str, t.Any]]) -> list[str] | None:
+    """The files of a ``qemu-img info --backing-chain`` answer, top first; None unless every
+    image is a plain local file (no protocol, no json: spec, no external data file)."""
+    files = []
+    for info in chain:
+        name = info.get("filename")
+        data = (info.get("format-specific") or {}).get("data") or {}
+        if not isinstance(name, str) or not name.startswith("/") or "data-file" in data:
+            return None
+        files.append(name)
+    return files or None
+
+
+def free_bytes(path: str, fallback: int) -> int:
+    """Free space of the file system holding ``path`` (for unprivileged users, as df shows it)."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return fallback
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def sha256_regular_at(dir_fd: int, name: str) -> str | bool | None:
+    """sha256 of the regular file ``name`` opened without following a link; None when absent,
+    False when it is a link or not a regular file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            return False
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        digest = hashlib.sha256()
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return digest.hexdigest()
+            digest.update(chunk)
+    finally:
+        os.close(fd)
 
 
 class Exporter(Backend):
@@ -150,8 +363,11 @@ class Exporter(Backend):
             # Observe and decide before anything is written: bad input fails here, untouched.
             done = self._period_match(repo, vm["uuid"])
             if done is not None:
-                return self._unchanged_result(repo, vm, done, started_mono, lv.domain_state(dom))
-            plan = self._plan(dom, repo, vm["uuid"], dry=True)
+                return self._unchanged_result(repo, repo_state, vm, done, started_mono, lv.domain_state(dom), self._period_reason())
+            same, copy_note = self._economy(dom, repo, vm["uuid"])
+            if same is not None:
+                return self._unchanged_result(repo, repo_state, vm, same[0], started_mono, lv.domain_state(dom), same[1])
+            plan = self._plan(dom, repo, vm["uuid"], dry=True, copy_note=copy_note)
             self._check_space(plan, repo_state)
             if plan.vm_state != "shutoff":
                 self._check_qemu_access(repo_path)
@@ -167,26 +383,66 @@ class Exporter(Backend):
             repo.prepare_vm(vm["uuid"])
             with VmLock(repo.lock_path(vm["uuid"]), self.p.lock_timeout, f"export {vm['uuid']}"):
                 self._clean_leftovers(dom, repo, vm["uuid"])
+                # Re-decide under the lock: another run may have committed a set meanwhile.
                 done = self._period_match(repo, vm["uuid"])
                 if done is not None:
-                    return self._unchanged_result(repo, vm, done, started_mono, lv.domain_state(dom))
-                # Re-decide under the lock: another run may have committed a set meanwhile.
-                plan = self._plan(dom, repo, vm["uuid"])
+                    return self._unchanged_result(repo, repo_state, vm, done, started_mono, lv.domain_state(dom),
+                                                  self._period_reason())
+                same, copy_note = self._economy(dom, repo, vm["uuid"])
+                if same is not None:
+                    return self._unchanged_result(repo, repo_state, vm, same[0], started_mono, lv.domain_state(dom), same[1])
+                plan = self._plan(dom, repo, vm["uuid"], copy_note=copy_note)
                 self._check_space(plan, repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions))
                 if plan.vm_state != "shutoff":
                     self._check_no_foreign_job(dom, None)
                 result = self._execute(dom, repo, vm, plan, started_mono)
                 self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
+            result["repository_free_bytes"] = free_bytes(repo_path, repo_state.free_bytes)
             return result
 
     # ------------------------------------------------------------------ decide
     def _period_match(self, repo: repo_mod.Repository, vm_uuid: str) -> dict[str, t.Any] | None:
+        """The newest set of this series with this period (another series' set does not count)."""
         if self.p.period is None:
             return None
-        for manifest in reversed(Catalog(repo, vm_uuid).manifests()):
+        for manifest in reversed(Catalog(repo, vm_uuid).manifests(self.p.series)):
             if manifest.get("period") == self.p.period:
                 return manifest
         return None
+
+    def _period_reason(self) -> str:
+        return f"a committed set of period {self.p.period} exists in series {self.p.series}"
+
+    def _economy(self, dom, repo: repo_mod.Repository, vm_uuid: str) -> tuple[tuple[dict[str, t.Any], str] | None, str]:
+        """((manifest, reason), "") when a shut-off VM is unchanged since its series' newest set,
+        else (None, why a copy is taken; "" when the economy does not apply)."""
+        if lv.is_active(dom) or self.p.mode != "auto":
+            return None, ""
+        if not self.p.skip_unchanged:
+            return None, "skip_unchanged=false"
+        catalog = Catalog(repo, vm_uuid)
+        set_id = catalog.latest(self.p.series)
+        if set_id is None:
+            return None, ""
+        manifest = catalog.sets[set_id].manifest
+        why = unchanged_since(manifest, catalog.verdict(set_id), self._observe_offline(dom))
+        if why is not None:
+            return None, why
+        reason = (f"unchanged since set {set_id}: the VM is shut off, and the size, mtime, ctime and inode of every image "
+                  "of its disks, its domain XML and its firmware files are as that set recorded")
+        return (manifest, reason), ""
+
+    def _observe_offline(self, dom) -> OfflineState:
+        """The shut-off VM as a copy would read it (selection as in _plan)."""
+        xml = lv.domain_xml(dom, inactive=True)
+        selected, _skipped = self._select_disks(lv.parse_disks(xml))
+        disks = {}
+        for disk in selected:
+            chain = self.qemu_img.info_chain(disk.source, disk.driver_type, force_share=False)
+            disks[disk.target] = {"format": disk.driver_type, "virtual_size": int(chain[0]["virtual-size"]),
+                                  "images": chain_states(chain_files(chain))}
+        return OfflineState(domain_xml_sha256=_manifest.sha256_bytes(xml.encode("utf-8")), disks=disks,
+                            firmware=self._firmware_digests(xml, dom.UUIDString()))
 
     def _select_disks(self, disks: list[lv.Disk]) -> tuple[list[lv.Disk], list[dict[str, t.Any]]]:
         by_target = {d.target: d for d in disks}
@@ -211,23 +467,25 @@ class Exporter(Backend):
             raise VmBackupError("NO_DISKS", "the VM has no disk to back up after selection", skipped_disks=skipped)
         return selected, skipped
 
-    def _plan(self, dom, repo: repo_mod.Repository, vm_uuid: str, dry: bool = False) -> Plan:
-        """Decide the backup. ``dry`` plans change nothing in libvirt (check mode, pre-lock preflight)."""
+    def _plan(self, dom, repo: repo_mod.Repository, vm_uuid: str, dry: bool = False, copy_note: str = "") -> Plan:
+        """Decide the backup. ``dry`` plans change nothing in libvirt (check mode, pre-lock preflight).
+        ``copy_note`` says why a shut-off VM is copied again (the economy's finding)."""
         active = lv.is_active(dom)
         state = lv.domain_state(dom)
         disks = lv.parse_disks(lv.domain_xml(dom, inactive=not active))
         selected, skipped = self._select_disks(disks)
-        sizes = {}
+        sizes, images = {}, {}
         for disk in selected:
             chain = self.qemu_img.info_chain(disk.source, disk.driver_type, force_share=active)
             # Data bytes from the allocation map, not the files' actual-size (compressed images).
             sizes[disk.target] = (int(chain[0]["virtual-size"]),
                                   self.qemu_img.allocated_bytes(disk.source, disk.driver_type, force_share=active))
+            images[disk.target] = chain_files(chain)
 
         def planned(disk: lv.Disk, method: str, dirty: dict[str, int] | None = None) -> PlannedDisk:
             virtual, allocated = sizes[disk.target]
             estimate = dirty.get(disk.target, allocated) if (dirty is not None and method == "incremental") else allocated
-            return PlannedDisk(disk, method, virtual, allocated, estimate)
+            return PlannedDisk(disk, method, virtual, allocated, estimate, images[disk.target])
 
         def finish(set_type, reason, chain_id, seq, parent, pdisks) -> Plan:
             checkpoint = _manifest.checkpoint_name(chain_id, seq) if chain_id else None
@@ -244,8 +502,8 @@ class Exporter(Backend):
                     "mode=incremental needs a running VM (libvirt keeps no dirty bitmap for a shut-off VM); "
                     "use mode=auto or full to take a copy",
                 )
-            return finish("copy", "the VM is shut off: a full copy without checkpoint", None, 0, None,
-                          [planned(d, "copy") for d in selected])
+            reason = "the VM is shut off: a full copy without checkpoint" + (f" ({copy_note})" if copy_note else "")
+            return finish("copy", reason, None, 0, None, [planned(d, "copy") for d in selected])
 
         checkpointable = [d for d in selected if d.checkpointable]
         if not checkpointable:
@@ -272,14 +530,26 @@ class Exporter(Backend):
                       {k: parent[k] for k in ("set_id", "manifest_sha256", "checkpoint")}, pdisks)
 
     def _find_parent(self, dom, repo, vm_uuid, selected, sizes, dry) -> tuple[dict[str, t.Any] | None, str]:
-        """The newest committed set if it can be this run's parent, else (None, why not)."""
+        """The newest readable set of the series if it can be this run's parent, else (None, why not)."""
         catalog = Catalog(repo, vm_uuid)
-        set_id = catalog.latest()
+        series = self.p.series
+        set_id = catalog.latest(series)
+        # A damaged set is never a parent, and not a reason to fail every run. Its series is not
+        # known: when it was this series', the older set's checkpoint was retired with it, which
+        # the checkpoint and bitmap checks below find (a full then); otherwise that one serves.
+        damaged = [sid for sid in catalog.ids() if catalog.sets[sid].manifest is None and (set_id is None or sid > set_id)]
         if set_id is None:
-            return None, "no committed set of this VM in the repository"
+            if damaged:
+                entry = catalog.sets[damaged[-1]]
+                return None, f"the last set {entry.set_id} is unreadable ({entry.error.msg if entry.error else 'no manifest'})"
+            if not catalog.sets:
+                return None, "no committed set of this VM in the repository"
+            return None, f"no committed set of series {series} of this VM in the repository"
+        warning = (f"set(s) {', '.join(damaged)} are unreadable (series unknown); "
+                   f"set {set_id} is the newest readable set of series {series}")
+        if damaged and warning not in self.warnings:  # planned twice in a real run (before and under the lock)
+            self.warnings.append(warning)
         entry = catalog.sets[set_id]
-        if entry.manifest is None:  # damaged: never a parent, and not a reason to fail every run
-            return None, f"the last set {set_id} is unreadable ({entry.error.msg if entry.error else 'no manifest'})"
         manifest, sha = entry.manifest, entry.manifest_sha256
         if manifest["type"] == "copy" or not manifest.get("checkpoint"):
             return None, f"the last set {set_id} is a {manifest['type']} without checkpoint"
@@ -294,6 +564,11 @@ class Exporter(Backend):
             if sidecar is not None and sidecar.get("outcome") != "ok":
                 where = "" if member == set_id else f", which set {set_id} builds on,"
                 return None, f"the last verify of set {member}{where} did not pass ({sidecar.get('outcome')})"
+        if self.p.mode == "auto":
+            rule = periodic_full_reason([catalog.sets[sid].manifest for sid in chain], _manifest.utcnow(),
+                                        self.p.full_every_sets, self.p.full_every_days)
+            if rule is not None:
+                return None, rule
         checkpoint = manifest["checkpoint"]
         parsed = _manifest.parse_checkpoint_name(checkpoint)
         if parsed is None:
@@ -438,9 +713,11 @@ class Exporter(Backend):
 
     def _retire_checkpoints(self, dom, repo: repo_mod.Repository, vm_uuid: str, keep: str | None) -> None:
         """Delete this repository's checkpoints that no future run can use: each is a live
-        dirty bitmap QEMU updates on every guest write. Other repositories' and foreign
-        checkpoints (other chain ids or names) are never touched."""
+        dirty bitmap QEMU updates on every guest write. Each series keeps the checkpoint of its
+        newest set (series_checkpoints), and ``keep`` (this run's) is kept. Other
+        repositories' and foreign checkpoints (other chain ids or names) are never touched."""
         catalog = Catalog(repo, vm_uuid)
+        kept = set(series_checkpoints(catalog.manifests()).values()) | ({keep} if keep else set())
         ours = {m["chain_id"] for m in catalog.manifests() if m.get("chain_id")}
         for entry in catalog.sets.values():
             if entry.manifest is None:
@@ -455,7 +732,7 @@ class Exporter(Backend):
                     ours.add(parsed[0])
         for name in lv.checkpoint_names(dom):
             parsed = _manifest.parse_checkpoint_name(name)
-            if parsed is None or parsed[0] not in ours or name == keep:
+            if parsed is None or parsed[0] not in ours or name in kept:
                 continue
             error = self._delete_checkpoint(dom, name)
             if error:
@@ -464,7 +741,8 @@ class Exporter(Backend):
             return
         # Bitmaps of our chains whose checkpoint libvirt no longer has: a checkpoint lost for good
         # (not redefinable) leaves a bitmap QEMU updates on every guest write forever, and a run
-        # killed between arming its size sentinels and starting its job leaves those.
+        # killed between arming its size sentinels and starting its job leaves those. A series'
+        # kept checkpoint that libvirt lost is not orphaned: its next run redefines it from its set.
         try:
             nodes = lv.block_nodes(dom)
         except VmBackupError:
@@ -474,7 +752,7 @@ class Exporter(Backend):
             for bitmap in node.bitmaps:
                 checkpoint = bitmap[:-len(lv.SENTINEL_SUFFIX)] if bitmap.endswith(lv.SENTINEL_SUFFIX) else bitmap
                 parsed = _manifest.parse_checkpoint_name(checkpoint)
-                if parsed is None or parsed[0] not in ours or checkpoint in live or checkpoint == keep:
+                if parsed is None or parsed[0] not in ours or checkpoint in live or checkpoint in kept:
                     continue
                 error = lv.remove_bitmap_live(dom, node.node, bitmap)
                 if error:
@@ -533,9 +811,18 @@ class Exporter(Backend):
             files: dict[str, str] = {}  # relative path -> role
             per_disk_file = {d.disk.target: f"disks/{d.disk.target}.qcow2" for d in plan.disks}
             copy_started = time.monotonic()
+            image_states: dict[str, list[dict[str, t.Any]]] = {}  # target -> state of its images (the economy's record)
             if plan.set_type == "copy":
+                before = {pd.disk.target: chain_states(pd.images) for pd in plan.disks}
                 for pd in plan.disks:
                     self.qemu_img.convert(pd.disk.source, pd.disk.driver_type, os.path.join(staging, per_disk_file[pd.disk.target]))
+                # Recorded only when nothing touched the images during the copy, the VM stayed off,
+                # and no write can still share a timestamp with the state recorded.
+                recorded_at = time.time_ns()
+                after = {pd.disk.target: chain_states(pd.images) for pd in plan.disks}
+                if not lv.is_active(dom):
+                    image_states = {tg: st for tg, st in after.items()
+                                    if st is not None and st == before[tg] and not is_racy(st, recorded_at)}
                 job_stats: dict[str, t.Any] = {}
             else:
                 targets = {pd.disk.target: os.path.join(staging, per_disk_file[pd.disk.target]) for pd in plan.disks}
@@ -583,12 +870,14 @@ class Exporter(Backend):
                 entry = pd.public()
                 entry.pop("estimated_bytes")
                 entry.update(file=rel, size=hashes[rel][1], sha256=hashes[rel][0])
+                if pd.disk.target in image_states:
+                    entry["images"] = image_states[pd.disk.target]
                 disks_out.append(entry)
             manifest = _manifest.build_manifest(
                 set_id=set_id, vm_uuid=vm["uuid"], vm_name=vm["name"], host=socket.gethostname(),
                 started=started, completed=completed, set_type=plan.set_type, chain_id=plan.chain_id,
                 parent={"set_id": plan.parent["set_id"], "manifest_sha256": plan.parent["manifest_sha256"]} if plan.parent else None,
-                checkpoint=plan.checkpoint, consistency="crash", period=self.p.period, disks=disks_out,
+                checkpoint=plan.checkpoint, consistency="crash", period=self.p.period, series=self.p.series, disks=disks_out,
                 skipped_disks=plan.skipped,
                 files={rel: {"size": hashes[rel][1], "sha256": hashes[rel][0], "role": role} for rel, role in files.items()},
                 tool={"name": "vmbackup.libvirt", "version": COLLECTION_VERSION, "qemu_img": self.qemu_img.version()},
@@ -632,6 +921,7 @@ class Exporter(Backend):
             "repository_path": final,
             "vm": dict(vm, state=plan.vm_state),
             "period": self.p.period,
+            "series": self.p.series,
             "cleaned_up": self.cleaned,
             "would_clean_up": [],
         }
@@ -678,11 +968,14 @@ class Exporter(Backend):
     def _write_side(staging: str, rel: str, data: bytes) -> None:
         repo_mod.write_file_atomic(os.path.join(staging, rel), data)
 
-    def _copy_firmware(self, dom, staging: str, vm_uuid: str) -> dict[str, str]:
-        """NVRAM and TPM state into the staging set. Their directories belong to libvirt-qemu and
-        swtpm: a file there that is a link (or a FIFO) is skipped with a warning, never followed."""
-        files = {}
-        xml = lv.domain_xml(dom, inactive=True)
+    @staticmethod
+    def _firmware_sources(xml: str, vm_uuid: str) -> t.Iterator[tuple[str, int, str, str]]:
+        """(path in the set, directory descriptor, name, shown path) of each NVRAM and TPM file.
+
+        Their directories belong to libvirt-qemu and swtpm: the TPM tree is walked without ever
+        descending into a link, and each file must be opened relative to its descriptor without
+        following a link. A descriptor is valid until the next item is asked for.
+        """
         nvram = lv.nvram_path(xml)
         if nvram:
             try:
@@ -691,36 +984,57 @@ class Exporter(Backend):
                 dir_fd = None
             if dir_fd is not None:
                 try:
-                    copied = repo_mod.copy_regular_at(dir_fd, os.path.basename(nvram), os.path.join(staging, "nvram.fd"))
-                except FileNotFoundError:
-                    copied = None
+                    yield "nvram.fd", dir_fd, os.path.basename(nvram), nvram
                 finally:
                     os.close(dir_fd)
-                if copied:
-                    files["nvram.fd"] = "nvram"
-                elif copied is False:
-                    self.warnings.append(f"NVRAM {nvram} is a link or not a regular file; it is not backed up")
         tpm_dir = f"/var/lib/libvirt/swtpm/{vm_uuid}"
         if not lv.has_tpm(xml):
-            return files
+            return
         try:
             tpm_fd = os.open(tpm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            return files  # no state yet (or a link in its place: not followed)
+            return  # no state yet (or a link in its place: not followed)
         try:
-            # fwalk never descends into a linked directory; files are opened without following links.
             for root, _dirs, names, root_fd in os.fwalk(".", dir_fd=tpm_fd, follow_symlinks=False):
                 for name in sorted(names):
                     rel = os.path.normpath(os.path.join("tpm", root, name))
-                    os.makedirs(os.path.dirname(os.path.join(staging, rel)), repo_mod.DIR_MODE_PRIVATE, exist_ok=True)
-                    if repo_mod.copy_regular_at(root_fd, name, os.path.join(staging, rel)):
-                        files[rel] = "tpm"
-                    else:
-                        self.warnings.append(f"TPM state {tpm_dir}/{os.path.relpath(rel, 'tpm')} is a link or not a regular "
-                                             "file; it is not backed up")
+                    yield rel, root_fd, name, f"{tpm_dir}/{os.path.relpath(rel, 'tpm')}"
         finally:
             os.close(tpm_fd)
+
+    def _copy_firmware(self, dom, staging: str, vm_uuid: str) -> dict[str, str]:
+        """NVRAM and TPM state into the staging set; a file that is a link (or a FIFO) is skipped
+        with a warning, never followed."""
+        files = {}
+        for rel, dir_fd, name, shown in self._firmware_sources(lv.domain_xml(dom, inactive=True), vm_uuid):
+            if rel == "nvram.fd":
+                try:
+                    copied = repo_mod.copy_regular_at(dir_fd, name, os.path.join(staging, rel))
+                except FileNotFoundError:
+                    copied = None
+                if copied:
+                    files[rel] = "nvram"
+                elif copied is False:
+                    self.warnings.append(f"NVRAM {shown} is a link or not a regular file; it is not backed up")
+                continue
+            os.makedirs(os.path.dirname(os.path.join(staging, rel)), repo_mod.DIR_MODE_PRIVATE, exist_ok=True)
+            if repo_mod.copy_regular_at(dir_fd, name, os.path.join(staging, rel)):
+                files[rel] = "tpm"
+            else:
+                self.warnings.append(f"TPM state {shown} is a link or not a regular file; it is not backed up")
         return files
+
+    def _firmware_digests(self, xml: str, vm_uuid: str) -> dict[str, str] | None:
+        """sha256 of each NVRAM and TPM file as _copy_firmware would store it; None when one is a
+        link or not a regular file (in doubt: the economy then copies)."""
+        digests = {}
+        for rel, dir_fd, name, _shown in self._firmware_sources(xml, vm_uuid):
+            digest = sha256_regular_at(dir_fd, name)
+            if digest is False:
+                return None
+            if digest is not None:
+                digests[rel] = digest
+        return digests
 
     def _hash_all(self, staging: str, rels: list[str]) -> dict[str, tuple[str, int]]:
         """fsync and sha256 every file of the set, disks in parallel (hashlib drops the GIL)."""
@@ -736,15 +1050,17 @@ class Exporter(Backend):
             return dict(pool.map(one, rels))
 
     # ------------------------------------------------------------------ results without a new set
-    def _unchanged_result(self, repo, vm, manifest: dict[str, t.Any], started_mono: float, vm_state: str) -> dict[str, t.Any]:
-        """The existing set of the period, with every field a run that takes a set returns."""
+    def _unchanged_result(self, repo, repo_state, vm, manifest: dict[str, t.Any], started_mono: float, vm_state: str,
+                          reason: str) -> dict[str, t.Any]:
+        """An existing set (of the period, or of an unchanged shut-off VM), with every field a
+        run that takes a set returns."""
         set_id = manifest["set_id"]
         return {
             "changed": False,
-            "msg": f"set {set_id} of period {self.p.period} already exists; nothing to do",
+            "msg": f"set {set_id} is kept, nothing to do: {reason}",
             "set_id": set_id,
             "type": manifest["type"],
-            "reason": f"a committed set of period {self.p.period} exists",
+            "reason": reason,
             "chain_id": manifest.get("chain_id"),
             "parent": (manifest.get("parent") or {}).get("set_id"),
             "checkpoint": manifest.get("checkpoint"),
@@ -758,6 +1074,8 @@ class Exporter(Backend):
             "repository_path": repo.set_dir(vm["uuid"], set_id),
             "vm": dict(vm, state=vm_state),
             "period": self.p.period,
+            "series": self.p.series,
+            "repository_free_bytes": free_bytes(repo.path, repo_state.free_bytes),
             "cleaned_up": self.cleaned,
             "would_clean_up": [],
         }
@@ -785,6 +1103,9 @@ class Exporter(Backend):
             "repository_path": None,
             "vm": dict(vm, state=plan.vm_state),
             "period": self.p.period,
+            "series": self.p.series,
+            # Of the repository, or of the nearest existing directory when it does not exist yet.
+            "repository_free_bytes": repo_state.free_bytes,
             "cleaned_up": [],
             "would_clean_up": leftovers,
         }

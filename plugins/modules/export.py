@@ -28,6 +28,11 @@ description:
   - Each checkpoint of the collection gets a size sentinel on every disk it has a bitmap for, so that an incremental is
     never built across a resize; see O(mode) and the notes.
   - Directories are named after the VM's UUID and the set id, never after the VM's name.
+  - A VM can have several independent series of chains in one repository (one per schedule, see O(series)). The parent of
+    an incremental, the O(period) check, the economy for shut-off VMs and the checkpoint kept in libvirt are all per series.
+  - Each series keeps at most one live checkpoint, the one of its newest set; a run deletes the older checkpoints of its
+    repository's chains but never another series' kept one, and every checkpoint's dirty bitmap stays independent, so a run
+    of one series never invalidates another series' next incremental.
 extends_documentation_fragment:
   - vmbackup.libvirt._connection
   - vmbackup.libvirt._repository
@@ -39,6 +44,8 @@ attributes:
     details:
       - Reports the backup it would take (type, reason, disks, estimated bytes) and changes nothing
         (no checkpoint, file, directory or lock). A chain id it reports for a new chain is not the one a real run draws.
+      - Predicts the periodic fulls (O(full_every_sets), O(full_every_days)) and the economy for an unchanged shut-off VM
+        (O(skip_unchanged)) with the same RV(type) and RV(reason) as a real run.
   diff_mode:
     description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
@@ -46,8 +53,10 @@ attributes:
     description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: partial
     details:
-      - With O(period), a second run in the same period returns the existing set with C(changed=false).
-      - Without O(period) every run takes a new backup, which is the point of a backup run.
+      - With O(period), a second run in the same period and O(series) returns the existing set with C(changed=false).
+      - A shut-off VM that did not change since its series' newest set returns that set with C(changed=false)
+        (O(skip_unchanged)).
+      - Without O(period) every run of a running VM takes a new backup, which is the point of a backup run.
 options:
   name:
     description:
@@ -60,8 +69,9 @@ options:
     type: str
   mode:
     description:
-      - C(auto) takes an incremental when the newest committed set of the VM in this repository is a valid parent,
-        and a full otherwise; RV(reason) says why.
+      - C(auto) takes an incremental when the newest readable committed set of the VM's O(series) in this repository is a
+        valid parent, and a full otherwise; RV(reason) says why. O(full_every_sets) and O(full_every_days) start a new
+        chain on a schedule.
       - C(full) starts a new chain. C(incremental) fails with C(PARENT_CHECKPOINT_INVALID) or C(TOPOLOGY_CHANGED)
         when no valid parent exists.
       - A parent is valid when its checkpoint still exists in libvirt (or could be redefined from the set's saved XML,
@@ -73,7 +83,8 @@ options:
         bitmaps too where QEMU still has them), reports it in RV(cleaned_up), and O(mode=auto) takes a full that says why
         in RV(reason) (O(mode=incremental) fails with C(PARENT_CHECKPOINT_INVALID)). Check mode only predicts this.
       - A resize since the parent's checkpoint gives a full in O(mode=auto) and C(TOPOLOGY_CHANGED) with O(mode=incremental).
-      - A shut-off VM is always backed up as a C(copy); O(mode=incremental) then fails.
+      - A shut-off VM is always backed up as a C(copy) (or, in O(mode=auto), not at all when it did not change, see
+        O(skip_unchanged)); O(mode=incremental) then fails.
     type: str
     choices: [auto, full, incremental]
     default: auto
@@ -90,8 +101,53 @@ options:
   period:
     description:
       - A key for the backup period, such as C(2026-W48) or C(2026-11).
-      - When a committed set of the VM with this period exists in the repository, the module returns it with C(changed=false).
+      - When a committed set of the VM with this period exists in the repository in the same O(series), the module returns it
+        with C(changed=false). A set of that period in another series does not count.
     type: str
+  series:
+    description:
+      - The series the new set belongs to, one per schedule (such as C(weekly) and C(monthly)), recorded in its manifest.
+        1-32 lower-case letters, digits, C(_) and C(-), starting with a letter or digit.
+      - Series never share a chain. The parent of an incremental is the newest readable set of the same series; each series
+        keeps its own checkpoint in libvirt. Sets written before series existed are in series C(default).
+    type: str
+    default: default
+  full_every_sets:
+    description:
+      - "In O(mode=auto), a chain holds at most this many sets, its full included; the run after that starts a new chain
+        with a full. RV(reason) names the rule, for example C(full: the chain of set X has 4 sets (full_every_sets=4))."
+      - Periodic fulls let retention remove old chains as a whole. Ignored with O(mode=full) and O(mode=incremental).
+      - Unset (the default), a chain grows until something else (a resize, a lost bitmap, O(mode=full)) ends it. V(1) makes
+        every run a full.
+    type: int
+  full_every_days:
+    description:
+      - In O(mode=auto), a new chain starts when the full of the current chain started more than this many days ago
+        (above 0 and up to 36600, fractions allowed, such as C(0.5)); measured from the full's C(started) time to the run's
+        clock. A full dated after that clock never triggers it.
+      - Ignored with O(mode=full) and O(mode=incremental). Unset (the default), no such rule applies.
+    type: float
+  skip_unchanged:
+    description:
+      - In O(mode=auto), a shut-off VM that did not change since the newest set of its O(series) is not copied again; the
+        module returns that set with C(changed=false) and RV(reason) says so.
+      - Unchanged means that set is a C(copy) that recorded the state of every image of each disk's backing chain (path,
+        size, mtime, ctime, inode, device), every one of them is the same now, the same disks are selected, the inactive
+        domain XML is byte-identical to the set's C(domain.xml), the NVRAM and TPM files have the sha256 the set recorded,
+        and the set has no failed verdict from M(vmbackup.libvirt.verify). Anything else, or any doubt, takes a copy
+        whose RV(reason) says what differed.
+      - A file's ctime cannot be set back (short of setting the system clock back), so content written and the mtime
+        restored (C(touch -d)) is still seen. A VM that was started and stopped is copied again, even when its guest wrote
+        nothing, because libvirt hands the images to the QEMU user and back, which changes their ctime.
+      - The state is recorded only when it did not change during the copy and is older than a second when recorded (a
+        write in the same timestamp tick could not be told apart). Block devices, network disks, and images on anything
+        but a local file system (ext2/3/4, xfs, btrfs, tmpfs, zfs, f2fs, bcachefs, jfs, overlay; not NFS, CIFS or FUSE,
+        whose attributes may be cached while another host writes) are always copied.
+      - An unchanged VM's set is returned however old it is; O(full_every_sets) and O(full_every_days) concern chains
+        of the running VM, not copies.
+      - V(false) copies every shut-off VM on every run.
+    type: bool
+    default: true
   workers:
     description:
       - Threads that checksum the set's files. Defaults to the number of CPUs of the managed host.
@@ -122,6 +178,10 @@ notes:
     512 bytes up to 32 GiB disks and grows beyond (16 KiB at 1 TiB, keeping it at 8 MiB of memory); a shrink by less than
     the granularity is not seen."
   - A set taken by an earlier version has no size sentinel, so the first run after an upgrade takes a full.
+  - A series' first C(copy) after the VM stopped retires the checkpoint of the running VM's last set; libvirt cannot delete
+    the bitmaps of a shut-off VM, so qemu-img removes them from the images, which changes them after the copy recorded
+    their state. The second run of the shut-off VM therefore copies once more; from the third on, an unchanged VM is not
+    copied (O(skip_unchanged)).
 seealso:
   - name: libvirt backup API
     description: Push-mode backups and checkpoints.
@@ -129,6 +189,28 @@ seealso:
 """
 
 EXAMPLES = r"""
+- name: Weekly series of a VM, a new chain every 4 sets, at most one set per ISO week
+  vmbackup.libvirt.export:
+    name: web01
+    repository: /srv/vmbackup
+    series: weekly
+    period: "{{ '%G-W%V' | strftime }}"
+    full_every_sets: 4
+
+- name: Monthly series of the same VM, beside the weekly one, a new chain each quarter
+  vmbackup.libvirt.export:
+    name: web01
+    repository: /srv/vmbackup
+    series: monthly
+    period: "{{ '%Y-%m' | strftime }}"
+    full_every_days: 85
+
+- name: Copy a shut-off VM even when it did not change
+  vmbackup.libvirt.export:
+    name: archive01
+    repository: /srv/vmbackup
+    skip_unchanged: false
+
 - name: Back up a VM (full the first time, incremental afterwards)
   vmbackup.libvirt.export:
     name: web01
@@ -167,7 +249,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 set_id:
-  description: The committed set (or, with C(changed=false), the existing set of the period). None in check mode.
+  description:
+    - The committed set, or, with C(changed=false), the existing set of the period or the set an unchanged shut-off VM is
+      still equal to. None in check mode when a set would be taken.
   returned: success
   type: str
   sample: 20261125T073512Z-001
@@ -176,10 +260,28 @@ type:
   returned: success
   type: str
 reason:
-  description: Why this type was chosen (for example why no incremental was possible).
+  description:
+    - Why this type was chosen (for example why no incremental was possible, or which periodic rule started a new chain),
+      or, with C(changed=false), why no set was taken.
   returned: success
   type: str
-  sample: "full: no committed set of this VM in the repository"
+  sample: "full: the chain of set 20261125T073512Z-001 has 4 sets (full_every_sets=4)"
+series:
+  description: The series of the run (O(series)).
+  returned: success
+  type: str
+  sample: weekly
+period:
+  description: The O(period) of the run; None without one.
+  returned: success
+  type: str
+  sample: 2026-W48
+repository_free_bytes:
+  description:
+    - Free bytes of the repository's file system for this user (after the run; in check mode and for a repository that
+      does not exist yet, of the nearest existing directory). A preflight sums RV(estimated_bytes) against it.
+  returned: success
+  type: int
 chain_id:
   description: The chain the set belongs to; None for a copy.
   returned: success
@@ -291,6 +393,10 @@ def main() -> None:
         period=dict(type="str"),
         workers=dict(type="int"),
         create_repository=dict(type="bool", default=False),
+        series=dict(type="str", default="default"),
+        full_every_sets=dict(type="int"),
+        full_every_days=dict(type="float"),
+        skip_unchanged=dict(type="bool", default=True),
     )
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)

@@ -428,3 +428,15 @@ def wait_for(predicate: t.Callable[[], t.Any], timeout: float, interval: float =
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def result_and_warnings(runner: AnsibleRunner, module: str, args: dict[str, t.Any], check: bool = False,
+                        timeout: float = 600) -> tuple[dict[str, t.Any], str]:
+    """A module run's result and the text of its warnings: the minimal callback takes the
+    ``warnings`` out of the result and prints them as ``[WARNING]:`` lines (wrapped), so
+    ``result.get("warnings")`` is always empty through the CLI."""
+    proc = subprocess.run(runner.argv(module, args, check), env=runner.env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    text = " ".join((proc.stdout + "\n" + proc.stderr).split())
+    warnings = " ".join(part.split(" localhost | ")[0] for part in text.split("[WARNING]:")[1:])
+    return parse_result(proc.stdout, proc.stderr), warnings
