@@ -319,3 +319,24 @@ def test_two_series_of_real_exports(ansible, vms, repo):
         assert {s["series"] for s in one["vms"][0]["sets"]} == {series}
     # Each series keeps its own live checkpoint in libvirt: the newest set's of each.
     assert vm.checkpoints() == sorted(results[-1]["checkpoint"] for results in made.values())
+
+
+def test_copies_of_a_shut_off_vm_are_chains_of_their_own(ansible, vms, repo):
+    vm = vms.create([DiskSpec("16M", fill=[(0x77, "0", "1M")])], running=False)
+    args = {"name": vm.name, "repository": str(repo)}
+    made = []
+    for dummy in range(3):
+        r = ansible("export", args)
+        assert not r["failed"] and r["type"] == "copy", r
+        if r["changed"]:
+            made.append(r["set_id"])
+    entry = info_ok(ansible, {"repository": str(repo)})["vms"][0]
+    sets_dir = repo / "vms" / vm.dom.UUIDString() / "sets"
+    assert [s["set_id"] for s in entry["sets"]] == made == sorted(p.name for p in sets_dir.iterdir() if p.is_dir())
+    assert all(s["type"] == "copy" and s["chain_id"] is None and s["parent"] is None and s["restorable"] for s in entry["sets"])
+    assert [(c["chain_id"], c["base"], c["sets"]) for c in entry["series"][0]["chains"]] == [(None, sid, [sid]) for sid in made]
+    for s in entry["sets"]:
+        assert s["bytes"] == sum(set_files(sets_dir / s["set_id"]).values())
+        same, out = images_equal(str(sets_dir / s["set_id"] / "disks" / "vda.qcow2"), str(vm.disks["vda"]))
+        assert same, out
+    assert entry["newest_restorable"]["set_id"] == made[-1] and vm.checkpoints() == []
