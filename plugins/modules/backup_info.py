@@ -102,8 +102,6 @@ notes:
     the call; a negative age means a set or verdict dated in the future (a clock that was, or is, wrong).
 requirements:
   - jmespath (only with O(query))
-  - qemu-img (package qemu-utils) is looked for by the collection's module runner, like for every module, though
-    this module never runs it
 seealso:
   - module: vmbackup.libvirt.export
   - module: vmbackup.libvirt.verify
@@ -349,7 +347,7 @@ def main() -> None:
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)
     module = AnsibleModule(argument_spec=argument_spec, mutually_exclusive=[("name", "uuid")], supports_check_mode=True)
-    run_module(module, InfoParams, InfoBackend, needs_libvirt=False)
+    run_module(module, InfoParams, InfoBackend, needs_libvirt=False, needs_qemu_img=False)
 
 
 if __name__ == "__main__":
