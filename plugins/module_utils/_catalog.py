@@ -70,11 +70,10 @@ class Catalog:
         self.repo = repo
         self.vm_uuid = vm_uuid
         self.sets: dict[str, SetEntry] = {}
-        for set_id in repo.set_ids(vm_uuid):
-            try:
-                data = repo.read_manifest_bytes(vm_uuid, set_id)
-            except VmBackupError as exc:
-                self.sets[set_id] = SetEntry(set_id, None, None, exc)
+        committed, self._sidecars = repo.read_committed(vm_uuid)
+        for set_id, data in committed:
+            if isinstance(data, VmBackupError):
+                self.sets[set_id] = SetEntry(set_id, None, None, data)
                 continue
             sha = _manifest.sha256_bytes(data)
             try:
@@ -117,7 +116,9 @@ class Catalog:
 
         An unreadable sidecar reads as ``{"outcome": "unreadable"}``: not a pass.
         """
-        return self.repo.read_verify_sidecar(self.vm_uuid, set_id)
+        if set_id not in self._sidecars:  # none when the sets were listed: never verified
+            return None
+        return repo_mod.parse_verify_sidecar(self._sidecars[set_id])
 
     def as_of(self, when: dt.datetime) -> str | None:
         """The newest set completed at or before ``when``.

@@ -96,7 +96,7 @@ class Backend:
         raise NotImplementedError
 
 
-def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool = True) -> None:
+def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool = True, needs_qemu_img: bool = True) -> None:
     """Run ``backend_cls`` with the module's parameters and exit the module with its result.
 
     An expected failure (VmBackupError) and an I/O error (after the backend rolled back) end in
@@ -107,7 +107,9 @@ def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool 
     os.umask(PRIVATE_UMASK)
     install_cancel_handlers()
     qemu_img = module.get_bin_path("qemu-img")
-    if qemu_img is None:
+    if qemu_img is None and not needs_qemu_img:
+        qemu_img = "qemu-img"  # never run: the backend reads and renames files only
+    elif qemu_img is None:
         module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
     params = params_cls(**{key: module.params[key] for key in params_cls.__dataclass_fields__})
     backend = backend_cls(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)

@@ -123,8 +123,6 @@ notes:
     rather than keep only what it never removes; C(keep_last=1) keeps just the newest set.
   - Prune takes each VM's lock exclusively for the whole run (all VMs first, in UUID order), so it waits for a running
     export, verify or restore of the same VM, and they wait for it.
-requirements:
-  - qemu-img (package qemu-utils) - not used by prune, required by the collection's common module code.
 seealso:
   - module: vmbackup.libvirt.export
   - module: vmbackup.libvirt.verify
@@ -334,7 +332,7 @@ def main() -> None:
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)
     module = AnsibleModule(argument_spec=argument_spec, mutually_exclusive=[("name", "uuid")], supports_check_mode=True)
-    run_module(module, PruneParams, Pruner, needs_libvirt=False)
+    run_module(module, PruneParams, Pruner, needs_libvirt=False, needs_qemu_img=False)
 
 
 if __name__ == "__main__":

@@ -493,5 +493,7 @@ def test_verdict_reads_the_sidecar_and_an_unreadable_one_is_no_pass(builder, cha
         json.dump({"outcome": "ok", "verified": "2026-11-26T00:00:00Z"}, fh)
     with open(os.path.join(sets_dir, f"{chain['i2']}.verify.json"), "w", encoding="utf-8") as fh:
         fh.write("{not json")
+    assert catalog.verdict(chain["i1"]) is None  # verdicts are read with the sets: a catalog is one snapshot
+    catalog = builder.catalog()
     assert catalog.verdict(chain["i1"])["outcome"] == "ok"
     assert catalog.verdict(chain["i2"]) == {"outcome": "unreadable"}
