@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine (run as root): set-up, ansible-test sanity,
-# then unit and integration tests (pytest; the integration tests use the real libvirtd and QEMU).
+# ansible-lint of the roles and playbooks, then unit and integration tests (pytest; the integration tests use the real libvirtd and QEMU).
 #   bash scripts/test.sh [extra pytest args]
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -10,6 +10,9 @@ venv=${VMBACKUP_VENV:-$here/.venv}
 
 echo "== ansible-test sanity"
 VENV=$venv bash scripts/sanity.sh
+
+echo "== ansible-lint (roles, playbooks, the README's examples)"
+VENV=$venv bash scripts/lint.sh
 
 echo "== ansible-galaxy collection build"
 "$venv/bin/ansible-galaxy" collection build --force --output-path "$(mktemp -d)" . 

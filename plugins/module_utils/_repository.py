@@ -669,7 +669,6 @@ def parse_verify_sidecar(raw: bytes | None) -> dict[str, t.Any]:
     return data if isinstance(data, dict) else {"outcome": "unreadable"}
 
 
-
 class Repository:
     """A repository on this host. Read-only methods never create anything.
 

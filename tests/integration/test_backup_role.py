@@ -28,15 +28,6 @@ PLAYBOOK = """---
 """
 
 
-def landed(*modules: str) -> bool:
-    return all((ROOT / "plugins" / "modules" / f"{m}.py").exists() for m in modules)
-
-
-def needs(*modules: str):
-    missing = [m for m in modules if not landed(m)]
-    return pytest.mark.skipif(bool(missing), reason=f"module(s) {', '.join(missing)} not in this checkout yet")
-
-
 class Play:
     """ansible-playbook with the role's variables as extra vars (what an AWX survey does)."""
 
@@ -129,10 +120,6 @@ def base_vars(repo: pathlib.Path, reports: pathlib.Path, token: str, **extra) ->
     }
     variables.update(extra)
     return variables
-
-
-# The role calls every one of these modules (Ansible resolves a task's module when it loads the file).
-pytestmark = needs("domain_info", "export", "verify", "prune", "backup_info")
 
 
 @pytest.fixture

@@ -341,15 +341,8 @@ def test_staging_of_a_killed_live_export_is_left_for_export(ansible, vms, repo, 
 
 
 # ----------------------------------------------------------------------------- series
-def _export_has_series(ansible, vm, repo) -> bool:
-    probe = ansible("export", dict(repository=str(repo), name=vm.name, series="weekly"), check=True)
-    return not (probe["failed"] and "series" in probe.get("msg", "") and "nsupported" in probe.get("msg", ""))
-
-
 def test_weekly_and_monthly_series_never_touch_each_other(ansible, vms, repo, scratch):
     vm = vms.create()
-    if not _export_has_series(ansible, vm, repo):
-        pytest.skip("export has no series option in this tree yet (it comes with the series work)")
     weekly, monthly = [], []
     monthly.append(take(ansible, vm, repo, scratch, monday(44) + dt.timedelta(hours=1), "full", 0x61, series="monthly"))
     for i, week in enumerate((45, 46, 47)):
