@@ -12,7 +12,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-VENV="${VENV:-$ROOT/.venv}"
+VENV="$(cd "${VENV:-$ROOT/.venv}" && pwd)"
 cd "$ROOT"
 
 work="$(mktemp -d)"

@@ -30,15 +30,24 @@ def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root):
         dom = conn.lookupByName(name)
         sets_dir = repo / "vms" / dom.UUIDString() / "sets"
         manifests = [json.loads((d / "manifest.json").read_text()) for d in sorted(sets_dir.iterdir()) if d.is_dir()]
-        assert [m["type"] for m in manifests] == ["full", "incremental"]
+        # The weekly playbook's full (period: this ISO week), then the ad-hoc incremental on it.
+        assert [(m["type"], m["series"]) for m in manifests] == [("full", "weekly"), ("incremental", "weekly")]
+        assert manifests[0]["period"] is not None and "-W" in manifests[0]["period"]
         assert manifests[1]["parent"]["set_id"] == manifests[0]["set_id"]
         # 8 MiB written between the two backups, on the system disk only.
         vda = next(d for d in manifests[1]["disks"] if d["target"] == "vda")
         assert 8 * 2**20 <= vda["size"] < 10 * 2**20
-        # Verified: a verdict beside each set.
-        for m in manifests:
-            verdict = json.loads((sets_dir / f"{m['set_id']}.verify.json").read_text())
-            assert verdict["outcome"] == "ok" and verdict["level"] == "restore"
+        # Verified: the role checked the full (data), the play read the newest point through its chain.
+        levels = [json.loads((sets_dir / f"{m['set_id']}.verify.json").read_text()) for m in manifests]
+        assert all(v["outcome"] == "ok" for v in levels)
+        assert levels[-1]["level"] == "restore"
+        # The fleet: the other two demo VMs were backed up by the same weekly run (a full, a copy).
+        for other, kind in ((f"{name}-web", "full"), (f"{name}-off", "copy")):
+            odir = repo / "vms" / conn.lookupByName(other).UUIDString() / "sets"
+            types = [json.loads((d / "manifest.json").read_text())["type"] for d in sorted(odir.iterdir()) if d.is_dir()]
+            assert types == [kind], (other, types)
+        report = json.loads((repo.parent / "demo-reports" / "vmbackup-weekly.json").read_text())
+        assert report["outcome"] == "ok" and sorted(v["name"] for v in report["vms"]) == sorted([name, f"{name}-web", f"{name}-off"])
         # Restored under a new name, running, each disk equal to the reference copy the play
         # took at backup time (checked here again, independently of the play's own compare).
         restored = conn.lookupByName(f"{name}-restored")
@@ -49,10 +58,10 @@ def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root):
             assert path.startswith(str(images) + "/") and manifests[1]["set_id"] in path
             same, out = images_equal(str(images / f"reference-{target}.qcow2"), path)
             assert same, out
-        assert not images_equal(str(images / "vda.qcow2"), sources["vda"])[0], "the source changed after the backup"
+        assert not images_equal(str(images / f"{name}-vda.qcow2"), sources["vda"])[0], "the source changed after the backup"
         assert proc.stdout.count("EQUALS its state at backup time") == 2
     finally:
-        for vm in (f"{name}-restored", name):
+        for vm in (f"{name}-restored", name, f"{name}-web", f"{name}-off"):
             try:
                 destroy_vm(conn.lookupByName(vm))
             except libvirt.libvirtError:
