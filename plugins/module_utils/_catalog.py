@@ -129,7 +129,7 @@ class Catalog:
         for set_id in reversed(self.ids()):
             entry = self.sets[set_id]
             # A valid manifest has a completion time; an unreadable one is ordered by its id.
-            completed = _manifest.parse_iso(entry.manifest["completed"]) if entry.manifest else _set_id_time(set_id)
+            completed = _manifest.parse_iso(entry.manifest["completed"]) if entry.manifest else set_id_time(set_id)
             if completed <= when:
                 return set_id
         return None
@@ -242,7 +242,7 @@ class Catalog:
         return [broken] + self.descendants(broken) if broken != point else [point] + self.descendants(point)
 
 
-def _set_id_time(set_id: str) -> dt.datetime:
+def set_id_time(set_id: str) -> dt.datetime:
     return dt.datetime.strptime(set_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
 
 
@@ -266,6 +266,18 @@ def parse_as_of(text: str) -> dt.datetime:
         return parsed.astimezone(dt.timezone.utc)
     except OverflowError:  # 9999-12-31T23:59:59-23:59 is past the last representable UTC time
         raise VmBackupError("INVALID_ARGUMENT", f"as_of {text!r} is out of range once converted to UTC") from None
+
+
+def validate_selection(name: str | None, vm_uuid: str | None, series: str | None = None) -> str | None:
+    """Check a request's VM (at most one of name and uuid) and series before anything is read;
+    returns the normalised uuid (None when not given)."""
+    if name is not None and vm_uuid is not None:
+        raise VmBackupError("INVALID_ARGUMENT", "give at most one of name and uuid")
+    if name is not None and (not name or "\x00" in name):
+        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
+    if series is not None:
+        _manifest.validate_series(series)
+    return _manifest.normalize_uuid(vm_uuid) if vm_uuid is not None else None
 
 
 def vm_uuids(repo: repo_mod.Repository) -> list[str]:

@@ -29,7 +29,7 @@ from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms, validate_selection
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
@@ -62,14 +62,7 @@ class InfoParams:
 def validate_params(p: InfoParams) -> str:
     """The repository path; every other option checked before anything is read."""
     path = repo_mod.validate_repository_path(p.repository)
-    if p.name is not None and p.uuid is not None:
-        raise VmBackupError("INVALID_ARGUMENT", "give at most one of name and uuid")
-    if p.name is not None and (not p.name or "\x00" in p.name):
-        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
-    if p.uuid is not None:
-        p.uuid = _manifest.normalize_uuid(p.uuid)
-    if p.series is not None:
-        _manifest.validate_series(p.series)
+    p.uuid = validate_selection(p.name, p.uuid, p.series)
     validate_timeout(p.lock_timeout)
     return path
 

@@ -40,7 +40,7 @@ import typing as t
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _retention
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms, set_id_time, validate_selection
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
@@ -73,20 +73,10 @@ class PruneParams:
 def validate_params(p: PruneParams) -> tuple[str, _retention.Policy]:
     """Everything about the request that can be refused before the repository is opened."""
     path = repo_mod.validate_repository_path(p.repository)
-    if p.name is not None and p.uuid is not None:
-        raise VmBackupError("INVALID_ARGUMENT", "give at most one of name and uuid")
-    if p.name is not None and (not p.name or "\x00" in p.name):
-        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
-    if p.uuid is not None:
-        p.uuid = _manifest.normalize_uuid(p.uuid)
-    if p.series is not None:
-        _manifest.validate_series(p.series)
+    p.uuid = validate_selection(p.name, p.uuid, p.series)
     validate_timeout(p.lock_timeout)
     policy = _retention.make_policy({key: getattr(p, key) for key in _retention.POLICY_KEYS}, timezone=p.timezone)
-    if policy.is_empty():
-        raise VmBackupError("RETENTION_POLICY_EMPTY",
-                            "the retention policy keeps nothing: set at least one of "
-                            + ", ".join(_retention.POLICY_KEYS) + " (to keep only the newest set, keep_last: 1)")
+    _retention.check_policy(policy)
     return path, policy
 
 
@@ -97,7 +87,7 @@ def set_time(entry: t.Any, key: str = "started") -> dt.datetime:
     """A set's ``started`` (or ``completed``) time; an unreadable set is dated by its id."""
     if entry.manifest is not None:
         return _manifest.parse_iso(entry.manifest[key])
-    return dt.datetime.strptime(entry.set_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    return set_id_time(entry.set_id)
 
 
 def restore_fault(catalog: Catalog, set_id: str, verdicts: dict[str, dict[str, t.Any] | None]) -> str | None:

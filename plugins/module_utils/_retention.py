@@ -252,6 +252,14 @@ def _order(point: Point) -> str:
 # --------------------------------------------------------------------------- the selection
 
 
+def check_policy(policy: Policy) -> None:
+    """RETENTION_POLICY_EMPTY for a policy that keeps nothing by itself."""
+    if policy.is_empty():
+        raise VmBackupError("RETENTION_POLICY_EMPTY",
+                            "the retention policy keeps nothing: set at least one of "
+                            + ", ".join(POLICY_KEYS) + " (to keep only the newest set, keep_last: 1)")
+
+
 def select(points: t.Iterable[Point], policy: Policy, now: dt.datetime, series: str | None = None) -> list[Decision]:
     """Keep or remove each point of ONE VM, with every reason; decisions oldest first.
 
@@ -261,10 +269,7 @@ def select(points: t.Iterable[Point], policy: Policy, now: dt.datetime, series: 
     series is selected; the others' points are kept (``series X not selected``) and still
     pin their parents through the closure.
     """
-    if policy.is_empty():
-        raise VmBackupError("RETENTION_POLICY_EMPTY",
-                            "the retention policy keeps nothing: set at least one of "
-                            + ", ".join(POLICY_KEYS) + " (to keep only the newest set, keep_last: 1)")
+    check_policy(policy)
     zone = get_zone(policy.timezone)
     now = _utc(now)
     ordered = sorted(points, key=_order)

@@ -40,7 +40,7 @@ import typing as t
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _retention
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms, validate_selection
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
@@ -299,12 +299,7 @@ def select(views: list[SetView], level: str, restore_points: str, within: dt.tim
 
 def validate_params(p: VerifyParams) -> str:
     path = repo_mod.validate_repository_path(p.repository)
-    if p.name is not None and p.uuid is not None:
-        raise VmBackupError("INVALID_ARGUMENT", "give at most one of name and uuid")
-    if p.name is not None and (not p.name or "\x00" in p.name):
-        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
-    if p.uuid is not None:
-        p.uuid = _manifest.normalize_uuid(p.uuid)
+    p.uuid = validate_selection(p.name, p.uuid)
     if p.set_id is not None and not _manifest.is_set_id(p.set_id):
         raise VmBackupError("INVALID_NAME", f"set_id {p.set_id!r} is not a set id (like 20261125T073512Z-001)")
     if p.level not in LEVELS:

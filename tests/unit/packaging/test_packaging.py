@@ -39,3 +39,10 @@ def test_tarball_holds_plugins_and_docs_but_not_tests_scripts_or_benchmarks(tmp_
         assert wanted in names, wanted
     assert not tops & {"tests", "scripts", "benchmarks", ".venv", ".git", "requirements"}, sorted(tops)
     assert not any("__pycache__" in name for name in names)
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files by basename (no __init__.py): two of one name stop the whole run."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    names = [p.name for p in root.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

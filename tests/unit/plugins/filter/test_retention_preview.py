@@ -20,7 +20,7 @@ from ansible_collections.vmbackup.libvirt.plugins.filter.retention import Filter
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _prune
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "module_utils"))
-from test_prune import RepoBuilder  # noqa: E402  pylint: disable=wrong-import-position
+from test_prune_backend import RepoBuilder  # noqa: E402  pylint: disable=wrong-import-position
 
 VM1 = "2f1c7d6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
 
