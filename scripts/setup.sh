@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this Debian host for the demo and the test suite. Idempotent; run as root.
 #  - apt packages: libvirt daemon, QEMU, qemu-img, libvirt-dev + pkg-config (to build the binding),
-#    faketime (the tests run weeks of schedules under a shifted clock)
+#    faketime (the tests run weeks of schedules under a shifted clock), and a kernel, busybox-static,
+#    qemu-guest-agent and cpio for the tiny test guest (scripts/build-test-guest.sh)
 #  - a virtualenv at .venv with the pinned tool chain (requirements/test.txt)
 #  - virtlogd and libvirtd running (started with -d when there is no systemd; a running one is left alone)
 set -euo pipefail
@@ -16,7 +17,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients
-          libvirt-dev pkg-config python3-venv python3-dev gcc rsync git shellcheck faketime)
+          libvirt-dev pkg-config python3-venv python3-dev gcc rsync git shellcheck faketime
+          linux-image-amd64 busybox-static qemu-guest-agent cpio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
