@@ -142,6 +142,34 @@ case " $(cat /proc/cmdline) " in *" vmbackup.agent=0 "*) : > /run/ga-off ;; esac
   done
 ) &
 
+# The control port (org.vmbackup.control.0; the host connects to its unix socket): one command
+# a line, one reply line ("ok ..."). It works without the agent: turn the agent on or off, kill it
+# (a crash: the loop above restarts it), thaw /data in the guest kernel directly.
+if ctl_port=$(port_named org.vmbackup.control.0); then
+  (
+    exec 3<>"$ctl_port"
+    while :; do
+      if ! read -r cmd <&3; then sleep 0.2; continue; fi   # EOF while the host is not connected
+      case $cmd in
+        ping) echo "ok ping" >&3 ;;
+        agent-on) rm -f /run/ga-off; echo "ok agent-on" >&3 ;;
+        agent-off)   # SIGTERM; qemu-ga ignores it while frozen, so SIGKILL after a second
+          : > /run/ga-off
+          killall qemu-ga 2>/dev/null
+          i=0
+          while pidof qemu-ga >/dev/null && [ $i -lt 10 ]; do sleep 0.1; i=$((i + 1)); done
+          killall -9 qemu-ga 2>/dev/null
+          echo "ok agent-off" >&3 ;;
+        agent-kill) killall -9 qemu-ga 2>/dev/null; echo "ok agent-kill $?" >&3 ;;
+        thaw) fsfreeze --unfreeze /data 2>/dev/null; echo "ok thaw $?" >&3 ;;
+        *) echo "error unknown command: $cmd" >&3 ;;
+      esac
+    done
+  ) &
+else
+  say "no virtio-serial port org.vmbackup.control.0"
+fi
+
 # ACPI power button (virsh shutdown without the agent): power off cleanly.
 for ev in /sys/class/input/event*; do
   if [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ]; then

@@ -14,10 +14,12 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import time
 import typing as t
 import uuid
+import xml.etree.ElementTree as ET
 from xml.sax import saxutils
 
 import libvirt
@@ -30,6 +32,7 @@ BUILD_SCRIPT = ROOT / "scripts" / "build-test-guest.sh"
 # Where the build script caches the guest (override: VMBACKUP_GUEST_DIR).
 GUEST_DIR = pathlib.Path(os.environ.get("VMBACKUP_GUEST_DIR", "/var/cache/vmbackup-test-guest"))
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+CONTROL_CHANNEL = "org.vmbackup.control.0"  # our own port into /init: works without the agent
 CMDLINE = "console=ttyS0 quiet panic=-1"
 
 
@@ -229,10 +232,56 @@ class Guest:
         """The freeze hook's calls, "<epoch> freeze|thaw" per line."""
         return self.sh("cat /run/fsfreeze-hook.log 2>/dev/null || true").decode().split("\n")[:-1]
 
+    # ------------------------------------------------------------------ control port (no agent needed)
+    def control(self, command: str, timeout: float = 10) -> str:
+        """One command to /init over the control port (virtio-serial org.vmbackup.control.0, whose
+        unix socket libvirt puts under /var/lib/libvirt/qemu/channel/target/); its reply line.
+        Commands: ping, agent-on, agent-off, agent-kill, thaw."""
+        root = ET.fromstring(self.dom.XMLDesc(0))
+        path = None
+        for channel in root.findall("./devices/channel"):
+            target, source = channel.find("target"), channel.find("source")
+            if target is not None and target.get("name") == CONTROL_CHANNEL and source is not None:
+                path = source.get("path")
+        if not path:
+            self._fail("no control channel socket (is the domain running?)")
+        buf = b""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(path)
+                sock.sendall(command.encode() + b"\n")
+                while not buf.endswith(b"\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except OSError as exc:
+            self._fail(f"control command {command!r}: {exc} (got {buf!r})")
+        reply = buf.decode(errors="replace").strip()
+        if not reply.startswith("ok"):
+            self._fail(f"control command {command!r} answered {reply!r}")
+        return reply
+
+    def wait_control(self, timeout: float = 60) -> None:
+        """Until /init answers on the control port (booted; the agent may be off)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.dom.isActive():
+                self._fail("domain stopped while waiting for the control port")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(f"control port did not answer within {timeout}s")
+            try:
+                self.control("ping", timeout=min(2, remaining))
+                return
+            except GuestError:
+                time.sleep(0.1)
+
     def stop_agent(self, timeout: float = 30) -> None:
-        """Stop qemu-ga and keep it stopped (/run/ga-off); returns when it no longer answers.
-        The agent cannot be started again through itself: see start_agent."""
-        self.sh(": > /run/ga-off; (sleep 0.3; killall qemu-ga) >/dev/null 2>&1 &")
+        """Stop qemu-ga and keep it stopped (/run/ga-off, through the control port); returns when
+        it no longer answers. A freeze in force stays in force (the kernel keeps /data frozen)."""
+        self.control("agent-off")
         deadline = time.monotonic() + timeout
         while self.ping(timeout=2):
             if time.monotonic() > deadline:
@@ -240,9 +289,20 @@ class Guest:
             time.sleep(0.1)
 
     def start_agent(self, timeout: float = 60) -> None:
-        """Not possible without a path into the guest other than the agent; a stopped agent
-        comes back only with a reboot of the guest (destroy + create)."""
-        raise NotImplementedError("the agent cannot be restarted in a running guest: reboot it")
+        """Start qemu-ga again (or the first time, in a guest booted with agent=False); returns
+        when it answers."""
+        self.control("agent-on")
+        self.wait_agent(timeout)
+
+    def kill_agent(self) -> None:
+        """SIGKILL qemu-ga, as a crash would; its supervisor in /init starts it again ~0.2 s later
+        (wait_agent to wait for that)."""
+        self.control("agent-kill")
+
+    def thaw_without_agent(self) -> bool:
+        """Thaw /data in the guest kernel directly (busybox fsfreeze --unfreeze), bypassing the
+        agent; True when it was frozen. qemu-ga's own idea of the state is not changed."""
+        return self.control("thaw").split()[-1] == "0"
 
     # ------------------------------------------------------------------ life cycle
     def start(self, wait: bool = True, timeout: float = 60) -> None:
@@ -252,11 +312,11 @@ class Guest:
             self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Booted: the agent answers (or, booted without it, the console shows "ready")."""
+        """Booted: the agent answers (booted without it: /init answers on the control port)."""
         if self.agent:
             self.wait_agent(timeout)
         else:
-            self.wait_console("vmbackup-guest: ready", timeout)
+            self.wait_control(timeout)
 
     def shutdown(self, timeout: float = 60, mode: str | None = None) -> None:
         """A clean power-off; the guest unmounts /data and powers off. mode None: libvirt asks
@@ -335,6 +395,7 @@ class GuestFactory:
             f"<devices>{disks}"
             f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
             f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>"
+            f"<channel type='unix'><target type='virtio' name='{CONTROL_CHANNEL}'/></channel>"
             "<controller type='usb' model='none'/><memballoon model='none'/>"
             "</devices></domain>"
         )

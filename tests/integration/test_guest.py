@@ -113,15 +113,35 @@ def test_guest_exec_files_freeze_and_power(guests):
     assert disk_fsck(g.paths["vda"])[0] == 0
 
 
-def test_guest_without_agent(guests):
-    """agent=False: the guest boots (console says ready), the agent never answers, a freeze is
-    refused, and the ACPI power button shuts it down."""
+def test_guest_without_agent_and_agent_control(guests):
+    """agent=False: the guest boots (/init answers on the control port), the agent does not, a
+    freeze is refused. Through the control port: the agent started; stopped while frozen (the
+    kernel keeps /data frozen, a restarted agent still says frozen until thawed); killed (its
+    supervisor restarts it)."""
     g = guests.create(agent=False, extra_disks=1)
     assert "vmbackup.agent=0" in g.xml()
+    assert set(g.paths) == {"vda", "vdb"}
+    assert g.control("ping") == "ok ping"
     assert not g.ping(timeout=2)
     with pytest.raises(libvirt.libvirtError):
         g.dom.fsFreeze()
-    assert set(g.paths) == {"vda", "vdb"}
+
+    g.start_agent()
+    assert g.dom.fsFreeze() == 1
+    g.stop_agent()  # while frozen: qemu-ga ignores SIGTERM then, SIGKILL follows
+    assert not g.ping(timeout=2)
+    assert g.thaw_without_agent() is True    # it was frozen in the kernel
+    assert g.thaw_without_agent() is False   # and is no longer
+    g.start_agent()
+    assert g.fsfreeze_status() == "frozen"   # qemu-ga's state file survived its death
+    with pytest.raises(libvirt.libvirtError, match="frozen"):
+        g.agent_command("guest-exec", {"path": "true"})
+    g.dom.fsThaw()
+    assert g.fsfreeze_status() == "thawed"
+
+    g.kill_agent()
+    g.wait_agent(timeout=30)
+    assert g.exec(["true"])[0] == 0
     g.shutdown()
     assert not g.dom.isActive()
     assert disk_fsck(g.paths["vda"])[0] == 0
