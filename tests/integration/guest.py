@@ -152,6 +152,10 @@ class Guest:
         args: dict[str, t.Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": capture}
         if input is not None:
             args["input-data"] = base64.b64encode(input).decode()
+            # A guest-exec message of 256 KiB or more left the agent channel dead for the rest of
+            # the guest's life (qemu-ga 7.2, libvirt 9.0); write_file sends 64 KiB pieces.
+            if len(args["input-data"]) > 200 * 1024:
+                raise ValueError(f"input of {len(input)} bytes is too large for one guest-exec (max ~150 KiB): use write_file")
         try:
             return int(self.agent_command("guest-exec", args, timeout=30)["pid"])
         except libvirt.libvirtError as exc:
@@ -197,21 +201,28 @@ class Guest:
 
     def write_file(self, path: str, data: bytes, sync: bool = True) -> None:
         """Write data to path in the guest (through the guest's filesystem); fsync'ed with sync."""
-        # qemu-ga 7.2 stopped answering a guest-exec with 300 KiB of input (128 KiB worked): chunks.
-        chunk = 64 * 1024
+        chunk = 128 * 1024  # see spawn: one guest-exec message must stay well below 256 KiB
         for i in range(0, max(len(data), 1), chunk):
             self.sh('cat > "$1"' if i == 0 else 'cat >> "$1"', path, input=data[i:i + chunk])
         if sync:
             self.sh('sync "$1"', path)
 
     def read_file(self, path: str) -> bytes:
-        """The content of path in the guest; FileNotFoundError when it does not exist."""
-        code, out, err = self.exec(["sh", "-c", 'test -e "$1" || exit 44; exec cat "$1"', "sh", path])
-        if code == 44:
-            raise FileNotFoundError(path)
-        if code != 0:
-            self._fail(f"reading {path} exited {code}: {err.decode(errors='replace')}")
-        return out
+        """The content of path in the guest; FileNotFoundError when it does not exist. Read in
+        1 MiB pieces: libvirt refuses an agent reply above 4 MiB ("Unable to encode message
+        payload"), and output is base64 in it."""
+        piece, blocks = 1024 * 1024, 16  # 16 blocks of 64 KiB
+        data = b""
+        while True:
+            code, out, err = self.exec(["sh", "-c", 'test -e "$1" || exit 44; exec dd if="$1" bs=65536 skip="$2" count="$3" 2>/dev/null',
+                                        "sh", path, str(len(data) // 65536), str(blocks)])
+            if code == 44:
+                raise FileNotFoundError(path)
+            if code != 0:
+                self._fail(f"reading {path} exited {code}: {err.decode(errors='replace')}")
+            data += out
+            if len(out) < piece:
+                return data
 
     def sync(self) -> None:
         self.sh("sync")

@@ -4,6 +4,7 @@ freeze/thaw (with the slow freeze hook) are real. Other tests build on these fac
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -51,10 +52,13 @@ def test_guest_exec_files_freeze_and_power(guests):
     with pytest.raises(GuestError, match="did not finish within 1s(.|\n)*serial console"):
         g.exec(["sleep", "30"], timeout=1)
 
-    # files in /data, through the guest's filesystem
-    payload = os.urandom(300 * 1024)
+    # files in /data, through the guest's filesystem; larger than one agent message either way
+    payload = os.urandom(1536 * 1024)
     g.write_file("/data/payload.bin", payload)
     assert g.read_file("/data/payload.bin") == payload
+    assert g.sh('sha256sum "$1"', "/data/payload.bin").split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    with pytest.raises(ValueError, match="too large"):
+        g.exec(["cat"], input=payload)
     with pytest.raises(FileNotFoundError):
         g.read_file("/data/missing")
     assert b"/dev/vda on /data type ext4" in g.sh("mount")
