@@ -22,7 +22,7 @@ def ticks(guest) -> list[float]:
 
 def test_build_is_cached(tiny_guest_image):
     """A second build with the same inputs changes nothing (the stamp matches) and is fast."""
-    files = (tiny_guest_image.kernel, tiny_guest_image.initrd, tiny_guest_image.data_template)
+    files = (tiny_guest_image.kernel, tiny_guest_image.vmlinuz, tiny_guest_image.initrd, tiny_guest_image.data_template)
     before = [os.stat(f).st_mtime_ns for f in files]
     start = time.monotonic()
     proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(tiny_guest_image.kernel.parent)], capture_output=True,
