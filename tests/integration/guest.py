@@ -103,6 +103,15 @@ class Guest:
 
     @property
     def console_log(self) -> pathlib.Path:
+        """The serial console's file, from the domain's XML (workdir/console.log for ours)."""
+        try:
+            serials = ET.fromstring(self.dom.XMLDesc(0)).findall("./devices/serial")
+        except libvirt.libvirtError:
+            serials = []
+        for serial in serials:
+            source = serial.find("source")
+            if serial.get("type") == "file" and source is not None and source.get("path"):
+                return pathlib.Path(source.get("path"))
         return self.workdir / "console.log"
 
     def console(self, tail: int = 40) -> str:
@@ -369,6 +378,7 @@ class GuestFactory:
         self.domain_type = domain_type or guest_domain_type(conn)
         self.memory_mib = memory_mib
         self.guests: list[Guest] = []
+        self.adopted: list[Guest] = []
 
     def create(self, name: str | None = None, agent: bool = True, running: bool = True, extra_disks: int = 0,
                data_size: str | None = None, wait: bool = True, boot_timeout: float = 90) -> Guest:
@@ -423,7 +433,25 @@ class GuestFactory:
             guest.start(wait=wait, timeout=boot_timeout)
         return guest
 
+    def adopt(self, dom, agent: bool = True) -> Guest:
+        """A Guest for a domain made by someone else from a test guest (e.g. restored from a
+        backup): exec, files, freeze work the same. Its files are not removed by cleanup() (the
+        domain is destroyed and undefined); paths come from its XML."""
+        root = ET.fromstring(dom.XMLDesc(0))
+        paths = {}
+        for disk in root.findall("./devices/disk"):
+            source, target = disk.find("source"), disk.find("target")
+            if source is not None and target is not None and source.get("file"):
+                paths[target.get("dev")] = pathlib.Path(source.get("file"))
+        workdir = paths["vda"].parent if "vda" in paths else IMAGES
+        guest = Guest(self.conn, dom, dom.name(), workdir, paths, agent=agent)
+        self.adopted.append(guest)
+        return guest
+
     def cleanup(self) -> None:
+        for guest in self.adopted:
+            destroy_vm(guest.dom)
+        self.adopted.clear()
         for guest in self.guests:
             try:  # snapshot metadata would keep undefine from succeeding
                 for snap in guest.dom.listAllSnapshots(0):

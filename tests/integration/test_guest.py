@@ -67,35 +67,35 @@ def test_guest_exec_files_freeze_and_power(guests):
     assert g.fsfreeze_status() == "thawed"
     writer = g.spawn(["sh", "-c", "while [ ! -e /run/stop-ticks ]; do cut -d' ' -f1 /proc/uptime >> /data/ticks; sleep 0.1; done"],
                      capture=False)
-    time.sleep(1)
+    time.sleep(0.5)
     assert g.dom.fsFreeze() == 1
     assert g.fsfreeze_status() == "frozen"
     with pytest.raises(libvirt.libvirtError, match="frozen"):  # the agent refuses guest-exec while frozen
         g.agent_command("guest-exec", {"path": "true"})
-    time.sleep(2)
+    time.sleep(1.5)
     assert g.dom.fsThaw() == 1
     assert g.fsfreeze_status() == "thawed"
     time.sleep(0.5)
     g.sh(": > /run/stop-ticks")
     g.wait(writer, timeout=10)
     gaps = [b - a for a, b in zip(ticks(g), ticks(g)[1:])]
-    assert max(gaps) > 1.8, gaps  # the writer stood still while frozen
+    assert max(gaps) > 1.3, gaps  # the writer stood still while frozen (0.1 s apart otherwise)
     assert [line.split()[1] for line in g.freeze_hook_log()] == ["freeze", "thaw"]
 
     # slow freeze hook: virsh domfsfreeze takes the hook's time, then the guest is frozen
-    g.set_slow_freeze(3)
+    g.set_slow_freeze(2)
     t0 = time.monotonic()
     run(["virsh", "-c", URI, "domfsfreeze", g.name])
     took = time.monotonic() - t0
-    print(f"domfsfreeze with a 3 s hook: {took:.1f} s")
-    assert took >= 3
+    print(f"domfsfreeze with a 2 s hook: {took:.1f} s")
+    assert took >= 2
     assert g.fsfreeze_status() == "frozen"
     run(["virsh", "-c", URI, "domfsthaw", g.name])
     assert g.fsfreeze_status() == "thawed"
     g.set_slow_freeze(0)
     t0 = time.monotonic()
     g.dom.fsFreeze()
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 1.5
     g.dom.fsThaw()
 
     # shutdown through the agent: /data unmounted cleanly, the file is on the disk
