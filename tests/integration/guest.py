@@ -463,7 +463,6 @@ class GuestFactory:
         self.guests.clear()
 
 
-
 # ----------------------------------------------------------------------------- host-side checks of a data disk
 def _as_raw(image: pathlib.Path | str, workdir: pathlib.Path) -> pathlib.Path:
     raw = workdir / f"check-{uuid.uuid4().hex[:8]}.raw"
