@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -29,8 +30,10 @@ from harness import IMAGES, PREFIX, destroy_vm, pick_domain_type, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-test-guest.sh"
-# Where the build script caches the guest (override: VMBACKUP_GUEST_DIR).
-GUEST_DIR = pathlib.Path(os.environ.get("VMBACKUP_GUEST_DIR", "/var/cache/vmbackup-test-guest"))
+# Where the build script caches the guest: VMBACKUP_GUEST_DIR, else a directory per version of
+# the script under the script's default, so that test runs from checkouts with different versions
+# (worktrees, branches) do not rebuild each other's files under their feet.
+GUEST_BASE = pathlib.Path("/var/cache/vmbackup-test-guest")
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 CONTROL_CHANNEL = "org.vmbackup.control.0"  # our own port into /init: works without the agent
 CMDLINE = "console=ttyS0 quiet panic=-1"
@@ -53,12 +56,34 @@ class GuestImage:
 _IMAGE: GuestImage | None = None
 
 
+def guest_dir() -> pathlib.Path:
+    if os.environ.get("VMBACKUP_GUEST_DIR"):
+        return pathlib.Path(os.environ["VMBACKUP_GUEST_DIR"])
+    version = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]
+    _prune_versions(keep=version)
+    return GUEST_BASE / f"v-{version}"
+
+
+def _prune_versions(keep: str, days: float = 2) -> None:
+    """Remove the builds of other script versions not used for ``days`` (every build run, also
+    one that finds its files current, opens the directory's .lock for writing: its mtime)."""
+    if not GUEST_BASE.is_dir():
+        return
+    for path in GUEST_BASE.glob("v-*"):
+        try:
+            idle = time.time() - (path / ".lock").stat().st_mtime
+        except OSError:
+            continue
+        if path.name != f"v-{keep}" and idle > days * 86400:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def guest_image() -> GuestImage:
     """Run the build script once per process (it is a no-op when its stamp matches)."""
     global _IMAGE  # pylint: disable=global-statement
     if _IMAGE is None:
         start = time.monotonic()
-        proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(GUEST_DIR)], capture_output=True, text=True, check=False)
+        proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(guest_dir())], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise GuestError(f"{BUILD_SCRIPT} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         outdir = pathlib.Path(proc.stdout.strip().splitlines()[-1])
