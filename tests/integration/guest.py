@@ -395,6 +395,32 @@ class Guest:
         return self.dom.XMLDesc(0)
 
 
+def domain_xml(name: str, image: GuestImage, disks: dict[str, pathlib.Path], console: pathlib.Path, agent: bool = True,
+               domain_type: str = "qemu", memory_mib: int = 128) -> str:
+    """The test guest's domain XML: direct kernel boot, qcow2 virtio disks (target -> file, alias
+    ua-<target>), serial console to a file, the agent and control channels, nothing else."""
+    disk_xml = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{saxutils.escape(str(path))}'/>"
+        f"<target dev='{target}' bus='virtio'/><alias name='ua-{target}'/></disk>"
+        for target, path in disks.items()
+    )
+    cmdline = CMDLINE + ("" if agent else " vmbackup.agent=0")
+    return (
+        f"<domain type='{domain_type}'><name>{saxutils.escape(name)}</name>"
+        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type>"
+        f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd><cmdline>{cmdline}</cmdline></os>"
+        "<features><acpi/></features><clock offset='utc'/>"
+        "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
+        f"<devices>{disk_xml}"
+        f"<serial type='file'><source path='{saxutils.escape(str(console))}'/><target port='0'/></serial>"
+        f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>"
+        f"<channel type='unix'><target type='virtio' name='{CONTROL_CHANNEL}'/></channel>"
+        "<controller type='usb' model='none'/><memballoon model='none'/>"
+        "</devices></domain>"
+    )
+
+
 class GuestFactory:
     """Throwaway guests; cleanup() destroys and undefines them and removes their files."""
 
@@ -410,7 +436,7 @@ class GuestFactory:
         """A guest with its own copy of the data disk as vda (ext4 "data", mounted at /data, alias
         ua-vda) and ``extra_disks`` blank 64 MiB qcow2 disks vdb.. (alias ua-vdb..). agent=False
         boots with the agent off (kernel cmdline vmbackup.agent=0). running + wait: returns once
-        the agent answers (agent=False: once /init says "ready")."""
+        the agent answers (agent=False: once /init answers on the control port)."""
         image = guest_image()
         token = uuid.uuid4().hex[:10]
         workdir = IMAGES / f"{PREFIX}g-{token}"
@@ -430,27 +456,8 @@ class GuestFactory:
             target = "vd" + "bcdefgh"[i]
             paths[target] = workdir / f"{target}.qcow2"
             run(["qemu-img", "create", "-q", "-f", "qcow2", str(paths[target]), "64M"])
-        disks = "".join(
-            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{path}'/>"
-            f"<target dev='{target}' bus='virtio'/><alias name='ua-{target}'/></disk>"
-            for target, path in paths.items()
-        )
-        cmdline = CMDLINE + ("" if agent else " vmbackup.agent=0")
-        console = workdir / "console.log"
-        xml = (
-            f"<domain type='{self.domain_type}'><name>{saxutils.escape(name)}</name>"
-            f"<memory unit='MiB'>{self.memory_mib}</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type>"
-            f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd><cmdline>{cmdline}</cmdline></os>"
-            "<features><acpi/></features><clock offset='utc'/>"
-            "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
-            f"<devices>{disks}"
-            f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
-            f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>"
-            f"<channel type='unix'><target type='virtio' name='{CONTROL_CHANNEL}'/></channel>"
-            "<controller type='usb' model='none'/><memballoon model='none'/>"
-            "</devices></domain>"
-        )
+        xml = domain_xml(name, image, paths, workdir / "console.log", agent=agent, domain_type=self.domain_type,
+                         memory_mib=self.memory_mib)
         dom = self.conn.defineXML(xml)
         guest = Guest(self.conn, dom, name, workdir, paths, agent=agent)
         self.guests.append(guest)
@@ -522,3 +529,54 @@ def disk_fsck(image: pathlib.Path | str, workdir: pathlib.Path | None = None) ->
         return proc.returncode, proc.stdout + proc.stderr
     finally:
         raw.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- command line (demo, debugging)
+def main(argv: list[str] | None = None) -> int:
+    """python tests/integration/guest.py define NAME [--dir DIR] [--no-agent] [--start]
+                                          exec NAME -- ARGV...
+    define: a persistent test guest (not cleaned up) with its data disk in DIR (default
+    /var/lib/libvirt/images/NAME), booting from /var/cache/vmbackup-test-guest (or
+    VMBACKUP_GUEST_DIR); prints the directory. exec: runs ARGV in a running guest,
+    prints its output and exits with its code."""
+    import argparse  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    parser = argparse.ArgumentParser(prog="guest.py")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_define = sub.add_parser("define")
+    p_define.add_argument("name")
+    p_define.add_argument("--dir", type=pathlib.Path)
+    p_define.add_argument("--no-agent", action="store_true")
+    p_define.add_argument("--start", action="store_true")
+    p_exec = sub.add_parser("exec")
+    p_exec.add_argument("name")
+    p_exec.add_argument("argv", nargs="+")
+    args = parser.parse_args(argv)
+    conn = libvirt.open("qemu:///system")
+    if args.cmd == "define":
+        # A persistent guest boots from the unversioned default directory, which is never pruned.
+        os.environ.setdefault("VMBACKUP_GUEST_DIR", str(GUEST_BASE))
+        image = guest_image()
+        workdir = args.dir or IMAGES / args.name
+        workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(workdir, 0o755)
+        disk = workdir / "vda.qcow2"
+        if not disk.exists():
+            shutil.copyfile(image.data_template, disk)
+        dom = conn.defineXML(domain_xml(args.name, image, {"vda": disk}, workdir / "console.log", agent=not args.no_agent,
+                                        domain_type=guest_domain_type(conn)))
+        guest = Guest(conn, dom, args.name, workdir, {"vda": disk}, agent=not args.no_agent)
+        if args.start:
+            guest.start()
+        print(workdir)
+        return 0
+    dom = conn.lookupByName(args.name)
+    guest = Guest(conn, dom, args.name, IMAGES, {})
+    code, out, err = guest.exec(args.argv)
+    sys.stdout.buffer.write(out)
+    sys.stderr.buffer.write(err)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
