@@ -616,3 +616,27 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
         if guard is not None:
             guard.stop()  # still armed here only when the thaw failed: the guard then thaws on the pipe's end
         marker.close()
+
+
+def predict(dom, policy: str) -> Quiesce:
+    """Read-only: what ``frozen`` would most likely give (check mode, and the preflight that lets
+    ``required`` fail before anything is written). Raises QUIESCE_FAILED when ``required`` cannot
+    be met: the VM cannot answer, or its agent does not answer guest-ping."""
+    q = Quiesce(policy=policy)
+    skip, fails = skip_reason(policy, lv.domain_state(dom))
+    if skip is None:
+        skip = probe(dom)
+        fails = skip is not None
+    if skip is not None and fails and policy == "required":
+        raise VmBackupError("QUIESCE_FAILED", f"quiesce=required but the guest cannot be frozen: {skip}", phase="preflight",
+                            quiesce=dataclasses.replace(q, reason=skip).public())
+    if skip is None:
+        q.consistency = "application"
+    q.reason = skip
+    return q
+
+
+def no_agent_channel(reason: str | None) -> bool:
+    """Whether a fallback's reason is the VM having no agent channel at all (a deliberate setup,
+    not an anomaly worth a warning)."""
+    return bool(reason) and reason.startswith("the VM has no guest agent channel")
