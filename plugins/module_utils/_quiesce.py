@@ -252,13 +252,14 @@ class Marker:
 
 
 # ---------------------------------------------------------------------- the guard process
-# Run as ``python -c GUARD_SOURCE uri uuid retry``: self-contained (the module's files are in a
-# zip it cannot import from), only the libvirt binding.
+# Run as ``python -c GUARD_SOURCE uri uuid retry marker``: self-contained (the module's files are
+# in a zip it cannot import from), only the libvirt binding. After a thaw it empties the marker
+# when it can take its lock, i.e. when the module is dead (a live module holds it).
 GUARD_SOURCE = r'''
-import os, select, signal, sys, time
+import fcntl, os, select, signal, sys, time
 import libvirt
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
-uri, vm_uuid, retry = sys.argv[1], sys.argv[2], float(sys.argv[3])
+uri, vm_uuid, retry, marker = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 
 class Thaw(Exception):
     pass
@@ -313,6 +314,13 @@ while True:
     try:
         count = dom.fsThaw(None, 0)
         say("thawed %s %d" % (why, count))
+        try:
+            fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        except OSError:
+            pass
         sys.exit(0)
     except libvirt.libvirtError as exc:
         try:
@@ -330,16 +338,17 @@ while True:
 class Guard:
     """The guard child (see the module's notes)."""
 
-    def __init__(self, uri: str, vm_uuid: str) -> None:
+    def __init__(self, uri: str, vm_uuid: str, marker: str) -> None:
         self.uri = uri
         self.vm_uuid = vm_uuid
+        self.marker = marker
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         """Start the guard and wait until it holds its own connection; VmBackupError when it cannot."""
         try:
             self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-                [sys.executable, "-c", GUARD_SOURCE, self.uri, self.vm_uuid, str(THAW_RETRY_SECONDS)],
+                [sys.executable, "-c", GUARD_SOURCE, self.uri, self.vm_uuid, str(THAW_RETRY_SECONDS), self.marker],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
                 start_new_session=True,
             )
@@ -459,6 +468,18 @@ def may_have_frozen(code: int | None, message: str) -> bool:
     return not (code == VIR_ERR_AGENT_UNRESPONSIVE and "not connected" in message)
 
 
+def freeze_status(dom, timeout: int = PROBE_SECONDS) -> str | None:
+    """Read-only: the agent's ``guest-fsfreeze-status`` (``thawed`` | ``frozen``), None when it
+    cannot be asked or does not answer."""
+    if libvirt_qemu is None:
+        return None
+    try:
+        answer = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), timeout, 0)
+        return json.loads(answer).get("return")
+    except (libvirt.libvirtError, ValueError, AttributeError):
+        return None
+
+
 def _freeze_bounded(dom, timeout: float) -> tuple[int | None, str | None, bool]:
     """fsFreeze, waited for at most ``timeout`` seconds: (file systems frozen, why it failed,
     whether the guest may be (or become) frozen all the same)."""
@@ -503,7 +524,10 @@ def leftover(dom, directory: str | None = None) -> bool:
             return False  # a live run is quiescing the guest right now
         try:
             active = bool(dom.isActive())
-            return marker_verdict(marker.read(), active, dom.ID() if active else -1) == "thaw"
+            if marker_verdict(marker.read(), active, dom.ID() if active else -1) != "thaw":
+                return False
+            # The guard may have thawed already (it leaves the marker to the next run).
+            return freeze_status(dom) != "thawed"
         finally:
             fcntl.flock(marker.fd, fcntl.LOCK_UN)
     finally:
@@ -561,7 +585,7 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
             give_up("another run of the collection is quiescing this VM")
         else:
             q.thawed_leftover = _clear_leftover(dom, marker)
-            guard = Guard(uri, dom.UUIDString())
+            guard = Guard(uri, dom.UUIDString(), marker.path)
             try:
                 guard.start()
             except VmBackupError as exc:
