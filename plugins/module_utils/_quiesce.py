@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import typing as t
+import xml.etree.ElementTree as ET
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
@@ -77,6 +78,8 @@ VIR_ERR_OPERATION_UNSUPPORTED = 84
 VIR_ERR_AGENT_UNRESPONSIVE = 86
 VIR_ERR_OPERATION_TIMEOUT = 68
 VIR_ERR_NO_SUPPORT = 3
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+NO_CHANNEL = f"the VM has no guest agent channel ({AGENT_CHANNEL})"
 FREEZABLE_STATES = ("running", "blocked")
 NOT_RUNNING_STATES = ("shutoff", "shutdown", "crashed", "nostate")
 
@@ -134,11 +137,21 @@ def skip_reason(policy: str, vm_state: str) -> tuple[str | None, bool]:
     return f"the VM is {vm_state}: its guest agent cannot answer", True
 
 
+def has_agent_channel(xml: str) -> bool:
+    """Whether the domain XML has the guest agent's virtio-serial channel (without it no agent can
+    ever answer, and no guard process is worth starting)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return True  # in doubt, ask libvirt
+    return any(target.get("name") == AGENT_CHANNEL for target in root.findall("./devices/channel/target"))
+
+
 def describe_error(code: int | None, message: str) -> str:
     """Why a guest-agent call failed, in an operator's words (from libvirt's error code)."""
     message = (message or "").strip()
     if code == VIR_ERR_ARGUMENT_UNSUPPORTED or "not configured" in message:
-        return f"the VM has no guest agent channel (org.qemu.guest_agent.0): {message}"
+        return f"{NO_CHANNEL}: {message}"
     if code == VIR_ERR_AGENT_UNRESPONSIVE:
         return f"the guest agent is not connected or does not answer: {message}"
     if code in (VIR_ERR_OPERATION_UNSUPPORTED, VIR_ERR_NO_SUPPORT):
@@ -576,6 +589,10 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
                                 quiesce=dataclasses.replace(q, reason=why).public())
         q.reason = why
 
+    if not has_agent_channel(dom.XMLDesc(0)):
+        give_up(NO_CHANNEL)
+        yield q
+        return
     marker = Marker(dom.UUIDString(), directory)
     marker.open(create=True)
     guard = None
@@ -649,7 +666,7 @@ def predict(dom, policy: str) -> Quiesce:
     q = Quiesce(policy=policy)
     skip, fails = skip_reason(policy, lv.domain_state(dom))
     if skip is None:
-        skip = probe(dom)
+        skip = probe(dom) if has_agent_channel(dom.XMLDesc(0)) else NO_CHANNEL
         fails = skip is not None
     if skip is not None and fails and policy == "required":
         raise VmBackupError("QUIESCE_FAILED", f"quiesce=required but the guest cannot be frozen: {skip}", phase="preflight",
@@ -663,4 +680,4 @@ def predict(dom, policy: str) -> Quiesce:
 def no_agent_channel(reason: str | None) -> bool:
     """Whether a fallback's reason is the VM having no agent channel at all (a deliberate setup,
     not an anomaly worth a warning)."""
-    return bool(reason) and reason.startswith("the VM has no guest agent channel")
+    return bool(reason) and reason.startswith(NO_CHANNEL)

@@ -171,14 +171,31 @@ def test_guard_source_compiles():
     compile(qz.GUARD_SOURCE, "<guard>", "exec")
 
 
-class FakeDom:
-    """Stands in for a libvirt domain only where no daemon is involved (probe without libvirt_qemu)."""
+@pytest.mark.parametrize("xml, expected", [
+    ("<domain><devices><channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>", True),
+    ("<domain><devices><channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel></devices></domain>", False),
+    ("<domain><devices><disk/></devices></domain>", False),
+    ("not xml", True),  # in doubt: ask libvirt
+])
+def test_has_agent_channel(xml, expected):
+    assert qz.has_agent_channel(xml) is expected
 
-    def __init__(self, state=1):
+
+NO_CHANNEL_XML = "<domain><devices/></domain>"
+
+
+class FakeDom:
+    """Stands in for a libvirt domain only where no daemon is involved (state and XML)."""
+
+    def __init__(self, state=1, xml=NO_CHANNEL_XML):
         self._state = state
+        self._xml = xml
 
     def state(self):
         return self._state, 0
+
+    def XMLDesc(self, flags=0):  # noqa: N802  (libvirt's name)
+        return self._xml
 
 
 def test_predict_shutoff_and_never_need_no_agent():
@@ -199,3 +216,18 @@ def test_frozen_never_touches_nothing(tmp_path):
         pass
     assert q.consistency == "crash" and not q.frozen and q.reason == "quiesce=never"
     assert not (tmp_path / "s").exists() and time.monotonic() - started < 1
+
+
+def test_no_channel_auto_falls_back_without_a_guard_or_a_marker(tmp_path):
+    with qz.frozen(FakeDom(1), "auto", 5, "qemu:///system", directory=str(tmp_path / "s")) as q:
+        pass
+    assert q.consistency == "crash" and qz.no_agent_channel(q.reason) and q.freeze_seconds is None
+    assert not (tmp_path / "s").exists()
+
+
+def test_no_channel_required_fails_in_predict_and_frozen(tmp_path):
+    for call in (lambda: qz.predict(FakeDom(1), "required"),
+                 lambda: qz.frozen(FakeDom(1), "required", 5, "qemu:///system", directory=str(tmp_path)).__enter__()):
+        with pytest.raises(VmBackupError) as err:
+            call()
+        assert err.value.error_code == "QUIESCE_FAILED" and qz.NO_CHANNEL in err.value.msg
