@@ -529,6 +529,8 @@ def _clear_leftover(dom, marker: Marker) -> bool:
 def leftover(dom, directory: str | None = None) -> bool:
     """Read-only (check mode): whether a freeze marker of a dead run would make the next real
     run thaw the guest."""
+    if lv.domain_state(dom) not in FREEZABLE_STATES:
+        return False
     marker = Marker(dom.UUIDString(), directory)
     try:
         if not marker.open(create=False):
@@ -550,7 +552,10 @@ def leftover(dom, directory: str | None = None) -> bool:
 def thaw_leftover(dom, uri: str = "", directory: str | None = None) -> bool:  # pylint: disable=unused-argument
     """Thaw a guest left frozen by a run that was killed (module and guard); True when it was
     frozen. Called first by export and snapshot. A live run that is quiescing the guest now
-    holds the marker's lock: then nothing is touched."""
+    holds the marker's lock: then nothing is touched. A paused guest's agent cannot answer: its
+    marker waits for a run that finds the guest running."""
+    if lv.domain_state(dom) not in FREEZABLE_STATES:
+        return False
     marker = Marker(dom.UUIDString(), directory)
     try:
         if not marker.open(create=False):
