@@ -373,7 +373,8 @@ class Guard:
             raise VmBackupError("QUIESCE_FAILED", "the thaw guard did not start (it could not connect to libvirt or find the VM)")
 
     def _read_line(self, timeout: float) -> str | None:
-        assert self.proc is not None and self.proc.stdout is not None
+        if self.proc is None or self.proc.stdout is None:
+            return None
         fd = self.proc.stdout.fileno()
         buf = b""
         deadline = time.monotonic() + timeout
@@ -388,7 +389,8 @@ class Guard:
         return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
     def _send(self, text: str) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
+        if self.proc is None or self.proc.stdin is None:
+            return
         try:
             self.proc.stdin.write(text.encode("utf-8") + b"\n")
             self.proc.stdin.flush()

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
-import subprocess
 import time
 
 import libvirt
