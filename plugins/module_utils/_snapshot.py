@@ -28,8 +28,11 @@ import struct
 import typing as t
 import xml.etree.ElementTree as ET
 
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
 
 PREFIX = "vmbackup-snap-"
 # A bare snapshot name becomes part of file names (the overlays), so it is kept plain.
@@ -165,3 +168,454 @@ def list_snapshots(dom) -> list[dict[str, t.Any]]:
         entry["current"] = entry["name"] == current
         out.append(entry)
     return out
+
+
+# ---------------------------------------------------------------------- the module's backend
+
+STATES = ("present", "absent", "reverted")
+RUN_STATES = ("running", "shutoff", "paused", "as_snapshot")
+
+
+@dataclasses.dataclass
+class SnapshotParams:
+    snapshot: str
+    name: str | None = None
+    uuid: str | None = None
+    uri: str = "qemu:///system"
+    state: str = "present"
+    quiesce: str = "auto"
+    quiesce_timeout: float = 10.0
+    memory: bool = False
+    description: str | None = None
+    run_state: str = "as_snapshot"
+    foreign: bool = False
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run does (or would do): a pure value, decided before any side effect."""
+
+    action: str  # create | delete | revert | none
+    reason: str
+    snapshot: str  # the libvirt name
+    vm_state: str
+    disks: list[dict[str, t.Any]]  # per disk: target, overlay, base (create: the overlay to be made)
+    memory_file: str | None = None
+    drop: list[str] = dataclasses.field(default_factory=list)  # later snapshots a revert drops (children first)
+    drop_files: list[str] = dataclasses.field(default_factory=list)  # their overlays and memory files
+    run_state: str | None = None  # reverted: the run state afterwards (running | paused | shutoff)
+    restore_memory: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.action != "none"
+
+
+def validate_params(p: SnapshotParams) -> str:
+    """Checks that need no I/O; returns the snapshot's libvirt name."""
+    if (p.name is None) == (p.uuid is None):
+        raise VmBackupError("INVALID_ARGUMENT", "give exactly one of name or uuid (the VM)")
+    if p.name is not None and (not p.name or "\x00" in p.name):
+        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
+    if p.state not in STATES:
+        raise VmBackupError("INVALID_ARGUMENT", f"state {p.state!r} is not one of {', '.join(STATES)}")
+    if p.run_state not in RUN_STATES:
+        raise VmBackupError("INVALID_ARGUMENT", f"run_state {p.run_state!r} is not one of {', '.join(RUN_STATES)}")
+    if p.quiesce not in ("auto", "required", "never"):
+        raise VmBackupError("INVALID_ARGUMENT", f"quiesce {p.quiesce!r} is not one of auto, required, never")
+    if not (isinstance(p.quiesce_timeout, (int, float)) and 0 < p.quiesce_timeout <= 3600):
+        raise VmBackupError("INVALID_ARGUMENT", f"quiesce_timeout must be above 0 and at most 3600 seconds, not {p.quiesce_timeout!r}")
+    if p.foreign and p.state == "present":
+        raise VmBackupError("INVALID_ARGUMENT", "foreign: true names an existing snapshot made by another tool; "
+                            "it applies to state absent and reverted only")
+    if p.description is not None and "\x00" in p.description:
+        raise VmBackupError("INVALID_ARGUMENT", "description must not contain NUL characters")
+    return libvirt_name(p.snapshot, p.foreign)
+
+
+def run_state_after(requested: str, snapshot_state: str | None, memory: str) -> tuple[str, bool]:
+    """(running | paused | shutoff, restore from the memory file?) for a revert (pure)."""
+    if requested == "as_snapshot":
+        requested = {"shutoff": "shutoff", "paused": "paused"}.get(snapshot_state or "", "running")
+    return requested, memory == "external" and requested != "shutoff"
+
+
+def snapshot_xml(name: str, description: str | None, disks: list[dict[str, t.Any]], skip: t.Iterable[str],
+                 memory_file: str | None) -> str:
+    """An external <domainsnapshot>: each disk of ``disks`` gets its overlay, ``skip`` none."""
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    if description:
+        ET.SubElement(root, "description").text = description
+    if memory_file:
+        ET.SubElement(root, "memory", snapshot="external", file=memory_file)
+    else:
+        ET.SubElement(root, "memory", snapshot="no")
+    disks_el = ET.SubElement(root, "disks")
+    for disk in disks:
+        el = ET.SubElement(disks_el, "disk", name=disk["target"], snapshot="external", type="file")
+        ET.SubElement(el, "driver", type="qcow2")
+        ET.SubElement(el, "source", file=disk["overlay"])
+    for target in skip:
+        ET.SubElement(disks_el, "disk", name=target, snapshot="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def repoint_disks(domain_xml: str, sources: dict[str, str]) -> str:
+    """The domain XML with each disk of ``sources`` (target -> overlay) on that file, qcow2, and
+    without the backing chain libvirt had recorded (it re-reads it from the image)."""
+    root = ET.fromstring(domain_xml)
+    for el in root.findall("./devices/disk"):
+        target = el.find("target")
+        if target is None or target.get("dev") not in sources:
+            continue
+        el.set("type", "file")
+        source = el.find("source")
+        if source is None:
+            source = ET.SubElement(el, "source")
+        source.attrib.clear()  # index, dev, pool/volume of the old source mean nothing for the overlay
+        source.set("file", sources[target.get("dev")])
+        for backing in el.findall("backingStore"):
+            el.remove(backing)
+        driver = el.find("driver")
+        if driver is not None:
+            driver.set("type", "qcow2")
+    return ET.tostring(root, encoding="unicode")
+
+
+def mark_merge_failed(description: str | None) -> str:
+    text = description or ""
+    return text if MERGE_FAILED_MARK in text else (f"{text} {MERGE_FAILED_MARK}".strip())
+
+
+def with_description(xml: str, description: str) -> str:
+    root = ET.fromstring(xml)
+    el = root.find("description")
+    if el is None:
+        el = ET.Element("description")
+        root.insert(1, el)
+    el.text = description
+    return ET.tostring(root, encoding="unicode")
+
+
+class SnapshotBackend(Backend):
+    """Observe the VM and its snapshots, decide (Plan), and act under one check-mode gate."""
+
+    cancel_outcome = "what had been done is reported in msg"
+
+    def run(self) -> dict[str, t.Any]:
+        self.removed: list[str] = []
+        self._skip: list[str] = []
+        name = validate_params(self.p)
+        with lv.session(self.p.uri) as conn:
+            dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
+            vm = {"name": dom.name(), "uuid": dom.UUIDString()}
+            before = list_snapshots(dom)
+            plan = self._plan(dom, name, before)
+            quiesce = None
+            if not self.check_mode and plan.changed:
+                # The one gate: everything below changes the VM.
+                quiesce = getattr(self, f"_do_{plan.action}")(conn, dom, plan)
+            after = list_snapshots(dom) if not self.check_mode else self._predict(before, plan)
+            vm["state"] = lv.domain_state(dom) if not self.check_mode else (plan.run_state or plan.vm_state)
+            return self._result(plan, vm, before, after, quiesce)
+
+    # ------------------------------------------------------------------ decide
+    def _plan(self, dom, name: str, snapshots: list[dict[str, t.Any]]) -> Plan:
+        vm_state = lv.domain_state(dom)
+        entry = next((s for s in snapshots if s["name"] == name), None)
+        if self.p.state == "present":
+            if entry is not None:
+                return Plan("none", f"snapshot {name} exists", name, vm_state, entry["disks"], entry["memory_file"])
+            return self._plan_create(dom, name, vm_state)
+        if self.p.state == "absent":
+            if entry is None:
+                return Plan("none", self._missing_reason(name, snapshots), name, vm_state, [])
+            self._check_external(entry)
+            self._check_in_chain(dom, entry)
+            return Plan("delete", f"snapshot {name} is merged back into its base images", name, vm_state,
+                        [d for d in entry["disks"] if d["kind"] == "external"], entry["memory_file"])
+        if entry is None:
+            raise VmBackupError("SNAPSHOT_NOT_FOUND", f"{self._missing_reason(name, snapshots)}; nothing to revert to",
+                                snapshot=name, snapshots=[s["name"] for s in snapshots])
+        return self._plan_revert(dom, entry, snapshots, vm_state)
+
+    def _missing_reason(self, name: str, snapshots: list[dict[str, t.Any]]) -> str:
+        text = f"VM has no snapshot {name}"
+        if not self.p.foreign and any(s["name"] == self.p.snapshot and not s["ours"] for s in snapshots):
+            text += (f" (a foreign snapshot named {self.p.snapshot!r} exists and is left alone; "
+                     "name it with foreign: true to act on it)")
+        return text
+
+    def _plan_create(self, dom, name: str, vm_state: str) -> Plan:
+        running = lv.is_active(dom)
+        disks = lv.parse_disks(lv.domain_xml(dom, inactive=not running))
+        chosen, skip = [], []
+        for disk in disks:
+            if disk.device in ("cdrom", "floppy") or disk.readonly or not disk.source:
+                skip.append(disk.target)  # nothing a guest writes: no overlay
+                continue
+            if disk.source_type != "file":
+                raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"disk {disk.target} has a {disk.source_type} source; "
+                                    "this module makes overlays of file-backed disks only", disk=disk.target)
+            overlay = overlay_path(disk.source, name)
+            if os.path.lexists(overlay):
+                raise VmBackupError("SNAPSHOT_FAILED", f"the overlay {overlay} of disk {disk.target} exists already "
+                                    "(no snapshot of this VM names it); remove or rename it", disk=disk.target, path=overlay)
+            chosen.append({"target": disk.target, "kind": "external", "overlay": overlay, "base": disk.source})
+        if not chosen:
+            raise VmBackupError("NO_DISKS", "the VM has no disk a snapshot could cover")
+        if not running and lv.checkpoint_names(dom):
+            raise VmBackupError("SNAPSHOT_UNSUPPORTED", "libvirt 9.0 refuses a disk snapshot of a shut-off VM that has "
+                                "checkpoints (backup bitmaps); snapshot it while it runs, or after its next shut-off copy",
+                                checkpoints=lv.checkpoint_names(dom))
+        memory_file = None
+        if self.p.memory:
+            if vm_state not in ("running", "paused", "blocked"):
+                raise VmBackupError("INVALID_ARGUMENT", f"memory: true needs a running VM; it is {vm_state}")
+            memory_file = f"{base_image_of(chosen[0]['base'])}.{name}.mem"
+            if os.path.lexists(memory_file):
+                raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {memory_file} exists already", path=memory_file)
+        if running and lv.active_job(dom) is not None:
+            raise VmBackupError("BACKUP_JOB_ACTIVE", "a libvirt job (a backup?) runs on the VM; snapshot it when it has finished")
+        self._skip = skip
+        return Plan("create", f"snapshot {name} does not exist", name, vm_state, chosen, memory_file)
+
+    @staticmethod
+    def _check_external(entry: dict[str, t.Any]) -> None:
+        kinds = {d["kind"] for d in entry["disks"]}
+        if "internal" in kinds or entry["memory"] == "internal" or "external" not in kinds:
+            raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"snapshot {entry['name']} is not an external disk snapshot "
+                                "(internal snapshots are not handled by this module)", snapshot=entry["name"])
+
+    def _chain(self, path: str) -> list[str]:
+        return [img.get("filename") for img in self.qemu_img.info_chain(path, None, force_share=True)]
+
+    def _check_in_chain(self, dom, entry: dict[str, t.Any]) -> dict[str, list[str]]:
+        """Every overlay of the snapshot is in its disk's active chain now; returns target -> chain."""
+        sources = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
+        chains = {}
+        for disk in entry["disks"]:
+            if disk["kind"] != "external":
+                continue
+            source = sources.get(disk["target"])
+            if source is None or not disk["overlay"] or not os.path.exists(disk["overlay"]):
+                raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"snapshot {entry['name']}: the overlay {disk['overlay']} of disk "
+                                    f"{disk['target']} is missing, or the VM no longer has that disk", snapshot=entry["name"])
+            try:
+                chain = self._chain(source)
+            except VmBackupError as exc:
+                raise VmBackupError("SNAPSHOT_FAILED", f"cannot read the backing chain of disk {disk['target']}: {exc.msg}") from None
+            if disk["overlay"] not in chain:
+                raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"snapshot {entry['name']}: its overlay {disk['overlay']} is not in "
+                                    f"the active chain of disk {disk['target']} ({' <- '.join(reversed(chain))}); "
+                                    "it was merged or replaced outside this module", snapshot=entry["name"], chain=chain)
+            chains[disk["target"]] = chain
+        return chains
+
+    def _plan_revert(self, dom, entry: dict[str, t.Any], snapshots: list[dict[str, t.Any]], vm_state: str) -> Plan:
+        name = entry["name"]
+        self._check_external(entry)
+        if MERGE_FAILED_MARK in (entry["description"] or ""):
+            raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"a merge of snapshot {name} failed after writing part of it into "
+                                "its base image: its point in time is gone, so it cannot be reverted to; delete it "
+                                "(state: absent) once the cause is fixed", snapshot=name)
+        chains = self._check_in_chain(dom, entry)
+        children = {}
+        for s in snapshots:
+            children.setdefault(s["parent"], []).append(s)
+        later, todo = [], list(children.get(name, []))
+        while todo:
+            s = todo.pop()
+            later.append(s)
+            todo.extend(children.get(s["name"], []))
+        foreign = [s["name"] for s in later if not s["ours"]]
+        if foreign:
+            raise VmBackupError("SNAPSHOT_FOREIGN", f"reverting to {name} would drop the later snapshots {', '.join(foreign)} "
+                                "made by another tool; delete them with that tool first", snapshot=name, foreign_snapshots=foreign)
+        for s in later:
+            self._check_external(s)
+        disks = []
+        for disk in entry["disks"]:
+            if disk["kind"] != "external":
+                continue
+            base = disk["base"]
+            if not base or not os.path.exists(base):
+                raise VmBackupError("SNAPSHOT_FAILED", f"the base image {base} of {disk['overlay']} is missing", snapshot=name)
+            disks.append(dict(disk, chain=chains[disk["target"]]))
+        drop_files = []
+        for s in later:
+            drop_files += [d["overlay"] for d in s["disks"] if d["kind"] == "external" and d["overlay"]]
+            if s["memory_file"]:
+                drop_files.append(s["memory_file"])
+        run_state, restore = run_state_after(self.p.run_state, entry["state"], entry["memory"])
+        if restore and not (entry["memory_file"] and os.path.exists(entry["memory_file"])):
+            raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {entry['memory_file']} of {name} is missing; "
+                                "revert with run_state: shutoff (disks only)", snapshot=name)
+        plan = Plan("revert", "", name, vm_state, disks, entry["memory_file"], [s["name"] for s in reversed(later)],
+                    drop_files, run_state, restore)
+        if not later and vm_state == run_state and not restore and all(self._overlay_clean(d) for d in disks):
+            plan.action, plan.reason = "none", f"the VM is at snapshot {name} (its overlays hold no write) and {run_state}"
+        else:
+            plan.reason = (f"the VM is returned to snapshot {name}, discarding what was written since"
+                           + (f" and the later snapshots {', '.join(plan.drop)}" if plan.drop else ""))
+        return plan
+
+    def _overlay_clean(self, disk: dict[str, t.Any]) -> bool:
+        """The disk runs on the snapshot's overlay and nothing was written into it."""
+        if disk["chain"][0] != disk["overlay"]:
+            return False
+        return not any(e.get("depth") == 0 for e in self.qemu_img.map(disk["overlay"], "qcow2", force_share=True))
+
+    # ------------------------------------------------------------------ act
+    def _do_create(self, conn, dom, plan: Plan) -> dict[str, t.Any] | None:
+        xml = snapshot_xml(plan.snapshot, self.p.description, plan.disks, self._skip, plan.memory_file)
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE if plan.memory_file else libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        running = lv.is_active(dom)
+        if running and _quiesce.thaw_leftover(dom, self.p.uri):
+            self.cleaned.append("a guest freeze left by a killed run (thawed)")
+        # No libvirt QUIESCE flag: the freeze is ours, so its length is bounded and measured.
+        with _quiesce.frozen(dom, self.p.quiesce if running else "never", self.p.quiesce_timeout, self.p.uri) as q:
+            try:
+                dom.snapshotCreateXML(xml, flags)
+            except libvirt.libvirtError as exc:
+                raise VmBackupError("SNAPSHOT_FAILED", f"libvirt refused the snapshot {plan.snapshot}: {exc.get_error_message()}",
+                                    phase="create") from None
+        now = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
+        wrong = [d["target"] for d in plan.disks if now.get(d["target"]) != d["overlay"]]
+        if wrong:
+            self.warnings.append(f"after the snapshot, disks {', '.join(wrong)} do not run on their new overlays")
+        return q.public()
+
+    def _do_delete(self, conn, dom, plan: Plan) -> None:
+        snap = dom.snapshotLookupByName(plan.snapshot, 0)
+        try:
+            # libvirt 9.0 merges an external snapshot itself (commit + pivot, or qemu-img commit when
+            # shut off), keeps the checkpoint bitmaps consistent and removes the merged overlays.
+            snap.delete(0)
+        except libvirt.libvirtError as exc:
+            raise self._commit_failed(dom, plan, exc.get_error_message()) from None
+        now = lv.parse_disks(lv.domain_xml(dom, inactive=False)) + lv.parse_disks(lv.domain_xml(dom, inactive=True))
+        overlays = {d["overlay"] for d in plan.disks}
+        still = sorted({d.target for d in now if d.source in overlays})
+        if still:
+            raise VmBackupError("COMMIT_FAILED", f"libvirt deleted snapshot {plan.snapshot} but disks {', '.join(still)} still "
+                                "use its overlays; they were kept", snapshot=plan.snapshot)
+        files = sorted(overlays) + ([plan.memory_file] if plan.memory_file else [])
+        self.removed += [p for p in files if not os.path.lexists(p)]  # libvirt removed the merged overlays
+        self._remove_unused(conn, [p for p in files if os.path.lexists(p)])
+
+    def _commit_failed(self, dom, plan: Plan, why: str) -> VmBackupError:
+        """After a failed merge: the snapshot is marked (its base may be partly written) and the
+        VM's state is reported as it is now."""
+        try:
+            snap = dom.snapshotLookupByName(plan.snapshot, 0)
+            xml = snap.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+            desc = ET.fromstring(xml).findtext("description")
+            dom.snapshotCreateXML(with_description(xml, mark_merge_failed(desc)), libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+        except libvirt.libvirtError as exc:
+            self.warnings.append(f"could not mark snapshot {plan.snapshot} as partly merged: {exc.get_error_message()}")
+        sources = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
+        return VmBackupError("COMMIT_FAILED", f"merging snapshot {plan.snapshot} failed: {why}. The merge was abandoned; the VM "
+                             f"is {lv.domain_state(dom)} on its overlays, the snapshot is kept (it can no longer be reverted to) "
+                             "and can be deleted again once the cause (such as a full file system under a base image) is fixed",
+                             snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit")
+
+    def _do_revert(self, conn, dom, plan: Plan) -> None:
+        if lv.is_active(dom):
+            try:
+                dom.destroy()  # what was written since the snapshot is being discarded anyway
+            except libvirt.libvirtError as exc:
+                raise VmBackupError("SNAPSHOT_FAILED", f"cannot stop the VM to revert it: {exc.get_error_message()}") from None
+        for later in plan.drop:
+            dom.snapshotLookupByName(later, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        for disk in plan.disks:
+            base_fmt = self.qemu_img.info_chain(disk["base"], None, force_share=True)[0].get("format") or "qcow2"
+            tmp = disk["overlay"] + ".vmbackup-tmp"
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            rc, out, err = self.qemu_img.run_raw(["create", "-q", "-f", "qcow2", "-b", disk["base"], "-F", base_fmt, tmp])
+            if rc != 0:
+                raise VmBackupError("SNAPSHOT_FAILED", f"qemu-img could not create a fresh overlay for disk {disk['target']}: "
+                                    f"{(err or out).strip()}", phase="revert")
+            os.replace(tmp, disk["overlay"])
+        xml = repoint_disks(lv.domain_xml(dom, inactive=True), {d["target"]: d["overlay"] for d in plan.disks})
+        try:
+            conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise VmBackupError("SNAPSHOT_FAILED", f"libvirt refused the reverted definition: {exc.get_error_message()}") from None
+        self._remove_unused(conn, [p for p in plan.drop_files if os.path.lexists(p)])
+        self._make_current(dom, plan.snapshot)
+        self._start(conn, dom, plan, xml)
+
+    def _make_current(self, dom, name: str) -> None:
+        try:
+            xml = dom.snapshotLookupByName(name, 0).getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+            dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT)
+        except libvirt.libvirtError as exc:
+            self.warnings.append(f"could not make {name} the current snapshot: {exc.get_error_message()}")
+
+    def _start(self, conn, dom, plan: Plan, xml: str) -> None:
+        try:
+            if plan.restore_memory:
+                flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if plan.run_state == "paused" else libvirt.VIR_DOMAIN_SAVE_RUNNING
+                conn.restoreFlags(plan.memory_file, xml, flags)
+            elif plan.run_state == "running":
+                dom.create()
+            elif plan.run_state == "paused":
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError as exc:
+            raise VmBackupError("SNAPSHOT_FAILED", f"the disks were reverted to {plan.snapshot}, but the VM did not start "
+                                f"({plan.run_state}{', from the memory file' if plan.restore_memory else ''}): "
+                                f"{exc.get_error_message()}; it is shut off", phase="start", snapshot=plan.snapshot) from None
+
+    def _remove_unused(self, conn, paths: list[str]) -> None:
+        """Remove files no domain uses (as a disk or anywhere in a disk's backing chain)."""
+        if not paths:
+            return
+        used = lv.paths_in_use(conn, backing_reader=lambda path, fmt: self._chain(path)[1:])
+        for path in paths:
+            reason = used.reason(path, os.lstat(path))
+            if reason is not None:
+                self.warnings.append(f"kept {path}: it is {reason}")
+                continue
+            os.unlink(path)
+            self.removed.append(path)
+
+    # ------------------------------------------------------------------ report
+    def _predict(self, before: list[dict[str, t.Any]], plan: Plan) -> list[dict[str, t.Any]]:
+        if plan.action == "create":
+            return before + [{"name": plan.snapshot}]
+        if plan.action == "delete":
+            return [s for s in before if s["name"] != plan.snapshot]
+        if plan.action == "revert":
+            return [s for s in before if s["name"] not in plan.drop]
+        return before
+
+    def _result(self, plan: Plan, vm: dict[str, t.Any], before, after, quiesce) -> dict[str, t.Any]:
+        names_before, names_after = [s["name"] for s in before], [s["name"] for s in after]
+        entry = next((s for s in after if s["name"] == plan.snapshot), None)
+        verb = {"create": "created", "delete": "merged and deleted", "revert": "reverted to", "none": "unchanged:"}[plan.action]
+        if self.check_mode and plan.changed:
+            verb = "would be " + verb
+        result = {
+            "changed": plan.changed,
+            "msg": f"snapshot {plan.snapshot} {verb}" if plan.changed else plan.reason,
+            "reason": plan.reason,
+            "snapshot": plan.snapshot,
+            "state": self.p.state,
+            "vm": vm,
+            "disks": [{k: d.get(k) for k in ("target", "overlay", "base")} for d in (entry["disks"] if entry and "disks" in entry
+                                                                                   else plan.disks)],
+            "memory_file": plan.memory_file,
+            "dropped_snapshots": plan.drop if plan.action == "revert" else [],
+            "removed_files": list(self.removed) if not self.check_mode else
+            ([d["overlay"] for d in plan.disks] + ([plan.memory_file] if plan.memory_file else []) if plan.action == "delete"
+             else list(plan.drop_files)),
+            "snapshots": names_after,
+            "quiesce": quiesce,
+            "consistency": quiesce.get("consistency") if quiesce else None,
+            "diff": {"before": {"snapshots": names_before}, "after": {"snapshots": names_after}},
+        }
+        return result
