@@ -221,10 +221,7 @@ def validate_params(p: SnapshotParams) -> str:
         raise VmBackupError("INVALID_ARGUMENT", f"state {p.state!r} is not one of {', '.join(STATES)}")
     if p.run_state not in RUN_STATES:
         raise VmBackupError("INVALID_ARGUMENT", f"run_state {p.run_state!r} is not one of {', '.join(RUN_STATES)}")
-    if p.quiesce not in ("auto", "required", "never"):
-        raise VmBackupError("INVALID_ARGUMENT", f"quiesce {p.quiesce!r} is not one of auto, required, never")
-    if not (isinstance(p.quiesce_timeout, (int, float)) and 0 < p.quiesce_timeout <= 3600):
-        raise VmBackupError("INVALID_ARGUMENT", f"quiesce_timeout must be above 0 and at most 3600 seconds, not {p.quiesce_timeout!r}")
+    p.quiesce, p.quiesce_timeout = _quiesce.validate(p.quiesce, p.quiesce_timeout)
     if p.foreign and p.state == "present":
         raise VmBackupError("INVALID_ARGUMENT", "foreign: true names an existing snapshot made by another tool; "
                             "it applies to state absent and reverted only")
@@ -472,21 +469,35 @@ class SnapshotBackend(Backend):
         xml = snapshot_xml(plan.snapshot, self.p.description, plan.disks, self._skip, plan.memory_file)
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE if plan.memory_file else libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-        running = lv.is_active(dom)
-        if running and _quiesce.thaw_leftover(dom, self.p.uri):
+        if lv.is_active(dom) and _quiesce.thaw_leftover(dom, self.p.uri):
             self.cleaned.append("a guest freeze left by a killed run (thawed)")
-        # No libvirt QUIESCE flag: the freeze is ours, so its length is bounded and measured.
-        with _quiesce.frozen(dom, self.p.quiesce if running else "never", self.p.quiesce_timeout, self.p.uri) as q:
-            try:
-                dom.snapshotCreateXML(xml, flags)
-            except libvirt.libvirtError as exc:
-                raise VmBackupError("SNAPSHOT_FAILED", f"libvirt refused the snapshot {plan.snapshot}: {exc.get_error_message()}",
-                                    phase="create") from None
+        created = False
+        try:
+            # No libvirt QUIESCE flag: the freeze is ours, so its length is bounded and measured.
+            with _quiesce.frozen(dom, self.p.quiesce, self.p.quiesce_timeout, self.p.uri) as q:
+                try:
+                    dom.snapshotCreateXML(xml, flags)
+                except libvirt.libvirtError as exc:
+                    raise VmBackupError("SNAPSHOT_FAILED", f"libvirt refused the snapshot {plan.snapshot}: "
+                                        f"{exc.get_error_message()}", phase="create") from None
+                created = True
+        except BaseException:
+            if created:
+                # quiesce=required and the point came too late (or a cancel): the snapshot goes again.
+                self._undo_create(dom, plan)
+            raise
         now = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
         wrong = [d["target"] for d in plan.disks if now.get(d["target"]) != d["overlay"]]
         if wrong:
             self.warnings.append(f"after the snapshot, disks {', '.join(wrong)} do not run on their new overlays")
         return q.public()
+
+    def _undo_create(self, dom, plan: Plan) -> None:
+        try:
+            dom.snapshotLookupByName(plan.snapshot, 0).delete(0)
+            self.cleaned.append(f"snapshot {plan.snapshot} (merged back)")
+        except libvirt.libvirtError as exc:
+            self.warnings.append(f"snapshot {plan.snapshot} was created but could not be merged back: {exc.get_error_message()}")
 
     def _do_delete(self, conn, dom, plan: Plan) -> None:
         snap = dom.snapshotLookupByName(plan.snapshot, 0)
