@@ -60,6 +60,26 @@ def vm_state(vm) -> dict:
     }
 
 
+def drop_snapshot_metadata(dom) -> None:
+    """libvirt refuses to undefine a domain with snapshots: forget them (children first)."""
+    try:
+        for s in reversed(dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL)):
+            s.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    except libvirt.libvirtError:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _snapshots_dropped(request):
+    """Before the VM factories clean up, the test's VMs lose their snapshot metadata (the
+    factories are set up first, so they are torn down after this)."""
+    factories = [request.getfixturevalue(f) for f in ("vms", "guests") if f in request.fixturenames]
+    yield
+    for factory in factories:
+        for vm in list(getattr(factory, "vms", [])) + list(getattr(factory, "guests", [])):
+            drop_snapshot_metadata(vm.dom)
+
+
 def snap(ansible, vm, check=False, **args):
     return ansible("snapshot", dict({"name": vm.name}, **args), check=check)
 
@@ -116,3 +136,141 @@ def test_disk_vm_create_merge_check_mode_and_idempotence(ansible, vms, tmp_path)
 
     gone = snap(ansible, vm, snapshot="s1", state="absent")
     assert not gone["changed"] and not gone["failed"], gone
+
+
+def test_disk_vm_revert_drops_later_snapshots(ansible, vms, tmp_path):
+    """s1, write, s2, write; revert to s1: the disk reads as at s1, s2 and its overlay are gone;
+    a second revert changes nothing; a revert to shutoff, then a shut-off merge."""
+    vm = vms.create(disks=[DiskSpec(fill=[(0x11, "0", "2M")])])
+    image = vm.disks["vda"]
+    expect_ok(snap(ansible, vm, snapshot="s1", quiesce="never"))
+    vm.write("vda", 0x22, "2M", "2M")
+    ref_s2 = copy_active(vm, "vda", tmp_path / "s2.qcow2")
+    expect_ok(snap(ansible, vm, snapshot="s2", quiesce="never"))
+    vm.write("vda", 0x33, "4M", "2M")
+    o1, o2 = f"{image}.{PREFIX}s1.qcow2", f"{image}.{PREFIX}s2.qcow2"
+    assert sources(vm.dom)["vda"] == o2
+
+    before = vm_state(vm)
+    predicted = snap(ansible, vm, check=True, snapshot="s1", state="reverted")
+    assert predicted["changed"] and predicted["dropped_snapshots"] == [PREFIX + "s2"], predicted
+    assert vm_state(vm) == before
+    reverted = expect_ok(snap(ansible, vm, snapshot="s1", state="reverted"))
+    assert reverted["dropped_snapshots"] == [PREFIX + "s2"] and reverted["vm"]["state"] == "running"
+    assert o2 in reverted["removed_files"] and not os.path.exists(o2), json.dumps(reverted)
+    assert vm.dom.isActive() and sources(vm.dom)["vda"] == o1 == sources(vm.dom, inactive=True)["vda"]
+    assert backing_chain(o1) == [o1, str(image)]
+    assert snapshot_names(vm.dom) == [PREFIX + "s1"]
+    # the disk reads exactly the s1 point: the base image, nothing on top
+    assert images_equal(o1, str(image))[0]
+    assert not images_equal(o1, str(ref_s2))[0]
+    assert vm.dom.snapshotCurrent(0).getName() == PREFIX + "s1"
+
+    again = snap(ansible, vm, snapshot="s1", state="reverted", run_state="running")
+    assert not again["changed"] and not again["failed"], again
+
+    off = expect_ok(snap(ansible, vm, snapshot="s1", state="reverted", run_state="shutoff"))
+    assert off["vm"]["state"] == "shutoff" and not vm.dom.isActive()
+
+    # shut off: the merge is libvirt's qemu-img commit
+    merged = expect_ok(snap(ansible, vm, snapshot="s1", state="absent"))
+    assert merged["removed_files"] == [o1] and not os.path.exists(o1)
+    assert sources(vm.dom, inactive=True)["vda"] == str(image) and backing_chain(image) == [str(image)]
+    assert snapshot_names(vm.dom) == []
+
+
+def test_foreign_snapshots_are_listed_and_left_alone(ansible, vms):
+    vm = vms.create()
+    image = vm.disks["vda"]
+    foreign_overlay = f"{image}.f1"
+    run(["virsh", "-c", "qemu:///system", "snapshot-create-as", vm.name, "s9", "--disk-only", "--atomic",
+         "--diskspec", f"vda,snapshot=external,file={foreign_overlay}"])
+    # a bare name that equals the foreign snapshot's: absent never deletes it
+    gone = snap(ansible, vm, snapshot="s9", state="absent")
+    assert not gone["changed"] and not gone["failed"] and "foreign" in gone["msg"], gone
+    assert snapshot_names(vm.dom) == ["s9"] and os.path.exists(foreign_overlay)
+    missing = expect_error(snap(ansible, vm, snapshot="s9", state="reverted"), "SNAPSHOT_NOT_FOUND")
+    assert "s9" in missing["snapshots"]
+
+    ours = expect_ok(snap(ansible, vm, snapshot="s9", quiesce="never"))
+    assert ours["snapshots"] == ["s9", PREFIX + "s9"]
+    # a foreign snapshot after ours: a revert to ours would drop it, so it is refused, untouched
+    foreign_later = f"{image}.f2"
+    run(["virsh", "-c", "qemu:///system", "snapshot-create-as", vm.name, "manual-2", "--disk-only", "--atomic",
+         "--diskspec", f"vda,snapshot=external,file={foreign_later}"])
+    before = vm_state(vm)
+    expect_error(snap(ansible, vm, snapshot="s9", state="reverted"), "SNAPSHOT_FOREIGN")
+    assert vm_state(vm) == before
+
+    # named explicitly, a foreign snapshot is merged like ours
+    expect_ok(snap(ansible, vm, snapshot="manual-2", foreign=True, state="absent"))
+    assert not os.path.exists(foreign_later) and snapshot_names(vm.dom) == sorted(["s9", PREFIX + "s9"])
+    expect_ok(snap(ansible, vm, snapshot="s9", state="absent"))
+    assert snapshot_names(vm.dom) == ["s9"] and sources(vm.dom)["vda"] == foreign_overlay
+
+
+def test_shut_off_vm_with_checkpoint_is_refused_untouched(ansible, vms):
+    vm = vms.create(running=False)
+    vm.dom.create()
+    vm.dom.checkpointCreateXML("<domaincheckpoint><name>vmbackup-t0000002-1</name></domaincheckpoint>", 0)
+    vm.dom.destroy()
+    before = vm_state(vm)
+    for check in (True, False):
+        expect_error(snap(ansible, vm, check=check, snapshot="s1"), "SNAPSHOT_UNSUPPORTED")
+    assert vm_state(vm) == before
+
+
+@pytest.fixture
+def small_fs():
+    """A 40 MiB tmpfs under the libvirt images directory: a base image there can fill it."""
+    path = pathlib.Path("/var/lib/libvirt/images") / f"vmbt-small-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o755)
+    run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0755", "tmpfs", str(path)])
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+    path.rmdir()
+
+
+def test_merge_that_cannot_finish_leaves_vm_on_its_overlay(ansible, conn, domain_type, small_fs, tmp_path):
+    """A real ENOSPC: the snapshot's overlay holds 16 MiB that the base image's full file system
+    cannot take. The merge fails with COMMIT_FAILED, the VM keeps running on its overlay with all
+    its data, the snapshot is kept and marked; once there is space, absent merges it."""
+    from harness import Vm, destroy_vm
+    image = small_fs / "vda.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"])
+    name = f"vmbt-enospc-{uuid.uuid4().hex[:8]}"
+    xml = (f"<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+           "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><disk type='file' device='disk'>"
+           f"<driver name='qemu' type='qcow2'/><source file='{image}'/><target dev='vda' bus='virtio'/>"
+           "<alias name='ua-vda'/></disk></devices></domain>")
+    dom = conn.defineXML(xml)
+    try:
+        dom.create()
+        vm = Vm(conn, dom, name, small_fs, {"vda": image}, {"vda": "qcow2"})
+        expect_ok(snap(ansible, vm, snapshot="s1", quiesce="never"))
+        overlay = f"{image}.{PREFIX}s1.qcow2"
+        vm.write("vda", 0x5a, "0", "16M")
+        ref = copy_active(vm, "vda", tmp_path / "ref.qcow2")
+        filler = small_fs / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, check=False)  # until ENOSPC
+
+        failed = expect_error(snap(ansible, vm, snapshot="s1", state="absent"), "COMMIT_FAILED")
+        assert "No space left" in failed["msg"], failed
+        assert dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert sources(dom)["vda"] == overlay == sources(dom, inactive=True)["vda"]
+        assert backing_chain(overlay) == [overlay, str(image)]
+        flush(vm, "vda")
+        assert images_equal(overlay, str(ref))[0], "the VM's data changed"
+        assert snapshot_names(dom) == [PREFIX + "s1"] and os.path.exists(overlay)
+        assert "merge failed" in dom.snapshotLookupByName(PREFIX + "s1").getXMLDesc(0)
+        # part of the overlay may be in the base now: a revert to s1 would return a mix
+        expect_error(snap(ansible, vm, snapshot="s1", state="reverted"), "SNAPSHOT_UNSUPPORTED")
+
+        filler.unlink()
+        expect_ok(snap(ansible, vm, snapshot="s1", state="absent"))
+        assert sources(dom)["vda"] == str(image) and not os.path.exists(overlay)
+        flush(vm, "vda")
+        assert images_equal(str(image), str(ref))[0]
+    finally:
+        drop_snapshot_metadata(dom)
+        destroy_vm(dom)
