@@ -42,6 +42,8 @@ OVERLAY_RE = re.compile(r"^(?P<base>.+?)(?:\.vmbackup-snap-[A-Za-z0-9][A-Za-z0-9
 # is then gone, and a revert to it would return a mix. The snapshot's description says so.
 MERGE_FAILED_MARK = "[vmbackup: merge failed; base image partly written; revert refused]"
 QCOW2_MAGIC = b"QFI\xfb"
+MEMORY_NO_FREEZE = ("a memory snapshot is not frozen: the guest resumes from its memory image with disks of the same "
+                    "instant (a freeze would be saved in the image and resumed frozen)")
 
 
 def full_name(bare: str) -> str:
@@ -225,6 +227,8 @@ def validate_params(p: SnapshotParams) -> str:
     if p.foreign and p.state == "present":
         raise VmBackupError("INVALID_ARGUMENT", "foreign: true names an existing snapshot made by another tool; "
                             "it applies to state absent and reverted only")
+    if p.memory and p.quiesce == "required":
+        raise VmBackupError("INVALID_ARGUMENT", "memory: true cannot be combined with quiesce: required: " + MEMORY_NO_FREEZE)
     if p.description is not None and "\x00" in p.description:
         raise VmBackupError("INVALID_ARGUMENT", "description must not contain NUL characters")
     return libvirt_name(p.snapshot, p.foreign)
@@ -474,13 +478,18 @@ class SnapshotBackend(Backend):
         created = False
         try:
             # No libvirt QUIESCE flag: the freeze is ours, so its length is bounded and measured.
-            with _quiesce.frozen(dom, self.p.quiesce, self.p.quiesce_timeout, self.p.uri) as q:
+            # A memory snapshot is not frozen: its memory image would hold a frozen guest, which a
+            # revert resumes frozen; disks and memory of one instant need no freeze.
+            policy = "never" if plan.memory_file else self.p.quiesce
+            with _quiesce.frozen(dom, policy, self.p.quiesce_timeout, self.p.uri) as q:
                 try:
                     dom.snapshotCreateXML(xml, flags)
                 except libvirt.libvirtError as exc:
                     raise VmBackupError("SNAPSHOT_FAILED", f"libvirt refused the snapshot {plan.snapshot}: "
                                         f"{exc.get_error_message()}", phase="create") from None
                 created = True
+            if plan.memory_file:
+                q.policy, q.reason = self.p.quiesce, MEMORY_NO_FREEZE
         except BaseException:
             if created:
                 # quiesce=required and the point came too late (or a cancel): the snapshot goes again.

@@ -274,3 +274,49 @@ def test_merge_that_cannot_finish_leaves_vm_on_its_overlay(ansible, conn, domain
     finally:
         drop_snapshot_metadata(dom)
         destroy_vm(dom)
+
+
+def test_guest_snapshot_revert_merge(ansible, guests, tmp_path):
+    """The tiny guest: write, snapshot (frozen through the agent), write more, revert: the guest
+    sees the first state; write again, merge: the VM runs on its original disk with all data.
+    Then a memory snapshot: the revert restores the running guest from the memory file."""
+    g = guests.create()
+    image = str(g.paths["vda"])
+    g.write_file("/data/a", b"first")
+    created = expect_ok(snap(ansible, g, snapshot="s1", quiesce="required", description="before the change"))
+    assert created["consistency"] == "application" and created["quiesce"]["frozen"], created
+    assert g.fsfreeze_status() == "thawed"
+    overlay = f"{image}.{PREFIX}s1.qcow2"
+    assert sources(g.dom)["vda"] == overlay
+    g.write_file("/data/a", b"second")
+    g.write_file("/data/b", b"later")
+
+    reverted = expect_ok(snap(ansible, g, snapshot="s1", state="reverted"))  # as_snapshot: running
+    assert reverted["vm"]["state"] == "running"
+    g.wait_agent(90)
+    assert g.read_file("/data/a") == b"first"
+    with pytest.raises(FileNotFoundError):
+        g.read_file("/data/b")
+
+    g.write_file("/data/c", b"after the revert")
+    merged = expect_ok(snap(ansible, g, snapshot="s1", state="absent"))
+    assert merged["removed_files"] == [overlay] and not os.path.exists(overlay)
+    assert sources(g.dom) == {"vda": image} == sources(g.dom, inactive=True)
+    assert backing_chain(image) == [image] and snapshot_names(g.dom) == []
+    assert g.read_file("/data/a") == b"first" and g.read_file("/data/c") == b"after the revert"
+
+    # memory: the revert resumes the guest where it was (no boot), without what came later
+    g.write_file("/data/m", b"in memory snapshot")
+    mem = expect_ok(snap(ansible, g, snapshot="m1", memory=True))
+    assert mem["memory_file"] and os.path.exists(mem["memory_file"])
+    g.write_file("/data/later", b"discarded")
+    g.console_log.write_text("")
+    expect_ok(snap(ansible, g, snapshot="m1", state="reverted"))
+    g.wait_agent(30)
+    assert "Linux version" not in g.console(), "the guest booted instead of resuming"
+    assert g.read_file("/data/m") == b"in memory snapshot"
+    with pytest.raises(FileNotFoundError):
+        g.read_file("/data/later")
+    gone = expect_ok(snap(ansible, g, snapshot="m1", state="absent"))
+    assert mem["memory_file"] in gone["removed_files"] and not os.path.exists(mem["memory_file"])
+    assert sources(g.dom) == {"vda": image}
