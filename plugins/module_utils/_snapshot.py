@@ -306,6 +306,7 @@ class SnapshotBackend(Backend):
 
     def run(self) -> dict[str, t.Any]:
         self.removed: list[str] = []
+        self.carried: list[str] = []
         self._skip: list[str] = []
         name = validate_params(self.p)
         with lv.session(self.p.uri) as conn:
@@ -559,6 +560,7 @@ class SnapshotBackend(Backend):
             if rc != 0:
                 raise VmBackupError("SNAPSHOT_FAILED", f"qemu-img could not create a fresh overlay for disk {disk['target']}: "
                                     f"{(err or out).strip()}", phase="revert")
+            self._carry_bitmaps(disk, tmp)
             os.replace(tmp, disk["overlay"])
         xml = repoint_disks(lv.domain_xml(dom, inactive=True), {d["target"]: d["overlay"] for d in plan.disks})
         try:
@@ -568,6 +570,35 @@ class SnapshotBackend(Backend):
         self._remove_unused(conn, [p for p in plan.drop_files if os.path.lexists(p)])
         self._make_current(dom, plan.snapshot)
         self._start(conn, dom, plan, xml)
+
+    def _image_bitmaps(self, path: str) -> dict[str, dict[str, t.Any]]:
+        info = self.qemu_img.info_chain(path, None, force_share=True)[0]
+        found = ((info.get("format-specific") or {}).get("data") or {}).get("bitmaps") or []
+        return {b["name"]: b for b in found if "name" in b}
+
+    def _carry_bitmaps(self, disk: dict[str, t.Any], fresh: str) -> None:
+        """Keep the checkpoints older than the snapshot valid across a revert.
+
+        After the revert the disk reads as the base image, so what changed since such a
+        checkpoint is exactly the base's bitmap; libvirt reads a checkpoint's bitmap through every
+        layer from the top, so the fresh overlay needs an empty bitmap of the same name (as
+        libvirt gave the old overlay when the snapshot was made). A checkpoint made after the
+        snapshot cannot be kept: its bitmap is not in the base, it stays broken, and the next
+        export starts a new chain (and says why)."""
+        try:
+            old, base = self._image_bitmaps(disk["overlay"]), self._image_bitmaps(disk["base"])
+        except VmBackupError as exc:
+            self.warnings.append(f"disk {disk['target']}: checkpoint bitmaps not carried over ({exc.msg})")
+            return
+        for name in sorted(set(old) & set(base)):
+            args = ["bitmap", "--add", "-f", "qcow2", "-g", str(old[name].get("granularity", 65536))]
+            if "auto" not in (old[name].get("flags") or []):
+                args.append("--disable")
+            rc, out, err = self.qemu_img.run_raw(args + [fresh, name])
+            if rc != 0:
+                self.warnings.append(f"disk {disk['target']}: bitmap {name} not carried over: {(err or out).strip()}")
+            else:
+                self.carried.append(f"{disk['target']}:{name}")
 
     def _make_current(self, dom, name: str) -> None:
         try:
@@ -634,6 +665,7 @@ class SnapshotBackend(Backend):
             ([d["overlay"] for d in plan.disks] + ([plan.memory_file] if plan.memory_file else []) if plan.action == "delete"
              else list(plan.drop_files)),
             "snapshots": names_after,
+            "bitmaps_kept": list(self.carried),
             "quiesce": quiesce,
             "consistency": quiesce.get("consistency") if quiesce else None,
             "diff": {"before": {"snapshots": names_before}, "after": {"snapshots": names_after}},

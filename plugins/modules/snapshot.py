@@ -125,8 +125,9 @@ notes:
   - libvirt 9.0 refuses a disk snapshot of a shut-off VM that has checkpoints (the backup bitmaps of
     M(vmbackup.libvirt.export)); the module fails with C(SNAPSHOT_UNSUPPORTED) before changing anything. Running VMs with
     checkpoints are fine.
-  - A revert discards the checkpoint bitmaps that were in the discarded overlays, so the next incremental backup is not
-    possible; M(vmbackup.libvirt.export) then starts a new chain with a full and says why.
+  - A revert keeps the checkpoints made before the snapshot valid (their bitmaps are carried into the fresh overlays, see
+    RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded):
+    libvirt then reports its bitmap as broken and M(vmbackup.libvirt.export) starts a new chain with a full that says why.
   - A merge that failed part-way has already written part of the overlay into its base image; the snapshot's point in time is
     gone. The module marks its description and refuses to revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the
     cause is fixed.
@@ -224,6 +225,14 @@ snapshots:
   returned: success
   type: list
   elements: str
+bitmaps_kept:
+  description:
+    - For O(state=reverted), the checkpoint bitmaps (C(<target>:<checkpoint>)) carried into the fresh overlays, so that
+      the checkpoints made before the snapshot stay valid for the next incremental backup.
+  returned: success
+  type: list
+  elements: str
+  sample: ["vda:vmbackup-3f2a9c1e-4"]
 quiesce:
   description:
     - What quiescing did when a snapshot was created (C(policy), C(consistency), C(frozen), C(frozen_seconds),

@@ -143,6 +143,8 @@ def test_disk_vm_revert_drops_later_snapshots(ansible, vms, tmp_path):
     a second revert changes nothing; a revert to shutoff, then a shut-off merge."""
     vm = vms.create(disks=[DiskSpec(fill=[(0x11, "0", "2M")])])
     image = vm.disks["vda"]
+    vm.dom.checkpointCreateXML("<domaincheckpoint><name>vmbackup-t0000003-1</name></domaincheckpoint>", 0)
+    vm.write("vda", 0x44, "10M", "1M")  # 1 MiB changed since the checkpoint at s1
     expect_ok(snap(ansible, vm, snapshot="s1", quiesce="never"))
     vm.write("vda", 0x22, "2M", "2M")
     ref_s2 = copy_active(vm, "vda", tmp_path / "s2.qcow2")
@@ -165,6 +167,11 @@ def test_disk_vm_revert_drops_later_snapshots(ansible, vms, tmp_path):
     assert images_equal(o1, str(image))[0]
     assert not images_equal(o1, str(ref_s2))[0]
     assert vm.dom.snapshotCurrent(0).getName() == PREFIX + "s1"
+    # the checkpoint from before s1 is still valid: libvirt reads its bitmap through the chain,
+    # and what changed since it is what changed up to s1 (1 MiB), not the discarded writes
+    assert reverted["bitmaps_kept"] == ["vda:vmbackup-t0000003-1"]
+    cp = vm.dom.checkpointLookupByName("vmbackup-t0000003-1").getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
+    assert "size='1048576'" in cp, cp
 
     again = snap(ansible, vm, snapshot="s1", state="reverted", run_state="running")
     assert not again["changed"] and not again["failed"], again
