@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import struct
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -96,3 +97,76 @@ def test_backing_relative_and_none(tmp_path):
     raw.write_bytes(b"\0" * 100)
     assert snap.qcow2_backing_file(str(raw)) is None
     assert snap.qcow2_backing_file(str(tmp_path / "missing")) is None
+
+
+def _params(**kw):
+    return snap.SnapshotParams(**dict({"snapshot": "s1", "name": "vm1"}, **kw))
+
+
+@pytest.mark.parametrize("kw, code", [
+    ({"name": None}, "INVALID_ARGUMENT"),
+    ({"uuid": "2f1c7d6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"}, "INVALID_ARGUMENT"),
+    ({"state": "gone"}, "INVALID_ARGUMENT"),
+    ({"run_state": "asleep"}, "INVALID_ARGUMENT"),
+    ({"quiesce": "maybe"}, "INVALID_ARGUMENT"),
+    ({"quiesce_timeout": 0}, "INVALID_ARGUMENT"),
+    ({"quiesce_timeout": float("nan")}, "INVALID_ARGUMENT"),
+    ({"foreign": True}, "INVALID_ARGUMENT"),  # present + foreign
+    ({"memory": True, "quiesce": "required"}, "INVALID_ARGUMENT"),
+    ({"snapshot": "../x"}, "INVALID_NAME"),
+    ({"name": ""}, "INVALID_NAME"),
+])
+def test_validate_refuses(kw, code):
+    with pytest.raises(VmBackupError) as exc:
+        snap.validate_params(_params(**kw))
+    assert exc.value.error_code == code
+
+
+def test_validate_names():
+    assert snap.validate_params(_params()) == "vmbackup-snap-s1"
+    assert snap.validate_params(_params(snapshot="manual 1", foreign=True, state="absent")) == "manual 1"
+
+
+@pytest.mark.parametrize("requested, state, memory, expected", [
+    ("as_snapshot", "disk-snapshot", "none", ("running", False)),
+    ("as_snapshot", "shutoff", "none", ("shutoff", False)),
+    ("as_snapshot", "paused", "external", ("paused", True)),
+    ("as_snapshot", "running", "external", ("running", True)),
+    ("shutoff", "running", "external", ("shutoff", False)),
+    ("paused", "disk-snapshot", "none", ("paused", False)),
+])
+def test_run_state_after(requested, state, memory, expected):
+    assert snap.run_state_after(requested, state, memory) == expected
+
+
+def test_snapshot_xml():
+    xml = snap.snapshot_xml("vmbackup-snap-a", "why", [{"target": "vda", "overlay": "/i/vda.qcow2.vmbackup-snap-a.qcow2"}],
+                            ["hdc"], None)
+    root = ET.fromstring(xml)
+    assert root.findtext("name") == "vmbackup-snap-a" and root.findtext("description") == "why"
+    assert root.find("memory").get("snapshot") == "no"
+    disks = {d.get("name"): d for d in root.findall("./disks/disk")}
+    assert disks["vda"].get("snapshot") == "external" and disks["vda"].find("source").get("file").endswith("-a.qcow2")
+    assert disks["hdc"].get("snapshot") == "no"
+    mem = ET.fromstring(snap.snapshot_xml("n", None, [], [], "/i/m.mem")).find("memory")
+    assert (mem.get("snapshot"), mem.get("file")) == ("external", "/i/m.mem")
+
+
+def test_repoint_disks():
+    xml = ("<domain><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+           "<source file='/i/vda.qcow2.vmbackup-snap-b.qcow2' index='3'/><backingStore type='file'><source file='/i/x'/>"
+           "</backingStore><target dev='vda'/></disk><disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+           "<source file='/i/vdb.raw'/><target dev='vdb'/></disk></devices></domain>")
+    root = ET.fromstring(snap.repoint_disks(xml, {"vda": "/i/vda.qcow2.vmbackup-snap-a.qcow2"}))
+    vda, vdb = root.findall("./devices/disk")
+    assert vda.find("source").attrib == {"file": "/i/vda.qcow2.vmbackup-snap-a.qcow2"}
+    assert vda.find("backingStore") is None and vda.find("driver").get("type") == "qcow2"
+    assert vdb.find("source").get("file") == "/i/vdb.raw" and vdb.find("driver").get("type") == "raw"
+
+
+def test_merge_failed_mark_is_added_once():
+    once = snap.mark_merge_failed("before the patch")
+    assert once.startswith("before the patch ") and snap.MERGE_FAILED_MARK in once
+    assert snap.mark_merge_failed(once) == once
+    xml = snap.with_description("<domainsnapshot><name>n</name></domainsnapshot>", once)
+    assert ET.fromstring(xml).findtext("description") == once
