@@ -650,6 +650,13 @@ class SnapshotBackend(Backend):
         verb = {"create": "created", "delete": "merged and deleted", "revert": "reverted to", "none": "unchanged:"}[plan.action]
         if self.check_mode and plan.changed:
             verb = "would be " + verb
+        disks = entry["disks"] if entry is not None and "disks" in entry else plan.disks
+        if not self.check_mode:
+            removed = list(self.removed)
+        elif plan.action == "delete":
+            removed = [d["overlay"] for d in plan.disks] + ([plan.memory_file] if plan.memory_file else [])
+        else:
+            removed = list(plan.drop_files)
         result = {
             "changed": plan.changed,
             "msg": f"snapshot {plan.snapshot} {verb}" if plan.changed else plan.reason,
@@ -657,13 +664,10 @@ class SnapshotBackend(Backend):
             "snapshot": plan.snapshot,
             "state": self.p.state,
             "vm": vm,
-            "disks": [{k: d.get(k) for k in ("target", "overlay", "base")} for d in (entry["disks"] if entry and "disks" in entry
-                                                                                   else plan.disks)],
+            "disks": [{k: d.get(k) for k in ("target", "overlay", "base")} for d in disks],
             "memory_file": plan.memory_file,
             "dropped_snapshots": plan.drop if plan.action == "revert" else [],
-            "removed_files": list(self.removed) if not self.check_mode else
-            ([d["overlay"] for d in plan.disks] + ([plan.memory_file] if plan.memory_file else []) if plan.action == "delete"
-             else list(plan.drop_files)),
+            "removed_files": removed,
             "snapshots": names_after,
             "bitmaps_kept": list(self.carried),
             "quiesce": quiesce,

@@ -25,8 +25,8 @@ description:
     has later ones); the module first checks that each overlay is in its disk's active chain, and afterwards that no disk
     (live or persistent definition) still uses a merged overlay. Merged overlays are removed; a file another domain still
     uses (as a disk or a backing file) is never removed. A merge that fails (such as a full file system under a base
-    image) is abandoned with C(COMMIT_FAILED): the VM keeps running on its overlays, a consistent chain.
-  - O(state=reverted) returns the VM to the snapshot, discarding what was written since: the VM is stopped (forced off),
+    image) is abandoned with C(COMMIT_FAILED); the VM keeps running on its overlays, a consistent chain.
+  - O(state=reverted) returns the VM to the snapshot, discarding what was written since. The VM is stopped (forced off),
     later snapshots of the collection are dropped (metadata, overlays, memory files), each overlay of the snapshot is
     recreated empty on its base image, and the VM is started in O(run_state). libvirt 9.0 cannot revert external
     snapshots itself; this is the module's own implementation.
@@ -126,7 +126,7 @@ notes:
     M(vmbackup.libvirt.export)); the module fails with C(SNAPSHOT_UNSUPPORTED) before changing anything. Running VMs with
     checkpoints are fine.
   - A revert keeps the checkpoints made before the snapshot valid (their bitmaps are carried into the fresh overlays, see
-    RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded):
+    RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded);
     libvirt then reports its bitmap as broken and M(vmbackup.libvirt.export) starts a new chain with a full that says why.
   - A merge that failed part-way has already written part of the overlay into its base image; the snapshot's point in time is
     gone. The module marks its description and refuses to revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the
@@ -216,7 +216,7 @@ dropped_snapshots:
   type: list
   elements: str
 removed_files:
-  description: Files removed (or, in check mode, to be removed): merged or discarded overlays and memory files.
+  description: Files removed (or, in check mode, to be removed), that is merged or discarded overlays and memory files.
   returned: success
   type: list
   elements: str

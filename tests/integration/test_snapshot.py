@@ -18,7 +18,7 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from harness import DiskSpec, expect_error, expect_ok, images_equal, parse_disk_sources, run, sha256, tree_state
+from harness import DiskSpec, expect_error, expect_ok, images_equal, parse_disk_sources, run, tree_state
 
 PREFIX = "vmbackup-snap-"
 
