@@ -131,7 +131,7 @@ notes:
   - A merge that failed part-way has already written part of the overlay into its base image; the snapshot's point in time is
     gone. The module marks its description and refuses to revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the
     cause is fixed.
-  - No time limit applies to a merge: libvirt waits for the block commit, which copies what was written since the snapshot.
+  - No time limit applies to a merge; libvirt waits for the block commit, which copies what was written since the snapshot.
 seealso:
   - name: libvirt snapshot XML
     description: External disk snapshots.
