@@ -30,6 +30,7 @@ import typing as t
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
@@ -74,6 +75,8 @@ class ExportParams:
     full_every_sets: int | None = None
     full_every_days: float | None = None
     skip_unchanged: bool = True
+    quiesce: str = "auto"
+    quiesce_timeout: float = _quiesce.DEFAULT_TIMEOUT
 
 
 @dataclasses.dataclass
@@ -146,6 +149,7 @@ def validate_params(p: ExportParams) -> str:
     _manifest.validate_period(p.period)
     _manifest.validate_series(p.series)
     validate_timeout(p.lock_timeout)
+    _quiesce.validate(p.quiesce, p.quiesce_timeout)
     if p.workers is not None and p.workers < 1:
         raise VmBackupError("INVALID_ARGUMENT", "workers must be 1 or more")
     if p.full_every_sets is not None and (isinstance(p.full_every_sets, bool) or p.full_every_sets < 1):
@@ -346,6 +350,9 @@ def sha256_regular_at(dir_fd: int, name: str) -> str | bool | None:
 class Exporter(Backend):
     """Takes one backup of one VM (an OSError after rollback becomes IO_ERROR in run_module)."""
 
+    _thawed = False  # this run thawed a guest a killed run had left frozen
+    _would_thaw = False  # check mode: a real run would
+
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
         started_mono = time.monotonic()
@@ -359,6 +366,10 @@ class Exporter(Backend):
         with lv.session(self.p.uri) as conn:
             dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
             vm = {"name": dom.name(), "uuid": dom.UUIDString()}
+            # First of all, outside the gate on purpose: a guest left frozen by a killed run (this
+            # collection's export or snapshot) blocks every write of its applications. Thawing it
+            # is recovery, not this run's change; check mode only reports it.
+            self._thaw_leftover(dom)
 
             # Observe and decide before anything is written: bad input fails here, untouched.
             done = self._period_match(repo, vm["uuid"])
@@ -372,8 +383,13 @@ class Exporter(Backend):
             if plan.vm_state != "shutoff":
                 self._check_qemu_access(repo_path)
                 self._check_no_foreign_job(dom, repo.staging_root(vm["uuid"]))
+            # Read-only: required fails here, before anything is written, when the guest agent does
+            # not answer; check mode predicts the consistency.
+            predicted = None
+            if plan.set_type != "copy" and (self.check_mode or self.p.quiesce == "required"):
+                predicted = _quiesce.predict(dom, self.p.quiesce)
             if self.check_mode:
-                return self._check_mode_result(repo, vm, plan, repo_state, started_mono)
+                return self._check_mode_result(repo, vm, plan, repo_state, started_mono, predicted)
 
             # The one gate: everything below changes state. The mount is checked again: planning
             # took a while, and a share unmounted meanwhile must not receive a new repository.
@@ -813,6 +829,7 @@ class Exporter(Backend):
             copy_started = time.monotonic()
             image_states: dict[str, list[dict[str, t.Any]]] = {}  # target -> state of its images (the economy's record)
             if plan.set_type == "copy":
+                quiesce = _quiesce.Quiesce(self.p.quiesce, reason=_quiesce.skip_reason(self.p.quiesce, plan.vm_state)[0])
                 before = {pd.disk.target: chain_states(pd.images) for pd in plan.disks}
                 for pd in plan.disks:
                     self.qemu_img.convert(pd.disk.source, pd.disk.driver_type, os.path.join(staging, per_disk_file[pd.disk.target]))
@@ -839,7 +856,11 @@ class Exporter(Backend):
                         raise VmBackupError("BACKUP_FAILED", f"checkpoint {plan.checkpoint} exists already; it is not this run's")
                     checkpoint_is_ours = True
                     self._arm_sentinels(dom, plan, armed)
-                lv.begin_backup(dom, bxml, cxml)
+                # The point in time: the job's start. The guest is frozen only around it (push mode
+                # copies from QEMU's point-in-time view afterwards, while the guest runs on).
+                with _quiesce.frozen(dom, self.p.quiesce, self.p.quiesce_timeout, self.p.uri) as quiesce:
+                    lv.begin_backup(dom, bxml, cxml)
+                self._note_quiesce(quiesce)
                 job_stats = lv.wait_backup(dom)
                 for pd in plan.disks:
                     if pd.method == "incremental":
@@ -877,7 +898,7 @@ class Exporter(Backend):
                 set_id=set_id, vm_uuid=vm["uuid"], vm_name=vm["name"], host=socket.gethostname(),
                 started=started, completed=completed, set_type=plan.set_type, chain_id=plan.chain_id,
                 parent={"set_id": plan.parent["set_id"], "manifest_sha256": plan.parent["manifest_sha256"]} if plan.parent else None,
-                checkpoint=plan.checkpoint, consistency="crash", period=self.p.period, series=self.p.series, disks=disks_out,
+                checkpoint=plan.checkpoint, consistency=quiesce.consistency, period=self.p.period, series=self.p.series, disks=disks_out,
                 skipped_disks=plan.skipped,
                 files={rel: {"size": hashes[rel][1], "sha256": hashes[rel][0], "role": role} for rel, role in files.items()},
                 tool={"name": "vmbackup.libvirt", "version": COLLECTION_VERSION, "qemu_img": self.qemu_img.version()},
@@ -922,9 +943,31 @@ class Exporter(Backend):
             "vm": dict(vm, state=plan.vm_state),
             "period": self.p.period,
             "series": self.p.series,
+            "consistency": quiesce.consistency,
+            "quiesce": quiesce.public(),
             "cleaned_up": self.cleaned,
             "would_clean_up": [],
         }
+
+    # ------------------------------------------------------------------ quiesce
+    def _thaw_leftover(self, dom) -> None:
+        """Thaw (check mode: report) a guest that a killed run left frozen."""
+        if not lv.is_active(dom):
+            return
+        if self.check_mode:
+            self._would_thaw = _quiesce.leftover(dom)
+        elif _quiesce.thaw_leftover(dom, self.p.uri):
+            self._thawed = True
+            self.cleaned.append("thawed the guest's file systems, left frozen by an interrupted run")
+
+    def _note_quiesce(self, quiesce: _quiesce.Quiesce) -> None:
+        quiesce.thawed_leftover = quiesce.thawed_leftover or self._thawed
+        if quiesce.thawed_leftover and not self._thawed:
+            self.cleaned.append("thawed the guest's file systems, left frozen by an interrupted run")
+        # auto's fallback says so: in the result always, as a warning when it is an anomaly (an
+        # agent channel that does not answer, a freeze too slow), not a VM without any agent.
+        if self.p.quiesce == "auto" and quiesce.consistency == "crash" and not _quiesce.no_agent_channel(quiesce.reason):
+            self.warnings.append(f"quiesce=auto: the backup is crash-consistent only: {quiesce.reason}")
 
     @staticmethod
     def _arm_sentinels(dom, plan: Plan, armed: list[tuple[str, str]]) -> None:
@@ -1076,12 +1119,20 @@ class Exporter(Backend):
             "period": self.p.period,
             "series": self.p.series,
             "repository_free_bytes": free_bytes(repo.path, repo_state.free_bytes),
+            "consistency": manifest.get("consistency"),
+            "quiesce": None,  # no new point in time was taken
             "cleaned_up": self.cleaned,
             "would_clean_up": [],
         }
 
-    def _check_mode_result(self, repo, vm, plan: Plan, repo_state, started_mono: float) -> dict[str, t.Any]:
+    def _check_mode_result(self, repo, vm, plan: Plan, repo_state, started_mono: float,
+                           predicted: _quiesce.Quiesce | None) -> dict[str, t.Any]:
         leftovers = repo.leftovers(vm["uuid"]) if repo_state.exists else []
+        if self._would_thaw:
+            leftovers = ["thaw the guest's file systems, left frozen by an interrupted run"] + leftovers
+        if predicted is None:
+            predicted = _quiesce.Quiesce(self.p.quiesce, reason=_quiesce.skip_reason(self.p.quiesce, plan.vm_state)[0])
+        predicted.thawed_leftover = self._would_thaw
         would = plan.public()
         return {
             "changed": True,
@@ -1106,6 +1157,10 @@ class Exporter(Backend):
             "series": self.p.series,
             # Of the repository, or of the nearest existing directory when it does not exist yet.
             "repository_free_bytes": repo_state.free_bytes,
+            # A prediction: the consistency a real run would most likely get (the agent answered
+            # guest-ping); nothing was frozen.
+            "consistency": predicted.consistency,
+            "quiesce": predicted.public(),
             "cleaned_up": [],
             "would_clean_up": leftovers,
         }

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import typing as t
+import xml.etree.ElementTree as ET
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
@@ -77,6 +78,8 @@ VIR_ERR_OPERATION_UNSUPPORTED = 84
 VIR_ERR_AGENT_UNRESPONSIVE = 86
 VIR_ERR_OPERATION_TIMEOUT = 68
 VIR_ERR_NO_SUPPORT = 3
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+NO_CHANNEL = f"the VM has no guest agent channel ({AGENT_CHANNEL})"
 FREEZABLE_STATES = ("running", "blocked")
 NOT_RUNNING_STATES = ("shutoff", "shutdown", "crashed", "nostate")
 
@@ -134,11 +137,21 @@ def skip_reason(policy: str, vm_state: str) -> tuple[str | None, bool]:
     return f"the VM is {vm_state}: its guest agent cannot answer", True
 
 
+def has_agent_channel(xml: str) -> bool:
+    """Whether the domain XML has the guest agent's virtio-serial channel (without it no agent can
+    ever answer, and no guard process is worth starting)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return True  # in doubt, ask libvirt
+    return any(target.get("name") == AGENT_CHANNEL for target in root.findall("./devices/channel/target"))
+
+
 def describe_error(code: int | None, message: str) -> str:
     """Why a guest-agent call failed, in an operator's words (from libvirt's error code)."""
     message = (message or "").strip()
     if code == VIR_ERR_ARGUMENT_UNSUPPORTED or "not configured" in message:
-        return f"the VM has no guest agent channel (org.qemu.guest_agent.0): {message}"
+        return f"{NO_CHANNEL}: {message}"
     if code == VIR_ERR_AGENT_UNRESPONSIVE:
         return f"the guest agent is not connected or does not answer: {message}"
     if code in (VIR_ERR_OPERATION_UNSUPPORTED, VIR_ERR_NO_SUPPORT):
@@ -252,13 +265,14 @@ class Marker:
 
 
 # ---------------------------------------------------------------------- the guard process
-# Run as ``python -c GUARD_SOURCE uri uuid retry``: self-contained (the module's files are in a
-# zip it cannot import from), only the libvirt binding.
+# Run as ``python -c GUARD_SOURCE uri uuid retry marker``: self-contained (the module's files are
+# in a zip it cannot import from), only the libvirt binding. After a thaw it empties the marker
+# when it can take its lock, i.e. when the module is dead (a live module holds it).
 GUARD_SOURCE = r'''
-import os, select, signal, sys, time
+import fcntl, os, select, signal, sys, time
 import libvirt
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
-uri, vm_uuid, retry = sys.argv[1], sys.argv[2], float(sys.argv[3])
+uri, vm_uuid, retry, marker = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 
 class Thaw(Exception):
     pass
@@ -313,6 +327,13 @@ while True:
     try:
         count = dom.fsThaw(None, 0)
         say("thawed %s %d" % (why, count))
+        try:
+            fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        except OSError:
+            pass
         sys.exit(0)
     except libvirt.libvirtError as exc:
         try:
@@ -330,16 +351,17 @@ while True:
 class Guard:
     """The guard child (see the module's notes)."""
 
-    def __init__(self, uri: str, vm_uuid: str) -> None:
+    def __init__(self, uri: str, vm_uuid: str, marker: str) -> None:
         self.uri = uri
         self.vm_uuid = vm_uuid
+        self.marker = marker
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         """Start the guard and wait until it holds its own connection; VmBackupError when it cannot."""
         try:
             self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-                [sys.executable, "-c", GUARD_SOURCE, self.uri, self.vm_uuid, str(THAW_RETRY_SECONDS)],
+                [sys.executable, "-c", GUARD_SOURCE, self.uri, self.vm_uuid, str(THAW_RETRY_SECONDS), self.marker],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
                 start_new_session=True,
             )
@@ -459,6 +481,18 @@ def may_have_frozen(code: int | None, message: str) -> bool:
     return not (code == VIR_ERR_AGENT_UNRESPONSIVE and "not connected" in message)
 
 
+def freeze_status(dom, timeout: int = PROBE_SECONDS) -> str | None:
+    """Read-only: the agent's ``guest-fsfreeze-status`` (``thawed`` | ``frozen``), None when it
+    cannot be asked or does not answer."""
+    if libvirt_qemu is None:
+        return None
+    try:
+        answer = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-fsfreeze-status"}), timeout, 0)
+        return json.loads(answer).get("return")
+    except (libvirt.libvirtError, ValueError, AttributeError):
+        return None
+
+
 def _freeze_bounded(dom, timeout: float) -> tuple[int | None, str | None, bool]:
     """fsFreeze, waited for at most ``timeout`` seconds: (file systems frozen, why it failed,
     whether the guest may be (or become) frozen all the same)."""
@@ -503,7 +537,10 @@ def leftover(dom, directory: str | None = None) -> bool:
             return False  # a live run is quiescing the guest right now
         try:
             active = bool(dom.isActive())
-            return marker_verdict(marker.read(), active, dom.ID() if active else -1) == "thaw"
+            if marker_verdict(marker.read(), active, dom.ID() if active else -1) != "thaw":
+                return False
+            # The guard may have thawed already (it leaves the marker to the next run).
+            return freeze_status(dom) != "thawed"
         finally:
             fcntl.flock(marker.fd, fcntl.LOCK_UN)
     finally:
@@ -552,6 +589,10 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
                                 quiesce=dataclasses.replace(q, reason=why).public())
         q.reason = why
 
+    if not has_agent_channel(dom.XMLDesc(0)):
+        give_up(NO_CHANNEL)
+        yield q
+        return
     marker = Marker(dom.UUIDString(), directory)
     marker.open(create=True)
     guard = None
@@ -561,7 +602,7 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
             give_up("another run of the collection is quiescing this VM")
         else:
             q.thawed_leftover = _clear_leftover(dom, marker)
-            guard = Guard(uri, dom.UUIDString())
+            guard = Guard(uri, dom.UUIDString(), marker.path)
             try:
                 guard.start()
             except VmBackupError as exc:
@@ -616,3 +657,27 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
         if guard is not None:
             guard.stop()  # still armed here only when the thaw failed: the guard then thaws on the pipe's end
         marker.close()
+
+
+def predict(dom, policy: str) -> Quiesce:
+    """Read-only: what ``frozen`` would most likely give (check mode, and the preflight that lets
+    ``required`` fail before anything is written). Raises QUIESCE_FAILED when ``required`` cannot
+    be met: the VM cannot answer, or its agent does not answer guest-ping."""
+    q = Quiesce(policy=policy)
+    skip, fails = skip_reason(policy, lv.domain_state(dom))
+    if skip is None:
+        skip = probe(dom) if has_agent_channel(dom.XMLDesc(0)) else NO_CHANNEL
+        fails = skip is not None
+    if skip is not None and fails and policy == "required":
+        raise VmBackupError("QUIESCE_FAILED", f"quiesce=required but the guest cannot be frozen: {skip}", phase="preflight",
+                            quiesce=dataclasses.replace(q, reason=skip).public())
+    if skip is None:
+        q.consistency = "application"
+    q.reason = skip
+    return q
+
+
+def no_agent_channel(reason: str | None) -> bool:
+    """Whether a fallback's reason is the VM having no agent channel at all (a deliberate setup,
+    not an anomaly worth a warning)."""
+    return bool(reason) and reason.startswith(NO_CHANNEL)

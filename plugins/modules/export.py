@@ -28,6 +28,8 @@ description:
   - Each checkpoint of the collection gets a size sentinel on every disk it has a bitmap for, so that an incremental is
     never built across a resize; see O(mode) and the notes.
   - Directories are named after the VM's UUID and the set id, never after the VM's name.
+  - A running VM's guest is quiesced through the QEMU guest agent (O(quiesce)), frozen only around the start of the backup
+    job, which is the backup's point in time; the manifest and RV(consistency) record C(application) or C(crash).
   - A VM can have several independent series of chains in one repository (one per schedule, see O(series)). The parent of
     an incremental, the O(period) check, the economy for shut-off VMs and the checkpoint kept in libvirt are all per series.
   - Each series keeps at most one live checkpoint, the one of its newest set; a run deletes the older checkpoints of its
@@ -44,6 +46,9 @@ attributes:
     details:
       - Reports the backup it would take (type, reason, disks, estimated bytes) and changes nothing
         (no checkpoint, file, directory or lock). A chain id it reports for a new chain is not the one a real run draws.
+      - Never freezes a guest. RV(consistency) and RV(quiesce) are a prediction from whether the guest agent answers a
+        C(guest-ping) (read-only); a freeze that fails for another reason is not foreseen. With O(quiesce=required) a guest
+        agent that does not answer fails in check mode as in a real run.
       - Predicts the periodic fulls (O(full_every_sets), O(full_every_days)) and the economy for an unchanged shut-off VM
         (O(skip_unchanged)) with the same RV(type) and RV(reason) as a real run.
   diff_mode:
@@ -152,6 +157,35 @@ options:
     description:
       - Threads that checksum the set's files. Defaults to the number of CPUs of the managed host.
     type: int
+  quiesce:
+    description:
+      - Whether the guest's file systems are frozen through the QEMU guest agent (C(guest-fsfreeze-freeze)) for the backup's
+        point in time, which gives an C(application)-consistent backup instead of a C(crash)-consistent one.
+      - The guest is frozen only around the start of the push-mode backup job (the point in time) and thawed as soon as the
+        job has started; the copying happens while the guest runs on.
+      - C(auto) freezes when the guest agent can; when it cannot (no agent channel, the agent not answering, nothing
+        frozen, not frozen within O(quiesce_timeout)) the backup is crash-consistent, and RV(consistency),
+        RV(quiesce.reason) and the manifest say so (a warning too, unless the VM has no agent channel at all).
+      - C(required) fails with C(QUIESCE_FAILED) instead and leaves the VM as found (no checkpoint, set or staging data).
+        An agent that does not answer C(guest-ping) fails before anything is written.
+      - C(never) does not freeze.
+      - A shut-off VM is copied without freezing under every policy (there is no guest to quiesce; C(required) does not
+        fail); a paused VM cannot be frozen (C(required) fails).
+      - The thaw is guaranteed by the module, by a guard process that thaws when the module dies while the guest is frozen,
+        and by a marker from which the next run of the collection (export or snapshot) thaws a guest left frozen by a run
+        that was killed together with its guard; RV(cleaned_up) then says so. See the collection's consistency document.
+    type: str
+    choices: [auto, required, never]
+    default: auto
+  quiesce_timeout:
+    description:
+      - Seconds the guest may stay frozen, counted from the freeze request (above 0, at most 600). A freeze that does not
+        answer in time is given up; the guard process thaws the guest at this moment whatever the module is doing, and a
+        backup job that started later is recorded as C(crash) (C(auto)) or fails with C(QUIESCE_FAILED) (C(required)).
+      - A freeze given up may still complete in the guest (its freeze hooks run first): the module then thaws as soon as the
+        agent answers again, before the backup job starts, so the job may start up to the hooks' duration later.
+    type: float
+    default: 10
   create_repository:
     description:
       - Create the repository directory O(repository) when it does not exist (mode 0711), and initialise it.
@@ -210,6 +244,13 @@ EXAMPLES = r"""
     name: archive01
     repository: /srv/vmbackup
     skip_unchanged: false
+
+- name: An application-consistent backup, or none (fails with QUIESCE_FAILED when the guest agent cannot freeze)
+  vmbackup.libvirt.export:
+    name: db01
+    repository: /srv/vmbackup
+    quiesce: required
+    quiesce_timeout: 20
 
 - name: Back up a VM (full the first time, incremental afterwards)
   vmbackup.libvirt.export:
@@ -359,13 +400,59 @@ vm:
   description: The VM's name, UUID and run state (C(state), also when an existing set of the period is returned).
   returned: success
   type: dict
+consistency:
+  description:
+    - C(application) when the guest's file systems were frozen at the backup's point in time, C(crash) otherwise (as the
+      manifest records it). In check mode the prediction; with C(changed=false) the kept set's.
+  returned: success
+  type: str
+  sample: application
+quiesce:
+  description:
+    - What quiescing did for the new set. None with C(changed=false) (no new point in time was taken).
+  returned: success
+  type: dict
+  contains:
+    policy:
+      description: O(quiesce).
+      type: str
+    consistency:
+      description: C(application) or C(crash).
+      type: str
+    frozen:
+      description: Whether the guest was frozen at the point in time.
+      type: bool
+    frozen_seconds:
+      description: Seconds from the freeze's answer to the thaw's answer (how long the guest stayed frozen); None when not frozen.
+      type: float
+    freeze_seconds:
+      description: Seconds the freeze request took (the guest's freeze hooks run in it); None when no freeze was tried.
+      type: float
+    filesystems:
+      description: File systems the guest agent froze; None when not frozen.
+      type: int
+    reason:
+      description: Why the set is only crash-consistent (C(auto)'s fallback, O(quiesce=never), a shut-off VM); None otherwise.
+      type: str
+    thawed_leftover:
+      description: Whether a freeze left by a killed run was thawed first (check mode - whether a real run would).
+      type: bool
+  sample:
+    policy: auto
+    consistency: application
+    frozen: true
+    frozen_seconds: 0.41
+    freeze_seconds: 0.05
+    filesystems: 1
+    reason: null
+    thawed_leftover: false
 cleaned_up:
-  description: What an interrupted earlier run had left and this run removed (job, checkpoint, staging directories).
+  description: What an interrupted earlier run had left and this run removed (job, checkpoint, staging directories, a frozen guest).
   returned: success
   type: list
   elements: str
 would_clean_up:
-  description: Staging directories of interrupted runs that a real run would remove (check mode); empty otherwise.
+  description: Staging directories of interrupted runs (and a guest left frozen) that a real run would clean up (check mode); empty otherwise.
   returned: success
   type: list
   elements: str
@@ -397,6 +484,8 @@ def main() -> None:
         full_every_sets=dict(type="int"),
         full_every_days=dict(type="float"),
         skip_unchanged=dict(type="bool", default=True),
+        quiesce=dict(type="str", choices=["auto", "required", "never"], default="auto"),
+        quiesce_timeout=dict(type="float", default=10.0),
     )
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)

@@ -242,6 +242,11 @@ def test_sha256_regular_at_never_follows_a_link(tmp_path):
     ({"full_every_days": float("nan")}, "INVALID_ARGUMENT"),
     ({"full_every_days": float("inf")}, "INVALID_ARGUMENT"),
     ({"full_every_days": 1e9}, "INVALID_ARGUMENT"),
+    ({"quiesce": "always"}, "INVALID_ARGUMENT"),
+    ({"quiesce_timeout": 0.0}, "INVALID_ARGUMENT"),
+    ({"quiesce_timeout": -5.0}, "INVALID_ARGUMENT"),
+    ({"quiesce_timeout": float("nan")}, "INVALID_ARGUMENT"),
+    ({"quiesce_timeout": 601.0}, "INVALID_ARGUMENT"),
 ])
 def test_bad_series_and_periodic_options_fail_before_any_work(over, code):
     params = _export.ExportParams(repository="/srv/vmbackup", name="web01", **over)
@@ -253,6 +258,7 @@ def test_bad_series_and_periodic_options_fail_before_any_work(over, code):
 @pytest.mark.parametrize("over", [
     {}, {"series": "weekly"}, {"series": "off-site_2"}, {"full_every_sets": 1}, {"full_every_days": 0.25},
     {"full_every_days": 365.0, "full_every_sets": 12},
+    {"quiesce": "required", "quiesce_timeout": 0.5}, {"quiesce": "never"}, {"quiesce_timeout": 600.0},
 ])
 def test_good_series_and_periodic_options(over):
     params = _export.ExportParams(repository="/srv/vmbackup", name="web01", **over)
