@@ -59,6 +59,7 @@ ERROR_CODES: dict[str, str] = {
                              "non-file disk, shut-off VM with checkpoints, overlay no longer in the disk's chain, partly merged)"),
     "SNAPSHOT_FAILED": "libvirt or qemu-img failed while creating or reverting a snapshot",
     "COMMIT_FAILED": "merging a snapshot back into its base images failed; the VM runs on its overlays and the snapshot is kept",
+    "IMAGE_IN_USE": "a file the snapshot module would change or remove is used by another domain (as a disk or a backing file)",
 }
 
 

@@ -313,7 +313,7 @@ class SnapshotBackend(Backend):
             dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
             vm = {"name": dom.name(), "uuid": dom.UUIDString()}
             before = list_snapshots(dom)
-            plan = self._plan(dom, name, before)
+            plan = self._plan(conn, dom, name, before)
             quiesce = None
             if not self.check_mode and plan.changed:
                 # The one gate: everything below changes the VM.
@@ -323,7 +323,7 @@ class SnapshotBackend(Backend):
             return self._result(plan, vm, before, after, quiesce)
 
     # ------------------------------------------------------------------ decide
-    def _plan(self, dom, name: str, snapshots: list[dict[str, t.Any]]) -> Plan:
+    def _plan(self, conn, dom, name: str, snapshots: list[dict[str, t.Any]]) -> Plan:
         vm_state = lv.domain_state(dom)
         entry = next((s for s in snapshots if s["name"] == name), None)
         if self.p.state == "present":
@@ -335,12 +335,16 @@ class SnapshotBackend(Backend):
                 return Plan("none", self._missing_reason(name, snapshots), name, vm_state, [])
             self._check_external(entry)
             self._check_in_chain(dom, entry)
-            return Plan("delete", f"snapshot {name} is merged back into its base images", name, vm_state,
-                        [d for d in entry["disks"] if d["kind"] == "external"], entry["memory_file"])
+            merged = [d for d in entry["disks"] if d["kind"] == "external"]
+            # The commit writes into the image below each overlay and then removes the overlay.
+            self._check_not_shared(conn, dom, [d["overlay"] for d in merged] + [d["base"] for d in merged if d["base"]],
+                                   "merging the snapshot would change or remove it")
+            return Plan("delete", f"snapshot {name} is merged back into its base images", name, vm_state, merged,
+                        entry["memory_file"])
         if entry is None:
             raise VmBackupError("SNAPSHOT_NOT_FOUND", f"{self._missing_reason(name, snapshots)}; nothing to revert to",
                                 snapshot=name, snapshots=[s["name"] for s in snapshots])
-        return self._plan_revert(dom, entry, snapshots, vm_state)
+        return self._plan_revert(conn, dom, entry, snapshots, vm_state)
 
     def _missing_reason(self, name: str, snapshots: list[dict[str, t.Any]]) -> str:
         text = f"VM has no snapshot {name}"
@@ -415,7 +419,7 @@ class SnapshotBackend(Backend):
             chains[disk["target"]] = chain
         return chains
 
-    def _plan_revert(self, dom, entry: dict[str, t.Any], snapshots: list[dict[str, t.Any]], vm_state: str) -> Plan:
+    def _plan_revert(self, conn, dom, entry: dict[str, t.Any], snapshots: list[dict[str, t.Any]], vm_state: str) -> Plan:
         name = entry["name"]
         self._check_external(entry)
         if MERGE_FAILED_MARK in (entry["description"] or ""):
@@ -450,6 +454,13 @@ class SnapshotBackend(Backend):
             drop_files += [d["overlay"] for d in s["disks"] if d["kind"] == "external" and d["overlay"]]
             if s["memory_file"]:
                 drop_files.append(s["memory_file"])
+        for disk in disks:
+            # Every layer above the snapshot's overlay is discarded, also one whose snapshot
+            # metadata is gone (a revert killed after dropping it, a metadata-only delete).
+            drop_files += disk["chain"][:disk["chain"].index(disk["overlay"])]
+        drop_files = list(dict.fromkeys(p for p in drop_files if p not in {d["overlay"] for d in disks}))
+        self._check_not_shared(conn, dom, [d["overlay"] for d in disks] + drop_files,
+                               "the revert would recreate or remove it")
         run_state, restore = run_state_after(self.p.run_state, entry["state"], entry["memory"])
         if restore and not (entry["memory_file"] and os.path.exists(entry["memory_file"])):
             raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {entry['memory_file']} of {name} is missing; "
@@ -462,6 +473,18 @@ class SnapshotBackend(Backend):
             plan.reason = (f"the VM is returned to snapshot {name}, discarding what was written since"
                            + (f" and the later snapshots {', '.join(plan.drop)}" if plan.drop else ""))
         return plan
+
+    def _check_not_shared(self, conn, dom, paths: list[str], what: str) -> None:
+        """No other domain uses any of ``paths`` as a disk or anywhere in a disk's backing chain."""
+        used = lv.paths_in_use(conn, backing_reader=lambda path, fmt: self._chain(path)[1:], exclude_uuids=[dom.UUIDString()])
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                st = None
+            reason = used.reason(path, st)
+            if reason is not None:
+                raise VmBackupError("IMAGE_IN_USE", f"{path}: {what}, but it is {reason}", path=path)
 
     def _overlay_clean(self, disk: dict[str, t.Any]) -> bool:
         """The disk runs on the snapshot's overlay and nothing was written into it."""

@@ -327,3 +327,57 @@ def test_guest_snapshot_revert_merge(ansible, guests, tmp_path):
     gone = expect_ok(snap(ansible, g, snapshot="m1", state="absent"))
     assert mem["memory_file"] in gone["removed_files"] and not os.path.exists(mem["memory_file"])
     assert sources(g.dom) == {"vda": image}
+
+    # no agent: required fails before any snapshot, auto falls back to crash and says why
+    g.stop_agent()
+    files = sorted(os.listdir(g.workdir))
+    failed = expect_error(snap(ansible, g, snapshot="q1", quiesce="required", quiesce_timeout=3), "QUIESCE_FAILED")
+    assert snapshot_names(g.dom) == [] and sources(g.dom) == {"vda": image} and sorted(os.listdir(g.workdir)) == files, failed
+    crash = expect_ok(snap(ansible, g, snapshot="q1", quiesce_timeout=3))
+    assert crash["consistency"] == "crash" and crash["quiesce"]["reason"], crash
+
+
+def test_intermediate_merge_orphan_layers_and_shared_images(ansible, vms, conn, domain_type, tmp_path):
+    """An older snapshot merged while a later one is active (intermediate commit); a layer whose
+    snapshot metadata is gone is discarded by a revert; an image another domain uses is never
+    merged into or removed (IMAGE_IN_USE, nothing changed)."""
+    from harness import destroy_vm
+    vm = vms.create(disks=[DiskSpec(fill=[(0x11, "0", "1M")])])
+    image = str(vm.disks["vda"])
+    o1, o2, o3 = (f"{image}.{PREFIX}{n}.qcow2" for n in ("s1", "s2", "s3"))
+    expect_ok(snap(ansible, vm, snapshot="s1", quiesce="never"))
+    vm.write("vda", 0x22, "1M", "1M")
+    expect_ok(snap(ansible, vm, snapshot="s2", quiesce="never"))
+    vm.write("vda", 0x33, "2M", "1M")
+    ref = copy_active(vm, "vda", tmp_path / "ref.qcow2")
+
+    merged = expect_ok(snap(ansible, vm, snapshot="s1", state="absent"))
+    assert merged["removed_files"] == [o1] and not os.path.exists(o1)
+    assert sources(vm.dom)["vda"] == o2 and backing_chain(o2) == [o2, image]
+    assert snapshot_names(vm.dom) == [PREFIX + "s2"]
+    flush(vm, "vda")
+    assert images_equal(o2, str(ref))[0]
+
+    # s3's metadata dropped by hand (or by a revert killed after that step): its overlay is
+    # still the active layer; a revert to s2 discards and removes it all the same
+    expect_ok(snap(ansible, vm, snapshot="s3", quiesce="never"))
+    run(["virsh", "-c", "qemu:///system", "snapshot-delete", vm.name, PREFIX + "s3", "--metadata"])
+    assert sources(vm.dom)["vda"] == o3
+    reverted = expect_ok(snap(ansible, vm, snapshot="s2", state="reverted", run_state="running"))
+    assert o3 in reverted["removed_files"] and not os.path.exists(o3) and sources(vm.dom)["vda"] == o2
+
+    # another domain (defined, not running) whose disk is this VM's base image
+    other = conn.defineXML(
+        f"<domain type='{domain_type}'><name>vmbt-other-{uuid.uuid4().hex[:8]}</name><memory unit='MiB'>32</memory>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{image}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    try:
+        before = vm_state(vm)
+        for check in (True, False):
+            refused = expect_error(snap(ansible, vm, check=check, snapshot="s2", state="absent"), "IMAGE_IN_USE")
+            assert other.name() in refused["msg"]
+        assert vm_state(vm) == before
+    finally:
+        destroy_vm(other)
+    expect_ok(snap(ansible, vm, snapshot="s2", state="absent"))
+    assert sources(vm.dom)["vda"] == image and not os.path.exists(o2)
