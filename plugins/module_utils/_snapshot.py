@@ -284,6 +284,11 @@ def repoint_disks(domain_xml: str, sources: dict[str, str]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def sources_now(dom) -> dict[str, str | None]:
+    """target -> the disk's source in the definition that counts now (live when running)."""
+    return {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
+
+
 def mark_merge_failed(description: str | None) -> str:
     text = description or ""
     return text if MERGE_FAILED_MARK in text else (f"{text} {MERGE_FAILED_MARK}".strip())
@@ -307,6 +312,7 @@ class SnapshotBackend(Backend):
     def run(self) -> dict[str, t.Any]:
         self.removed: list[str] = []
         self.carried: list[str] = []
+        self.sentinels: list[str] = []
         self._skip: list[str] = []
         name = validate_params(self.p)
         with lv.session(self.p.uri) as conn:
@@ -497,8 +503,10 @@ class SnapshotBackend(Backend):
         xml = snapshot_xml(plan.snapshot, self.p.description, plan.disks, self._skip, plan.memory_file)
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE if plan.memory_file else libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-        if lv.is_active(dom) and _quiesce.thaw_leftover(dom, self.p.uri):
+        running = lv.is_active(dom)
+        if running and _quiesce.thaw_leftover(dom, self.p.uri):
             self.cleaned.append("a guest freeze left by a killed run (thawed)")
+        sentinels = self._intact_sentinels(dom) if running else {}
         created = False
         try:
             # No libvirt QUIESCE flag: the freeze is ours, so its length is bounded and measured.
@@ -523,6 +531,8 @@ class SnapshotBackend(Backend):
         wrong = [d["target"] for d in plan.disks if now.get(d["target"]) != d["overlay"]]
         if wrong:
             self.warnings.append(f"after the snapshot, disks {', '.join(wrong)} do not run on their new overlays")
+        if running:
+            self._keep_sentinels(dom, sentinels, [d["target"] for d in plan.disks])
         return q.public()
 
     def _undo_create(self, dom, plan: Plan) -> None:
@@ -534,6 +544,8 @@ class SnapshotBackend(Backend):
 
     def _do_delete(self, conn, dom, plan: Plan) -> None:
         snap = dom.snapshotLookupByName(plan.snapshot, 0)
+        running = lv.is_active(dom)
+        sentinels = self._intact_sentinels(dom) if running else {}
         try:
             # libvirt 9.0 merges an external snapshot itself (commit + pivot, or qemu-img commit when
             # shut off), keeps the checkpoint bitmaps consistent and removes the merged overlays.
@@ -546,9 +558,80 @@ class SnapshotBackend(Backend):
         if still:
             raise VmBackupError("COMMIT_FAILED", f"libvirt deleted snapshot {plan.snapshot} but disks {', '.join(still)} still "
                                 "use its overlays; they were kept", snapshot=plan.snapshot)
+        # Disks whose active layer was merged now run on the image below it.
+        onto_base = [d for d in plan.disks if sources_now(dom).get(d["target"]) == d["base"]]
+        if running:
+            self._keep_sentinels(dom, sentinels, [d["target"] for d in onto_base], drop_unproven=True)
+        else:
+            self._drop_sentinels_offline(onto_base)
         files = sorted(overlays) + ([plan.memory_file] if plan.memory_file else [])
         self.removed += [p for p in files if not os.path.lexists(p)]  # libvirt removed the merged overlays
         self._remove_unused(conn, [p for p in files if os.path.lexists(p)])
+
+    # Size sentinels: export gives each checkpoint a disabled bitmap ``<checkpoint>.size`` on the
+    # disk's top image (see _libvirt) and reads it from the top image only. libvirt carries the
+    # checkpoint bitmaps into a new overlay and back on a merge, but not the sentinels; without
+    # them export's next run would be a full. A snapshot or a merge does not resize a disk, so a
+    # sentinel intact right before it is re-armed on the new top image right after it (same size).
+    def _intact_sentinels(self, dom) -> dict[str, tuple[int, list[str], list[str]]]:
+        """target -> (size, checkpoints with an intact sentinel on the top image, all checkpoints)."""
+        try:
+            checkpoints = lv.checkpoint_names(dom)
+            if not checkpoints:
+                return {}
+            return {target: (node.size, [cp for cp in checkpoints if lv.sentinel_state(node, cp) is None], checkpoints)
+                    for target, node in lv.block_nodes(dom).items()}
+        except (VmBackupError, libvirt.libvirtError) as exc:
+            self.warnings.append(f"cannot read the size sentinels of the backup checkpoints: {exc}")
+            return {}
+
+    def _keep_sentinels(self, dom, before: dict[str, tuple[int, list[str], list[str]]], targets: list[str],
+                        drop_unproven: bool = False) -> None:
+        """Re-arm on the new top image of each of ``targets`` the sentinels that were intact before.
+        ``drop_unproven`` (after a merge): a sentinel left in the image below from before the
+        snapshot is removed when the overlay's own was not intact (a shrink on the overlay would
+        otherwise go unseen): the next export then takes a full."""
+        if not before:
+            return
+        try:
+            nodes = lv.block_nodes(dom)
+        except VmBackupError as exc:
+            self.warnings.append(f"size sentinels not kept: {exc.msg}")
+            return
+        for target in targets:
+            node = nodes.get(target)
+            if node is None or target not in before:
+                continue
+            size, intact, checkpoints = before[target]
+            for cp in checkpoints:
+                name = lv.sentinel_name(cp)
+                try:
+                    if cp in intact and node.size == size and name not in node.bitmaps:
+                        lv.arm_sentinel(dom, node, cp)
+                        self.sentinels.append(f"{target}:{cp}")
+                    elif drop_unproven and (cp not in intact or node.size != size) and name in node.bitmaps:
+                        error = lv.remove_bitmap_live(dom, node.node, name)
+                        if error:
+                            raise VmBackupError("COMMIT_FAILED", error)
+                        self.warnings.append(f"disk {target}: the size sentinel of checkpoint {cp} could not be proven "
+                                             "across the snapshot and was removed; the next backup is a full")
+                except VmBackupError as exc:
+                    self.warnings.append(f"disk {target}: size sentinel of checkpoint {cp} not kept: {exc.msg}")
+
+    def _drop_sentinels_offline(self, disks: list[dict[str, t.Any]]) -> None:
+        """After a merge of a shut-off VM the image below holds the sentinels of before the snapshot,
+        which cannot tell whether the overlay was shrunk meanwhile (an image's bitmap contents
+        cannot be read offline): they are removed, and the next backup is a full."""
+        for disk in disks:
+            try:
+                names = [n for n in self._image_bitmaps(disk["base"]) if n.endswith(lv.SENTINEL_SUFFIX)]
+            except VmBackupError as exc:
+                self.warnings.append(f"disk {disk['target']}: size sentinels not checked: {exc.msg}")
+                continue
+            for name in names:
+                rc, out, err = self.qemu_img.run_raw(["bitmap", "--remove", "-f", "qcow2", disk["base"], name])
+                if rc != 0:
+                    self.warnings.append(f"disk {disk['target']}: size sentinel {name} not removed: {(err or out).strip()}")
 
     def _commit_failed(self, dom, plan: Plan, why: str) -> VmBackupError:
         """After a failed merge: the snapshot is marked (its base may be partly written) and the
@@ -613,7 +696,8 @@ class SnapshotBackend(Backend):
         except VmBackupError as exc:
             self.warnings.append(f"disk {disk['target']}: checkpoint bitmaps not carried over ({exc.msg})")
             return
-        for name in sorted(set(old) & set(base)):
+        kept = set()
+        for name in sorted(n for n in set(old) & set(base) if not n.endswith(lv.SENTINEL_SUFFIX)):
             args = ["bitmap", "--add", "-f", "qcow2", "-g", str(old[name].get("granularity", 65536))]
             if "auto" not in (old[name].get("flags") or []):
                 args.append("--disable")
@@ -621,7 +705,19 @@ class SnapshotBackend(Backend):
             if rc != 0:
                 self.warnings.append(f"disk {disk['target']}: bitmap {name} not carried over: {(err or out).strip()}")
             else:
+                kept.add(name)
                 self.carried.append(f"{disk['target']}:{name}")
+        # The base's size sentinels are as true for the reverted disk (it has the base's size and
+        # content) as they were at the snapshot: copied with their bit, still disabled.
+        base_fmt = self.qemu_img.info_chain(disk["base"], None, force_share=True)[0].get("format") or "qcow2"
+        for name in sorted(n for n in base if n.endswith(lv.SENTINEL_SUFFIX) and n[:-len(lv.SENTINEL_SUFFIX)] in kept):
+            rc, out, err = self.qemu_img.run_raw(["bitmap", "--add", "-g", str(base[name].get("granularity", 512)),
+                                                  "--merge", name, "-b", disk["base"], "-F", base_fmt, "--disable",
+                                                  "-f", "qcow2", fresh, name])
+            if rc != 0:
+                self.warnings.append(f"disk {disk['target']}: size sentinel {name} not carried over: {(err or out).strip()}")
+            else:
+                self.sentinels.append(f"{disk['target']}:{name[:-len(lv.SENTINEL_SUFFIX)]}")
 
     def _make_current(self, dom, name: str) -> None:
         try:
@@ -693,6 +789,7 @@ class SnapshotBackend(Backend):
             "removed_files": removed,
             "snapshots": names_after,
             "bitmaps_kept": list(self.carried),
+            "sentinels_kept": list(self.sentinels),
             "quiesce": quiesce,
             "consistency": quiesce.get("consistency") if quiesce else None,
             "diff": {"before": {"snapshots": names_before}, "after": {"snapshots": names_after}},

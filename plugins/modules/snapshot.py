@@ -125,6 +125,11 @@ notes:
   - libvirt 9.0 refuses a disk snapshot of a shut-off VM that has checkpoints (the backup bitmaps of
     M(vmbackup.libvirt.export)); the module fails with C(SNAPSHOT_UNSUPPORTED) before changing anything. Running VMs with
     checkpoints are fine.
+  - Backups stay incremental across a create, a merge and a revert of a running VM. libvirt carries the checkpoint
+    bitmaps into a new overlay and back; the module re-arms the size sentinels of M(vmbackup.libvirt.export) that were
+    intact right before (RV(sentinels_kept)). After a merge of a snapshot whose overlay had no intact sentinel (made by
+    another tool, or the disk was shrunk meanwhile), and after any merge of a shut-off VM, the sentinels from before the
+    snapshot are removed, so the next export takes a full that says why.
   - A revert keeps the checkpoints made before the snapshot valid (their bitmaps are carried into the fresh overlays, see
     RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded);
     libvirt then reports its bitmap as broken and M(vmbackup.libvirt.export) starts a new chain with a full that says why.
@@ -233,6 +238,14 @@ bitmaps_kept:
   type: list
   elements: str
   sample: ["vda:vmbackup-3f2a9c1e-4"]
+sentinels_kept:
+  description:
+    - Checkpoints (C(<target>:<checkpoint>)) whose size sentinel (see M(vmbackup.libvirt.export)) was re-armed on the disk's
+      new top image after a create or a merge, or carried into the fresh overlay of a revert. libvirt carries only the
+      checkpoint bitmaps; without the sentinel the next export would be a full.
+  returned: success
+  type: list
+  elements: str
 quiesce:
   description:
     - What quiescing did when a snapshot was created (C(policy), C(consistency), C(frozen), C(frozen_seconds),
