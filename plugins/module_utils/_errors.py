@@ -53,6 +53,13 @@ ERROR_CODES: dict[str, str] = {
     "CLOCK_SKEW": "a set is dated after this host's clock; prune removes nothing until the clock (or the set's host's) is right",
     "QUIESCE_FAILED": ("`quiesce: required` but the guest agent could not freeze the guest's file systems (or not within "
                        "`quiesce_timeout`), or a thaw failed"),
+    "SNAPSHOT_NOT_FOUND": "`state: reverted` names a snapshot the VM does not have",
+    "SNAPSHOT_FOREIGN": "the run would change a snapshot made by another tool (a later snapshot a revert would drop)",
+    "SNAPSHOT_UNSUPPORTED": ("the VM or the snapshot is of a kind the snapshot module does not handle (internal snapshot, "
+                             "non-file disk, shut-off VM with checkpoints, overlay no longer in the disk's chain, partly merged)"),
+    "SNAPSHOT_FAILED": "libvirt or qemu-img failed while creating or reverting a snapshot",
+    "COMMIT_FAILED": "merging a snapshot back into its base images failed; the VM runs on its overlays and the snapshot is kept",
+    "IMAGE_IN_USE": "a file the snapshot module would change or remove is used by another domain (as a disk or a backing file)",
 }
 
 
