@@ -51,6 +51,8 @@ ERROR_CODES: dict[str, str] = {
     "CANCELLED": "the run received SIGINT or SIGTERM (an AWX job cancel) and rolled back",
     "RETENTION_POLICY_EMPTY": "prune was given no retention rule (every keep_* option unset or 0): it would keep nothing by policy",
     "CLOCK_SKEW": "a set is dated after this host's clock; prune removes nothing until the clock (or the set's host's) is right",
+    "QUIESCE_FAILED": ("`quiesce: required` but the guest agent could not freeze the guest's file systems (or not within "
+                       "`quiesce_timeout`), or a thaw failed"),
 }
 
 
