@@ -24,7 +24,6 @@ def test_sentinel_below_the_top_only():
     assert lv.sentinel_below([], cp) is None
 
 
-
 def test_carry_copies_only_missing_sentinels(monkeypatch):
     calls = []
     monkeypatch.setattr(lv, "qmp", lambda dom, command, **args: calls.append((command, args)))
