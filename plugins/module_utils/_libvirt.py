@@ -793,10 +793,15 @@ def refresh_pool(conn, name: str) -> str | None:
 # - an active block commit with pivot merges each recording bitmap of the overlay into the base's
 #   bitmap of the same name (created when missing); the commit's own writes also mark the base's
 #   recording bitmaps. The overlay's disabled bitmaps (sentinels) go with the overlay.
+# - libvirt 9.0's own deletion of an external snapshot of a running VM (virDomainSnapshotDelete)
+#   is the same active commit + pivot, with the same bitmap handling.
+# - QEMU refuses block_resize while a commit job runs ("Device is in use").
 # So the checkpoint survives both; only the collection's size sentinel does not. A sentinel may
 # be carried only at a moment when nothing can have resized the disk since the image it is copied
-# from stopped being the top: right after the snapshot (into the new top) and, for a commit, in
-# the job's ready phase before the pivot (into the base). carry_sentinels does the copy.
+# from stopped being the top: right after the snapshot (old top -> new top), and for a merge right
+# before the commit job starts or in its ready phase before the pivot (overlay -> base).
+# carry_sentinels does the copy; export never carries one itself (it cannot know what happened
+# since the snapshot), so a backup after a foreign snapshot or merge starts a new chain.
 
 
 def disk_chains(dom) -> dict[str, list[BlockNode]]:
@@ -838,9 +843,10 @@ def carry_sentinels(dom, src: BlockNode, dst: BlockNode, checkpoints: t.Iterable
     sentinel stays cleared). Returns the names copied; VmBackupError when QEMU refuses one (a
     disk of another size: the next export then starts a new chain, which is safe).
 
-    For the snapshot module only, at the two safe moments named above: src = old top, dst = new
-    overlay right after snapshotCreateXML; src = overlay, dst = base while an active commit job
-    is ready, before the pivot.
+    For the snapshot module only, at the safe moments named above: src = old top, dst = new
+    overlay right after snapshotCreateXML; src = overlay, dst = base right before the merge
+    (virDomainSnapshotDelete or blockCommit) or while an active commit job is ready, before the
+    pivot. Take the nodes from disk_chains() just before the call.
     """
     copied = []
     for checkpoint in sorted(set(checkpoints)):

@@ -12,8 +12,10 @@ Findings this test pins down (they are in docs/snapshots-and-backups.md):
   overlay, or after merging an overlay that a checkpoint was taken on, starts a new chain and
   says why. A checkpoint taken before a snapshot that is merged before the next backup keeps its
   sentinel in the base image: that chain continues.
-- When the sentinel is carried at the two safe moments (right after the snapshot; in the commit
-  job's ready phase before the pivot), the chain continues across both.
+- When the sentinel is carried at the safe moments (right after the snapshot; right before the
+  merge or in the commit job's ready phase before the pivot), the chain continues across both,
+  and a shrink and grow back of the overlay still clears it (a new chain).
+- libvirt 9.0's own snapshot-delete of an external snapshot merges like blockcommit.
 
 Everything is checked by another path: qemu-img compare of every point (read through its chain)
 against a copy of the disk taken right after that export, the bitmaps through QMP, the restored
@@ -107,7 +109,7 @@ def test_series_across_snapshot_create_and_merge_is_restorable_at_every_point(an
     vm = vms.create([DiskSpec("64M", fill=[(0x11, "0", "4M")])])
     base = vm.disks["vda"]
     series = Series(ansible, vm, make_dir(repo_root / "repo"), make_dir(repo_root / "refs"))
-    overlays = [vm.workdir / f"vda.snap{i}.qcow2" for i in range(3)]
+    overlays = [vm.workdir / f"vda.snap{i}.qcow2" for i in range(4)]
     try:
         series.export("full")                                        # 0
         vm.write("vda", 0x21, "8M", "1M")
@@ -169,9 +171,28 @@ def test_series_across_snapshot_create_and_merge_is_restorable_at_every_point(an
         carry(vm.dom, overlays[2], base, f"{p7['checkpoint']}.size")
         virsh("blockjob", vm.name, "vda", "--pivot")
         virsh("snapshot-delete", vm.name, "s2", "--metadata")
-        vm.write("vda", 0x2c, "30M", "1M")
+        vm.write("vda", 0x2c, "40M", "8M")  # data beyond 32M: a shrink to 32M and back erases it
         p8 = series.export("incremental")                            # 8
         assert p8["parent"] == p7["set_id"]
+
+        # --- a carried sentinel still sees a shrink and grow back of the overlay (wrong point)
+        virsh("snapshot-create-as", vm.name, "s3", "--disk-only", "--atomic", "--diskspec", f"vda,file={overlays[3]}")
+        carry(vm.dom, base, overlays[3], f"{p8['checkpoint']}.size")
+        virsh("blockresize", vm.name, "vda", "32M")
+        virsh("blockresize", vm.name, "vda", "64M")
+        # No bitmap saw that the guest now reads zeros at 40M: only the carried sentinel tells.
+        assert bitmaps(vm.dom, overlays[3])[p8["checkpoint"]]["count"] == 0
+        vm.write("vda", 0x2d, "2M", "1M")
+        p9 = series.export("full", reason="was shrunk")              # 9
+        # --- libvirt's own merge (snapshot-delete: active commit + pivot), the sentinel carried
+        # into the base right before it (a running commit job refuses block_resize)
+        vm.write("vda", 0x2e, "44M", "1M")
+        carry(vm.dom, overlays[3], base, f"{p9['checkpoint']}.size")
+        virsh("snapshot-delete", vm.name, "s3")
+        assert series.source() == str(base) and not overlays[3].exists()
+        vm.write("vda", 0x2f, "46M", "1M")
+        p10 = series.export("incremental")                           # 10
+        assert p10["parent"] == p9["set_id"]
 
         # --- every point, read through its chain, is the disk as it was right after its export
         for k in range(len(series.results)):
@@ -179,11 +200,11 @@ def test_series_across_snapshot_create_and_merge_is_restorable_at_every_point(an
             assert same, f"point {k} ({series.results[k]['type']}): {out}"
         for k in range(len(series.refs) - 1):
             assert not images_equal(str(series.refs[k]), str(series.refs[k + 1]))[0], "the writes made the points differ"
-        assert [series.manifest(k)["disks"][0]["source"] for k in (1, 2, 3, 4, 7, 8)] == [
-            str(base), str(overlays[0]), str(overlays[0]), str(base), str(overlays[2]), str(base)]
+        assert [series.manifest(k)["disks"][0]["source"] for k in (1, 2, 3, 4, 7, 8, 9, 10)] == [
+            str(base), str(overlays[0]), str(overlays[0]), str(base), str(overlays[2]), str(base), str(overlays[3]), str(base)]
 
         # --- restore of a point taken on an overlay: one flat image, the domain on it, no backing file
-        for k in (3, 8):
+        for k in (3, 10):
             name = domains.new_name()
             restored = expect_ok(ansible("restore", {"repository": str(series.repo), "name": vm.name,
                                                      "set_id": series.results[k]["set_id"], "restore_as": name,
