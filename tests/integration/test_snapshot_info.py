@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import xml.etree.ElementTree as ET
 
 import libvirt
 
@@ -21,7 +22,6 @@ def virsh(*argv: str) -> str:
 
 def live_chain(dom, target: str, flags: int = 0) -> list[str]:
     """The disk's image chain as libvirt's XML states it, top first."""
-    import xml.etree.ElementTree as ET
     for disk in ET.fromstring(dom.XMLDesc(flags)).findall("./devices/disk"):
         if disk.find("target").get("dev") != target:
             continue
