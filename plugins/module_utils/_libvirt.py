@@ -863,3 +863,41 @@ def carry_sentinels(dom, src: BlockNode, dst: BlockNode, checkpoints: t.Iterable
             raise
         copied.append(name)
     return copied
+
+
+def _live_sentinels(node: BlockNode, checkpoints: set[str]) -> list[str]:
+    """The checkpoints (of those libvirt has) whose size sentinel ``node`` holds."""
+    return sorted(c for c in checkpoints if sentinel_name(c) in node.bitmaps)
+
+
+def carry_sentinels_to_overlays(dom) -> tuple[list[str], list[str]]:
+    """Right after an external snapshot of a running VM: every disk whose top has a backing image
+    gets the size sentinels that image (the old top) holds for libvirt's checkpoints. Returns
+    (carried as "target:bitmap", errors); an error costs only a new chain at the next export."""
+    carried, errors = [], []
+    checkpoints = set(checkpoint_names(dom))
+    for target, chain in sorted(disk_chains(dom).items()):
+        if len(chain) < 2:
+            continue
+        try:
+            carried += [f"{target}:{name}" for name in carry_sentinels(dom, chain[1], chain[0], _live_sentinels(chain[1], checkpoints))]
+        except VmBackupError as exc:
+            errors.append(f"{target}: {exc.msg}")
+    return carried, errors
+
+
+def carry_sentinels_to_base(dom, overlays: t.Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """Right before merging a running VM's top overlays into their backing images (``overlays``:
+    target -> overlay path; a disk whose top is another image is left alone): each backing image
+    gets the overlay's size sentinels. Returns (carried, errors) as carry_sentinels_to_overlays."""
+    carried, errors = [], []
+    checkpoints = set(checkpoint_names(dom))
+    tops = {d.target: d.source for d in parse_disks(domain_xml(dom, inactive=False))}
+    for target, chain in sorted(disk_chains(dom).items()):
+        if len(chain) < 2 or target not in overlays or tops.get(target) != overlays[target]:
+            continue
+        try:
+            carried += [f"{target}:{name}" for name in carry_sentinels(dom, chain[0], chain[1], _live_sentinels(chain[0], checkpoints))]
+        except VmBackupError as exc:
+            errors.append(f"{target}: {exc.msg}")
+    return carried, errors
