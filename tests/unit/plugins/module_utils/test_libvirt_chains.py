@@ -36,3 +36,31 @@ def test_carry_copies_only_missing_sentinels(monkeypatch):
                                     "disabled": True}),
         ("block-dirty-bitmap-merge", {"node": "dst", "target": lv.sentinel_name(a), "bitmaps": [{"node": "src", "name": lv.sentinel_name(a)}]}),
     ]
+
+
+LIVE_XML = """<domain><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/i/vda.snap.qcow2' index='3'/>
+    <backingStore type='file' index='1'><format type='qcow2'/><source file='/i/vda.qcow2'/><backingStore/></backingStore>
+    <target dev='vda' bus='virtio'/></disk>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/i/vdb.qcow2' index='2'/><backingStore/><target dev='vdb' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><target dev='hdc' bus='ide'/><readonly/></disk>
+</devices></domain>"""
+
+
+def test_disk_chains_walks_the_live_backing_chain_by_node_index(monkeypatch):
+    nodes = [
+        {"node-name": "libvirt-3-format", "image": {"virtual-size": 64}, "dirty-bitmaps": [{"name": "cp"}, {"granularity": 512}]},
+        {"node-name": "libvirt-1-format", "image": {"virtual-size": 64}, "dirty-bitmaps": [{"name": "cp"}, {"name": "cp.size"}]},
+        {"node-name": "libvirt-2-format", "image": {"virtual-size": 32}},
+        {"node-name": "libvirt-1-storage"},
+    ]
+    monkeypatch.setattr(lv, "qmp", lambda dom, command, **args: nodes)
+    monkeypatch.setattr(lv, "domain_xml", lambda dom, inactive: LIVE_XML)
+    chains = lv.disk_chains(object())
+    assert {tg: [(n.node, n.size, sorted(n.bitmaps)) for n in chain] for tg, chain in chains.items()} == {
+        "vda": [("libvirt-3-format", 64, ["cp"]), ("libvirt-1-format", 64, ["cp", "cp.size"])],  # anonymous bitmaps left out
+        "vdb": [("libvirt-2-format", 32, [])],
+    }
+    assert lv.sentinel_below(chains["vda"], "cp").node == "libvirt-1-format"
