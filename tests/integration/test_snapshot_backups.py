@@ -229,3 +229,38 @@ def conn_xml(domains: Domains, name: str) -> str:
     dom = domains.lookup(name)
     assert dom is not None, name
     return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def test_shut_off_vm_on_an_overlay_is_copied_through_its_chain(ansible, vms, repo_root):
+    """A shut-off VM with an external snapshot: the copy reads the whole chain, records every
+    image of it for the unchanged-VM economy, and an offline merge (libvirt 9.0's snapshot-delete
+    runs qemu-img commit) changes the chain, so the next run copies again."""
+    vm = vms.create([DiskSpec("32M", fill=[(0x11, "0", "2M")])], running=False)
+    base, overlay = vm.disks["vda"], vm.workdir / "vda.off.qcow2"
+    repo, refs = make_dir(repo_root / "repo"), make_dir(repo_root / "refs")
+    args = {"repository": str(repo), "name": vm.name}
+    try:
+        virsh("snapshot-create-as", vm.name, "off", "--disk-only", "--atomic", "--diskspec", f"vda,file={overlay}")
+        run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 4M 1M", str(overlay)])
+        first = expect_ok(ansible("export", args))
+        assert first["type"] == "copy"
+        man = json.loads((pathlib.Path(first["repository_path"]) / "manifest.json").read_text())
+        assert man["disks"][0]["source"] == str(overlay)
+        assert [i["path"] for i in man["disks"][0]["images"]] == [str(overlay), str(base)]
+        ref = refs / "0.qcow2"
+        run(["qemu-img", "convert", "-O", "qcow2", str(overlay), str(ref)])
+        same, out = images_equal(str(pathlib.Path(first["repository_path"]) / "disks" / "vda.qcow2"), str(ref))
+        assert same, out
+        # Unchanged: not copied again.
+        again = ansible("export", args)
+        assert again["changed"] is False and again["set_id"] == first["set_id"], again
+        # The offline merge writes the overlay into the base: the chain is another one now.
+        virsh("snapshot-delete", vm.name, "off")
+        assert parse_disk_sources(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))["vda"] == str(base)
+        merged = expect_ok(ansible("export", args))
+        assert merged["type"] == "copy" and "changed since set" in merged["reason"], merged["reason"]
+        same, out = images_equal(str(pathlib.Path(merged["repository_path"]) / "disks" / "vda.qcow2"), str(ref))
+        assert same, out  # the same data, now read from the base alone
+    finally:
+        for snap in vm.dom.listAllSnapshots(0):
+            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
