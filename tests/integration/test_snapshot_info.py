@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from harness import URI, DiskSpec, expect_error, make_dir, run
+from harness import URI, DiskSpec, expect_error, make_dir, run, sha256
 
 MIB = 1024 * 1024
 
@@ -109,7 +109,14 @@ def test_snapshots_checkpoints_and_chains_of_a_vm(ansible, vms, repo_root):
 
         # --- the VM shut off on its overlays: no dirty sizes, the chain from the persistent definition
         vm.dom.destroy()
+        images = [ov2, ov1, vm.disks["vda"], vm.disks["vdb"]]
+        before = ([sha256(p) for p in images], vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
+                  [s.getXMLDesc(0) for s in vm.dom.listAllSnapshots(0)], [c.getXMLDesc(0) for c in vm.dom.listAllCheckpoints(0)])
         after = ansible("snapshot_info", {"uuid": vm.uuid})["vms"][0]
+        assert ansible("snapshot_info", {"uuid": vm.uuid}, check=True)["vms"][0] == after
+        # Read-only: images, definition, snapshots and checkpoints byte-identical.
+        assert before == ([sha256(p) for p in images], vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
+                          [s.getXMLDesc(0) for s in vm.dom.listAllSnapshots(0)], [c.getXMLDesc(0) for c in vm.dom.listAllCheckpoints(0)])
         assert after["state"] == "shutoff"
         assert all(d["dirty_bytes"] is None for c in after["checkpoints"] for d in c["disks"])
         assert [img["filename"] for img in {d["target"]: d for d in after["disks"]}["vda"]["chain"]] == [
