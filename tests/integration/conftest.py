@@ -9,6 +9,7 @@ import libvirt
 import pytest
 
 from harness import AnsibleRunner, VmFactory, build_and_install, pick_domain_type  # noqa: E402  (rootdir import)
+from guest import GuestFactory, GuestImage, guest_image  # noqa: E402  (rootdir import)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Repositories live where QEMU (libvirt-qemu) can traverse; pytest's tmp_path is 0700.
@@ -69,3 +70,19 @@ def scratch(repo_root) -> pathlib.Path:
     path = repo_root / "scratch"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_guest_image() -> GuestImage:
+    """The tiny test guest's kernel, initrd and data-disk template (scripts/build-test-guest.sh,
+    built once, cached across runs)."""
+    return guest_image()
+
+
+@pytest.fixture
+def guests(conn, tiny_guest_image) -> GuestFactory:
+    """Throwaway tiny guests (tests/integration/guest.py; docs/testing.md); all destroyed,
+    undefined and removed afterwards."""
+    factory = GuestFactory(conn)
+    yield factory
+    factory.cleanup()

@@ -1,0 +1,394 @@
+"""The tiny real test guest: a Linux kernel booting an initramfs with busybox and the QEMU guest
+agent, and an ext4 data disk (vda, mounted at /data in the guest). Built from Debian packages by
+scripts/build-test-guest.sh (cached); see docs/testing.md.
+
+Tests talk to the guest through the agent (libvirt_qemu.qemuAgentCommand): guest-exec runs
+commands, so files written and read here went through the guest's own kernel and filesystem.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+import typing as t
+import uuid
+from xml.sax import saxutils
+
+import libvirt
+import libvirt_qemu
+
+from harness import IMAGES, PREFIX, destroy_vm, pick_domain_type, run
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = ROOT / "scripts" / "build-test-guest.sh"
+# Where the build script caches the guest (override: VMBACKUP_GUEST_DIR).
+GUEST_DIR = pathlib.Path(os.environ.get("VMBACKUP_GUEST_DIR", "/var/cache/vmbackup-test-guest"))
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+CMDLINE = "console=ttyS0 quiet panic=-1"
+
+
+class GuestError(AssertionError):
+    """The guest did not do what a test asked (boot, agent, command); the message carries the
+    tail of its serial console."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestImage:
+    kernel: pathlib.Path
+    initrd: pathlib.Path
+    data_template: pathlib.Path
+    build_seconds: float  # the build script's wall time in this process (~0.03 s when cached)
+
+
+_IMAGE: GuestImage | None = None
+
+
+def guest_image() -> GuestImage:
+    """Run the build script once per process (it is a no-op when its stamp matches)."""
+    global _IMAGE  # pylint: disable=global-statement
+    if _IMAGE is None:
+        start = time.monotonic()
+        proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(GUEST_DIR)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise GuestError(f"{BUILD_SCRIPT} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        outdir = pathlib.Path(proc.stdout.strip().splitlines()[-1])
+        _IMAGE = GuestImage(outdir / "vmlinuz", outdir / "initrd.gz", outdir / "data.qcow2", time.monotonic() - start)
+    return _IMAGE
+
+
+def guest_domain_type(conn) -> str:
+    """TCG unless VMBACKUP_GUEST_KVM=1 (a booting guest hung under nested KVM on the test bed);
+    with it, kvm when a probe domain starts, else TCG."""
+    if os.environ.get("VMBACKUP_GUEST_KVM") == "1":
+        return pick_domain_type(conn)
+    return "qemu"
+
+
+def agent_command(dom, command: str, arguments: dict | None = None, timeout: int = 10) -> t.Any:
+    """One guest agent command through libvirt; its "return" value."""
+    msg: dict[str, t.Any] = {"execute": command}
+    if arguments is not None:
+        msg["arguments"] = arguments
+    out = libvirt_qemu.qemuAgentCommand(dom, json.dumps(msg), max(1, int(timeout)), 0)
+    return json.loads(out).get("return") if out else None
+
+
+@dataclasses.dataclass
+class Guest:
+    conn: t.Any
+    dom: t.Any
+    name: str
+    workdir: pathlib.Path
+    paths: dict[str, pathlib.Path]  # target -> image path (vda = the data disk)
+    agent: bool = True             # whether it was booted with the agent running
+
+    @property
+    def uuid(self) -> str:
+        return self.dom.UUIDString()
+
+    @property
+    def console_log(self) -> pathlib.Path:
+        return self.workdir / "console.log"
+
+    def console(self, tail: int = 40) -> str:
+        """The last lines of the serial console (kernel messages, /init markers)."""
+        try:
+            lines = self.console_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no console log)"
+        return "\n".join(lines[-tail:])
+
+    def _fail(self, msg: str) -> t.NoReturn:
+        raise GuestError(f"{self.name}: {msg}\n--- serial console (tail) ---\n{self.console()}")
+
+    # ------------------------------------------------------------------ agent
+    def agent_command(self, command: str, arguments: dict | None = None, timeout: int = 10) -> t.Any:
+        return agent_command(self.dom, command, arguments, timeout)
+
+    def ping(self, timeout: int = 5) -> bool:
+        try:
+            self.agent_command("guest-ping", timeout=timeout)
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    def wait_agent(self, timeout: float = 60) -> None:
+        """Until guest-ping answers (boot done, agent up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.dom.isActive():
+                self._fail("domain stopped while waiting for the guest agent")
+            if self.ping(timeout=2):
+                return
+            time.sleep(0.1)
+        self._fail(f"guest agent did not answer within {timeout}s")
+
+    def wait_console(self, marker: str, timeout: float = 60) -> None:
+        """Until the serial console shows ``marker`` (e.g. "vmbackup-guest: ready")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if marker in self.console_log.read_text(errors="replace"):
+                    return
+            except OSError:
+                pass
+            if not self.dom.isActive():
+                self._fail(f"domain stopped before the console showed {marker!r}")
+            time.sleep(0.1)
+        self._fail(f"console did not show {marker!r} within {timeout}s")
+
+    def spawn(self, argv: list[str], input: bytes | None = None, capture: bool = True) -> int:  # pylint: disable=redefined-builtin
+        """Start argv in the guest (guest-exec, PATH searched) and return its guest pid at once;
+        wait() collects it. For work that runs on while the test does something else."""
+        args: dict[str, t.Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": capture}
+        if input is not None:
+            args["input-data"] = base64.b64encode(input).decode()
+        try:
+            return int(self.agent_command("guest-exec", args, timeout=30)["pid"])
+        except libvirt.libvirtError as exc:
+            self._fail(f"guest-exec {argv!r} failed: {exc}")
+
+    def wait(self, pid: int, timeout: float = 30, what: str = "") -> tuple[int, bytes, bytes]:
+        """(exit code, stdout, stderr) of a spawned process, polling guest-exec-status. A process
+        killed by signal N gives 128+N. Past the timeout it is killed (-9) and GuestError raised."""
+        deadline = time.monotonic() + timeout
+        interval = 0.01
+        while True:
+            try:
+                status = self.agent_command("guest-exec-status", {"pid": pid}, timeout=10)
+            except libvirt.libvirtError as exc:
+                self._fail(f"guest-exec-status for {what or pid} failed: {exc}")
+            if status.get("exited"):
+                break
+            if time.monotonic() > deadline:
+                try:
+                    self.agent_command("guest-exec", {"path": "kill", "arg": ["-9", str(pid)]})
+                except libvirt.libvirtError:
+                    pass
+                self._fail(f"command {what or pid} did not finish within {timeout}s")
+            time.sleep(interval)
+            interval = min(interval * 2, 0.2)
+        out = base64.b64decode(status.get("out-data", ""))
+        err = base64.b64decode(status.get("err-data", ""))
+        code = status["exitcode"] if "exitcode" in status else 128 + int(status.get("signal", 0))
+        return code, out, err
+
+    def exec(self, argv: list[str], input: bytes | None = None, timeout: float = 30) -> tuple[int, bytes, bytes]:  # pylint: disable=redefined-builtin
+        """Run argv in the guest and wait for it: (exit code, stdout, stderr). Output beyond the
+        agent's limit (16 MiB) is cut. GuestError (with the console tail) on timeout or when the
+        agent fails."""
+        return self.wait(self.spawn(argv, input=input), timeout=timeout, what=repr(argv))
+
+    def sh(self, script: str, *args: str, input: bytes | None = None, timeout: float = 30, check: bool = True) -> bytes:  # pylint: disable=redefined-builtin
+        """Run a shell script in the guest ($1.. = args); its stdout. check: nonzero exit raises."""
+        code, out, err = self.exec(["sh", "-c", script, "sh", *args], input=input, timeout=timeout)
+        if check and code != 0:
+            self._fail(f"sh -c {script!r} {list(args)!r} exited {code}: {err.decode(errors='replace')}")
+        return out
+
+    def write_file(self, path: str, data: bytes, sync: bool = True) -> None:
+        """Write data to path in the guest (through the guest's filesystem); fsync'ed with sync."""
+        # qemu-ga 7.2 stopped answering a guest-exec with 300 KiB of input (128 KiB worked): chunks.
+        chunk = 64 * 1024
+        for i in range(0, max(len(data), 1), chunk):
+            self.sh('cat > "$1"' if i == 0 else 'cat >> "$1"', path, input=data[i:i + chunk])
+        if sync:
+            self.sh('sync "$1"', path)
+
+    def read_file(self, path: str) -> bytes:
+        """The content of path in the guest; FileNotFoundError when it does not exist."""
+        code, out, err = self.exec(["sh", "-c", 'test -e "$1" || exit 44; exec cat "$1"', "sh", path])
+        if code == 44:
+            raise FileNotFoundError(path)
+        if code != 0:
+            self._fail(f"reading {path} exited {code}: {err.decode(errors='replace')}")
+        return out
+
+    def sync(self) -> None:
+        self.sh("sync")
+
+    def fsfreeze_status(self) -> str:
+        """"thawed" | "frozen", as the agent reports it (guest-fsfreeze-status)."""
+        return self.agent_command("guest-fsfreeze-status")
+
+    def set_slow_freeze(self, seconds: int) -> None:
+        """The freeze hook sleeps this long before each freeze (0: no delay). Kept in /run
+        (tmpfs), so it does not touch the data disk."""
+        if seconds > 0:
+            self.sh('echo "$1" > /run/slow-freeze', str(int(seconds)))
+        else:
+            self.sh("rm -f /run/slow-freeze")
+
+    def freeze_hook_log(self) -> list[str]:
+        """The freeze hook's calls, "<epoch> freeze|thaw" per line."""
+        return self.sh("cat /run/fsfreeze-hook.log 2>/dev/null || true").decode().split("\n")[:-1]
+
+    def stop_agent(self, timeout: float = 30) -> None:
+        """Stop qemu-ga and keep it stopped (/run/ga-off); returns when it no longer answers.
+        The agent cannot be started again through itself: see start_agent."""
+        self.sh(": > /run/ga-off; (sleep 0.3; killall qemu-ga) >/dev/null 2>&1 &")
+        deadline = time.monotonic() + timeout
+        while self.ping(timeout=2):
+            if time.monotonic() > deadline:
+                self._fail(f"guest agent still answers {timeout}s after being stopped")
+            time.sleep(0.1)
+
+    def start_agent(self, timeout: float = 60) -> None:
+        """Not possible without a path into the guest other than the agent; a stopped agent
+        comes back only with a reboot of the guest (destroy + create)."""
+        raise NotImplementedError("the agent cannot be restarted in a running guest: reboot it")
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self, wait: bool = True, timeout: float = 60) -> None:
+        self.console_log.unlink(missing_ok=True)
+        self.dom.create()
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Booted: the agent answers (or, booted without it, the console shows "ready")."""
+        if self.agent:
+            self.wait_agent(timeout)
+        else:
+            self.wait_console("vmbackup-guest: ready", timeout)
+
+    def shutdown(self, timeout: float = 60, mode: str | None = None) -> None:
+        """A clean power-off; the guest unmounts /data and powers off. mode None: libvirt asks
+        the agent (guest-shutdown) when it is connected, else presses the ACPI power button;
+        "agent" / "acpi": only that way."""
+        if not self.dom.isActive():
+            return
+        flags = {None: 0, "agent": libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT,
+                 "acpi": libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN}[mode]
+        try:
+            self.dom.shutdownFlags(flags)
+        except libvirt.libvirtError as exc:
+            self._fail(f"shutdown refused: {exc}")
+        deadline = time.monotonic() + timeout
+        while self.dom.isActive():
+            if time.monotonic() > deadline:
+                self._fail(f"still running {timeout}s after shutdown")
+            time.sleep(0.1)
+
+    def destroy(self) -> None:
+        if self.dom.isActive():
+            self.dom.destroy()
+
+    def xml(self) -> str:
+        return self.dom.XMLDesc(0)
+
+
+class GuestFactory:
+    """Throwaway guests; cleanup() destroys and undefines them and removes their files."""
+
+    def __init__(self, conn, domain_type: str | None = None, memory_mib: int = 128) -> None:
+        self.conn = conn
+        self.domain_type = domain_type or guest_domain_type(conn)
+        self.memory_mib = memory_mib
+        self.guests: list[Guest] = []
+
+    def create(self, name: str | None = None, agent: bool = True, running: bool = True, extra_disks: int = 0,
+               data_size: str | None = None, wait: bool = True, boot_timeout: float = 90) -> Guest:
+        """A guest with its own copy of the data disk as vda (ext4 "data", mounted at /data, alias
+        ua-vda) and ``extra_disks`` blank 64 MiB qcow2 disks vdb.. (alias ua-vdb..). agent=False
+        boots with the agent off (kernel cmdline vmbackup.agent=0). running + wait: returns once
+        the agent answers (agent=False: once /init says "ready")."""
+        image = guest_image()
+        token = uuid.uuid4().hex[:10]
+        workdir = IMAGES / f"{PREFIX}g-{token}"
+        workdir.mkdir(mode=0o755)
+        os.chmod(workdir, 0o755)
+        name = name if name is not None else f"{PREFIX}g-{token}"
+        paths: dict[str, pathlib.Path] = {"vda": workdir / "vda.qcow2"}
+        if data_size is None:
+            shutil.copyfile(image.data_template, paths["vda"])
+        else:
+            raw = workdir / "vda.raw"
+            run(["truncate", "-s", data_size, str(raw)])
+            run(["mkfs.ext4", "-q", "-F", "-L", "data", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)])
+            run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(paths["vda"])])
+            raw.unlink()
+        for i in range(extra_disks):
+            target = "vd" + "bcdefgh"[i]
+            paths[target] = workdir / f"{target}.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(paths[target]), "64M"])
+        disks = "".join(
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{path}'/>"
+            f"<target dev='{target}' bus='virtio'/><alias name='ua-{target}'/></disk>"
+            for target, path in paths.items()
+        )
+        cmdline = CMDLINE + ("" if agent else " vmbackup.agent=0")
+        console = workdir / "console.log"
+        xml = (
+            f"<domain type='{self.domain_type}'><name>{saxutils.escape(name)}</name>"
+            f"<memory unit='MiB'>{self.memory_mib}</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type>"
+            f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd><cmdline>{cmdline}</cmdline></os>"
+            "<features><acpi/></features><clock offset='utc'/>"
+            "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
+            f"<devices>{disks}"
+            f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
+            f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>"
+            "<controller type='usb' model='none'/><memballoon model='none'/>"
+            "</devices></domain>"
+        )
+        dom = self.conn.defineXML(xml)
+        guest = Guest(self.conn, dom, name, workdir, paths, agent=agent)
+        self.guests.append(guest)
+        if running:
+            guest.start(wait=wait, timeout=boot_timeout)
+        return guest
+
+    def cleanup(self) -> None:
+        for guest in self.guests:
+            try:  # snapshot metadata would keep undefine from succeeding
+                for snap in guest.dom.listAllSnapshots(0):
+                    snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            except libvirt.libvirtError:
+                pass
+            destroy_vm(guest.dom)
+            shutil.rmtree(guest.workdir, ignore_errors=True)
+        self.guests.clear()
+
+
+
+# ----------------------------------------------------------------------------- host-side checks of a data disk
+def _as_raw(image: pathlib.Path | str, workdir: pathlib.Path) -> pathlib.Path:
+    raw = workdir / f"check-{uuid.uuid4().hex[:8]}.raw"
+    run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)])  # format probed: qcow2 or raw
+    return raw
+
+
+def disk_read_file(image: pathlib.Path | str, path: str, workdir: pathlib.Path | None = None) -> bytes:
+    """A file's content read from an ext4 disk image on the host (debugfs on a raw copy), not
+    through the guest: what really reached the disk. FileNotFoundError when absent. ``path`` is
+    relative to the filesystem's root (the guest's /data/x is "/x")."""
+    workdir = pathlib.Path(workdir or pathlib.Path(image).parent)
+    raw = _as_raw(image, workdir)
+    try:
+        proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, check=False)
+        err = proc.stderr.decode(errors="replace")
+        if "not found" in err.lower():
+            raise FileNotFoundError(path)
+        if proc.returncode != 0:
+            raise GuestError(f"debugfs cat {path} on {image}: {err}")
+        return proc.stdout
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def disk_fsck(image: pathlib.Path | str, workdir: pathlib.Path | None = None) -> tuple[int, str]:
+    """e2fsck -fn of an ext4 disk image (a raw copy); (exit code, output). 0 = clean."""
+    workdir = pathlib.Path(workdir or pathlib.Path(image).parent)
+    raw = _as_raw(image, workdir)
+    try:
+        proc = run(["e2fsck", "-fn", str(raw)], check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+    finally:
+        raw.unlink(missing_ok=True)
