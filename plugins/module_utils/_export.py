@@ -618,7 +618,8 @@ class Exporter(Backend):
         wanted = {d.target for d in selected if d.checkpointable}
         if bitmaps != wanted:
             return None, f"the disks changed since set {set_id}: checkpoint covers {sorted(bitmaps)}, now {sorted(wanted)}"
-        why_not = self._check_bitmaps(dom, set_id, checkpoint, sorted(wanted), dry)
+        why_not = self._check_bitmaps(dom, set_id, checkpoint, sorted(wanted), dry,
+                                      {tg: old[tg].get("source") for tg in wanted})
         if why_not:
             return None, why_not
         return self._parent(set_id, sha, manifest, parsed, redefined), ""
@@ -628,7 +629,8 @@ class Exporter(Backend):
         return {"set_id": set_id, "manifest_sha256": sha, "checkpoint": manifest["checkpoint"],
                 "chain_id": manifest["chain_id"], "seq": parsed[1], "redefined": redefined}
 
-    def _check_bitmaps(self, dom, set_id: str, checkpoint: str, targets: list[str], dry: bool) -> str:
+    def _check_bitmaps(self, dom, set_id: str, checkpoint: str, targets: list[str], dry: bool,
+                       sources: dict[str, str | None] | None = None) -> str:
         """Why the parent checkpoint's bitmaps cannot give a correct incremental, or "".
 
         1. Every bitmap must be usable: after QEMU died (kill, host crash) a bitmap is missing
@@ -637,7 +639,11 @@ class Exporter(Backend):
            can never serve again, so it is deleted here (not in check mode) instead of failing
            every later run.
         2. Every disk's size sentinel must be intact: a bitmap does not notice a shrink followed
-           by a grow back (see _libvirt's sentinel notes).
+           by a grow back (see _libvirt's sentinel notes). libvirt keeps a checkpoint's bitmaps
+           across an external snapshot and its merge, but not the sentinel (_libvirt's snapshot
+           notes): a disk moved to an overlay or back since the set (``sources``: each disk's
+           source then) therefore starts a new chain unless the sentinel was carried along, and
+           the reason says so.
         """
         report = lv.checkpoint_bitmap_report(dom, checkpoint)
         if report is None:  # not a verdict on the bitmaps (the VM stopped, libvirt failed): keep it
@@ -661,9 +667,31 @@ class Exporter(Backend):
         for target in targets:
             node = nodes.get(target)
             state = "is not known to QEMU by its node" if node is None else lv.sentinel_state(node, checkpoint)
+            if state and node is not None and lv.sentinel_name(checkpoint) not in node.bitmaps:
+                state = self._snapshot_note(dom, target, checkpoint, (sources or {}).get(target)) or state
             if state:
                 return f"the disks changed since set {set_id}: {target} {state}"
         return ""
+
+    @staticmethod
+    def _snapshot_note(dom, target: str, checkpoint: str, then: str | None) -> str | None:
+        """Why ``target`` has no size sentinel when an external snapshot explains it, else None."""
+        try:
+            chain = lv.disk_chains(dom).get(target) or []
+        except VmBackupError:
+            chain = []
+        below = lv.sentinel_below(chain, checkpoint)
+        now = lv.parse_disks(lv.domain_xml(dom, inactive=False))
+        source = next((d.source for d in now if d.target == target), None)
+        if below is not None:
+            return (f"runs on an overlay ({source}) created after checkpoint {checkpoint} (an external snapshot): libvirt "
+                    "carried the checkpoint's bitmap into the overlay but not the size sentinel that proves the disk was "
+                    "not shrunk since, so a new chain starts")
+        if then and source and then != source:
+            return (f"has no size sentinel on its image {source} (it was {then} at the set: an external snapshot was "
+                    "created or merged since, or the image was replaced); libvirt keeps a checkpoint's bitmap across a "
+                    "snapshot and its merge but not the size sentinel, so a new chain starts")
+        return None
 
     def _check_space(self, plan: Plan, repo_state: repo_mod.RepoState) -> None:
         need = int(plan.estimated_bytes * SPACE_FACTOR) + SPACE_HEADROOM

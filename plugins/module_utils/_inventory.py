@@ -26,11 +26,15 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import Vm
 
 # The namespace of the collection's metadata element, set per VM with
 #   virsh metadata DOM https://vmbackup.libvirt/schema/1 --key vmbackup --config --set '<backup enabled="no" tier="gold"/>'
+# (attributes: enabled, tier, quiesce; all optional)
 METADATA_NAMESPACE = "https://vmbackup.libvirt/schema/1"
 DEFAULT_TIER = "default"
 _TIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TRUE = {"yes", "true", "1", "on"}
 _FALSE = {"no", "false", "0", "off"}
+# The quiesce policies of vmbackup.libvirt.export (_quiesce.QUIESCE_POLICIES), repeated here so
+# that discovery does not import the freezing code.
+QUIESCE_POLICIES = ("auto", "required", "never")
 
 # libvirt constants by value, so this module imports without the binding (unit tests, docs).
 _METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT
@@ -45,6 +49,7 @@ class Metadata:
     present: bool = False
     enabled: bool | None = None  # None: not stated
     tier: str | None = None
+    quiesce: str | None = None  # None: not stated (the role's policy applies)
     error: str | None = None  # the element is there but malformed
     xml: str | None = None
 
@@ -82,9 +87,10 @@ class Choice:
 
 
 def parse_metadata(xml: str | None) -> Metadata:
-    """Read ``<backup enabled="yes|no" tier="NAME"/>`` (the root element libvirt returns for our
-    namespace). A malformed element is reported in ``error``, never raised: one VM's typo must
-    not stop the discovery of the others."""
+    """Read ``<backup enabled="yes|no" tier="NAME" quiesce="auto|required|never"/>`` (the root
+    element libvirt returns for our namespace). A malformed element is reported in ``error``,
+    never raised: one VM's typo must not stop the discovery of the others. A malformed quiesce
+    value is ignored (the role's policy applies), as a malformed tier is."""
     if xml is None:
         return Metadata()
     try:
@@ -108,10 +114,17 @@ def parse_metadata(xml: str | None) -> Metadata:
     if tier is not None and not _TIER_RE.match(tier):
         errors.append(f"tier={tier!r} is not a name (letters, digits, '_', '.', '-', at most 64)")
         tier = None
-    unknown = sorted(set(root.attrib) - {"enabled", "tier"})
+    quiesce = root.get("quiesce")
+    if quiesce is not None:
+        if quiesce.strip().lower() in QUIESCE_POLICIES:
+            quiesce = quiesce.strip().lower()
+        else:
+            errors.append(f"quiesce={quiesce!r} is not one of {', '.join(QUIESCE_POLICIES)}")
+            quiesce = None
+    unknown = sorted(set(root.attrib) - {"enabled", "tier", "quiesce"})
     if unknown:
         errors.append(f"unknown attribute(s) {', '.join(unknown)}")
-    return Metadata(present=True, enabled=enabled, tier=tier, error="; ".join(errors) or None, xml=xml)
+    return Metadata(present=True, enabled=enabled, tier=tier, quiesce=quiesce, error="; ".join(errors) or None, xml=xml)
 
 
 def _matches(name: str, patterns: t.Iterable[str]) -> str | None:
@@ -229,7 +242,8 @@ def as_result(domain: Domain, choice: Choice) -> dict[str, t.Any]:
         "active": domain.active,
         "persistent": domain.persistent,
         "autostart": domain.autostart,
-        "metadata": {"present": md.present, "enabled": md.enabled, "tier": md.tier, "error": md.error, "xml": md.xml},
+        "metadata": {"present": md.present, "enabled": md.enabled, "tier": md.tier, "quiesce": md.quiesce, "error": md.error,
+                     "xml": md.xml},
         "tier": md.tier or DEFAULT_TIER,
         "disks": [dict(d) for d in domain.disks],
         "selected": choice.selected,

@@ -26,7 +26,10 @@ description:
   - "The metadata element is set per VM with
     C(virsh metadata VM https://vmbackup.libvirt/schema/1 --key vmbackup --config --set '<backup enabled=\"no\" tier=\"gold\"/>')
     (add C(--live) for a running VM to change its live definition too; the persistent definition is read first).
-    Both attributes are optional; C(enabled) takes C(yes) or C(no); a tier is a name of letters, digits, C(_), C(.) and C(-).
+    Every attribute is optional; C(enabled) takes C(yes) or C(no); a tier is a name of letters, digits, C(_), C(.) and C(-);
+    C(quiesce) takes C(auto), C(required) or C(never) - the VM's own quiesce policy, which the C(vmbackup.libvirt.backup)
+    role passes to M(vmbackup.libvirt.export) in place of its C(vmbackup_backup_quiesce) (see RV(domains[].metadata.quiesce)).
+    A malformed value is ignored and reported, as a malformed tier is.
     C(virsh metadata VM https://vmbackup.libvirt/schema/1 --config --remove) removes it."
   - Only reads; it never changes a domain.
   - It is not in the C(group/vmbackup.libvirt.libvirt) action group, whose C(module_defaults) usually set a repository
@@ -115,6 +118,12 @@ EXAMPLES = r"""
     tiers: [gold]
   register: gold
 
+- name: Back up the database VM only application-consistent (fail rather than take a crash-consistent backup)
+  ansible.builtin.command:
+    argv: [virsh, metadata, db01, "https://vmbackup.libvirt/schema/1", --key, vmbackup, --config,
+           --set, '<backup tier="gold" quiesce="required"/>']
+  changed_when: true
+
 - name: Opt a VM out of backups (a command, since the collection only reads the metadata)
   ansible.builtin.command:
     argv: [virsh, metadata, test01, "https://vmbackup.libvirt/schema/1", --key, vmbackup, --config, --live,
@@ -167,6 +176,10 @@ domains:
           type: bool
         tier:
           description: The tier the element names, or C(null).
+          type: str
+        quiesce:
+          description: The quiesce policy the element names (C(auto), C(required) or C(never)), or C(null) when it names none
+            or a malformed one.
           type: str
         error:
           description: What is malformed in the element, or C(null).

@@ -108,3 +108,32 @@ def test_validate_rules(include, exclude, tiers, code):
     with pytest.raises(VmBackupError) as err:
         inv.validate_rules(include, exclude, tiers)
     assert err.value.error_code == code
+
+
+@pytest.mark.parametrize("xml, quiesce, error", [
+    ('<backup quiesce="required"/>', "required", None),
+    ('<backup quiesce="never" tier="gold"/>', "never", None),
+    ('<backup quiesce=" Auto "/>', "auto", None),
+    ('<backup/>', None, None),
+    ('<backup quiesce="sometimes"/>', None, "quiesce='sometimes' is not one of auto, required, never"),
+    ('<backup quiesce=""/>', None, "is not one of"),
+    ('<backup quiesce="required" freeze="yes"/>', "required", "unknown attribute(s) freeze"),
+])
+def test_metadata_quiesce_policy(xml, quiesce, error):
+    md = inv.parse_metadata(xml)
+    assert md.quiesce == quiesce
+    if error is None:
+        assert md.error is None
+    else:
+        assert error in md.error
+
+
+def test_quiesce_policies_match_the_export_option():
+    from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
+    assert inv.QUIESCE_POLICIES == tuple(_quiesce.QUIESCE_POLICIES)
+
+
+def test_result_shows_the_metadata_quiesce_policy():
+    domain = inv.Domain("a", "u", "running", True, True, metadata=inv.parse_metadata('<backup quiesce="never"/>'))
+    out = inv.as_result(domain, inv.select(domain, inv.Rules()))
+    assert out["metadata"]["quiesce"] == "never" and out["selected"]
