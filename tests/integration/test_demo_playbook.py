@@ -14,14 +14,15 @@ import libvirt
 from harness import destroy_vm, images_equal, parse_disk_sources
 
 
-def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root):
+def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root, guests):
     name = f"vmbt-demo-{uuid.uuid4().hex[:8]}"
+    app = guests.create()  # the demo's fourth VM: a tiny real guest with the agent
     images = pathlib.Path("/var/lib/libvirt/images") / name
     repo = repo_root / "demo-repo"
     playbook = str(pathlib.Path(sys.executable).parent / "ansible-playbook")
     argv = [playbook, "-i", "localhost,", "-c", "local", "vmbackup.libvirt.demo",
             "-e", json.dumps({"vmbackup_demo_vm": name, "vmbackup_demo_images": str(images),
-                              "vmbackup_demo_repository": str(repo)})]
+                              "vmbackup_demo_repository": str(repo), "vmbackup_demo_app": app.name})]
     try:
         proc = subprocess.run(argv, env=dict(ansible.env, ANSIBLE_STDOUT_CALLBACK="default"),
                               capture_output=True, text=True, timeout=600, check=False)
@@ -47,7 +48,19 @@ def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root):
             types = [json.loads((d / "manifest.json").read_text())["type"] for d in sorted(odir.iterdir()) if d.is_dir()]
             assert types == [kind], (other, types)
         report = json.loads((repo.parent / "demo-reports" / "vmbackup-weekly.json").read_text())
-        assert report["outcome"] == "ok" and sorted(v["name"] for v in report["vms"]) == sorted([name, f"{name}-web", f"{name}-off"])
+        assert report["outcome"] == "ok" and sorted(v["name"] for v in report["vms"]) == sorted([name, f"{name}-web", f"{name}-off", app.name])
+        # The real guest: its weekly full and the play's export were frozen through the agent; the
+        # snapshot's rollback brought back the file as it was before the "patch", and the merge
+        # left the guest running on its original image with no snapshot and no overlay.
+        adir = repo / "vms" / app.uuid / "sets"
+        app_sets = [json.loads((d / "manifest.json").read_text()) for d in sorted(adir.iterdir()) if d.is_dir()]
+        assert [(m["type"], m["consistency"]) for m in app_sets] == [("full", "application"), ("incremental", "application")]
+        assert app.read_file("/data/app.conf") == b"version-1\n"
+        assert app.fsfreeze_status() == "thawed"
+        assert app.dom.snapshotListNames() == []
+        assert parse_disk_sources(app.dom.XMLDesc(0)) == {"vda": str(app.paths["vda"])}
+        assert sorted(p.name for p in app.workdir.iterdir() if "vmbackup-snap" in p.name) == []
+        assert "the guest reads version-1 again" in proc.stdout
         # Restored under a new name, running, each disk equal to the reference copy the play
         # took at backup time (checked here again, independently of the play's own compare).
         restored = conn.lookupByName(f"{name}-restored")
