@@ -60,6 +60,9 @@ def guest_dir() -> pathlib.Path:
     if os.environ.get("VMBACKUP_GUEST_DIR"):
         return pathlib.Path(os.environ["VMBACKUP_GUEST_DIR"])
     version = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]
+    # QEMU (libvirt-qemu) must traverse it whatever the umask of whoever created it first
+    GUEST_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(GUEST_BASE, 0o755)
     _prune_versions(keep=version)
     return GUEST_BASE / f"v-{version}"
 
