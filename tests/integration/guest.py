@@ -201,7 +201,7 @@ class Guest:
         if input is not None:
             args["input-data"] = base64.b64encode(input).decode()
             # A guest-exec message of 256 KiB or more left the agent channel dead for the rest of
-            # the guest's life (qemu-ga 7.2, libvirt 9.0); write_file sends 64 KiB pieces.
+            # the guest's life (qemu-ga 7.2, libvirt 9.0); write_file sends 128 KiB pieces.
             if len(args["input-data"]) > 200 * 1024:
                 raise ValueError(f"input of {len(input)} bytes is too large for one guest-exec (max ~150 KiB): use write_file")
         try:
