@@ -185,9 +185,11 @@ EOF
 
 cat > "$root/sbin/vmbackup-poweroff" <<'EOF'
 #!/bin/sh
-# Clean power-off: flush, unmount /data (remount read-only if busy), then power off.
+# Clean power-off: thaw /data if it is frozen (sync would hang on it for ever), flush, unmount
+# /data (remount read-only if busy), then power off.
 echo "vmbackup-guest: power off" >/dev/console
 : > /run/ga-off
+fsfreeze --unfreeze /data 2>/dev/null && echo "vmbackup-guest: thawed /data to power off" >/dev/console
 sync
 umount /data 2>/dev/null || mount -o remount,ro /data 2>/dev/null
 sync

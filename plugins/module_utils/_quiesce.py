@@ -414,10 +414,12 @@ class Guard:
                 pass
         self.proc = None
 
-    def stop(self) -> None:
-        """Close the pipe (an armed guard thaws on its end) and reap the guard."""
+    def stop(self) -> bool:
+        """Close the pipe (an armed guard thaws on its end) and reap the guard; whether it said it
+        thawed the guest."""
         if self.proc is None:
-            return
+            return False
+        thawed = False
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -429,8 +431,14 @@ class Guard:
             self.proc.kill()
             self.proc.wait()
         if self.proc.stdout is not None:
+            try:
+                os.set_blocking(self.proc.stdout.fileno(), False)
+                thawed = b"\nthawed " in b"\n" + (self.proc.stdout.read() or b"")
+            except OSError:
+                pass
             self.proc.stdout.close()
         self.proc = None
+        return thawed
 
 
 # ---------------------------------------------------------------------- libvirt calls
@@ -662,7 +670,10 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
             raise VmBackupError("QUIESCE_FAILED", f"quiesce=required: {q.reason}", phase="freeze", quiesce=q.public())
     finally:
         if guard is not None:
-            guard.stop()  # still armed here only when the thaw failed: the guard then thaws on the pipe's end
+            # Still armed here only when the thaw failed or the freeze was interrupted (a cancel):
+            # the guard then thaws on the pipe's end, and its thaw settles the marker.
+            if guard.stop() and armed:
+                marker.write(None)
         marker.close()
 
 

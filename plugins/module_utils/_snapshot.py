@@ -284,6 +284,19 @@ def repoint_disks(domain_xml: str, sources: dict[str, str]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def descendants(snapshots: list[dict[str, t.Any]], name: str) -> list[dict[str, t.Any]]:
+    """Every snapshot below ``name`` in the snapshot tree, parents before children (pure)."""
+    children: dict[str | None, list[dict[str, t.Any]]] = {}
+    for snap in snapshots:
+        children.setdefault(snap["parent"], []).append(snap)
+    out, todo = [], list(children.get(name, []))
+    while todo:
+        snap = todo.pop(0)
+        out.append(snap)
+        todo.extend(children.get(snap["name"], []))
+    return out
+
+
 def sources_now(dom) -> dict[str, str | None]:
     """target -> the disk's source in the definition that counts now (live when running)."""
     return {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
@@ -433,14 +446,7 @@ class SnapshotBackend(Backend):
                                 "its base image: its point in time is gone, so it cannot be reverted to; delete it "
                                 "(state: absent) once the cause is fixed", snapshot=name)
         chains = self._check_in_chain(dom, entry)
-        children = {}
-        for s in snapshots:
-            children.setdefault(s["parent"], []).append(s)
-        later, todo = [], list(children.get(name, []))
-        while todo:
-            s = todo.pop()
-            later.append(s)
-            todo.extend(children.get(s["name"], []))
+        later = descendants(snapshots, name)
         foreign = [s["name"] for s in later if not s["ours"]]
         if foreign:
             raise VmBackupError("SNAPSHOT_FOREIGN", f"reverting to {name} would drop the later snapshots {', '.join(foreign)} "

@@ -60,6 +60,9 @@ def guest_dir() -> pathlib.Path:
     if os.environ.get("VMBACKUP_GUEST_DIR"):
         return pathlib.Path(os.environ["VMBACKUP_GUEST_DIR"])
     version = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]
+    # QEMU (libvirt-qemu) must traverse it whatever the umask of whoever created it first
+    GUEST_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(GUEST_BASE, 0o755)
     _prune_versions(keep=version)
     return GUEST_BASE / f"v-{version}"
 
@@ -198,7 +201,7 @@ class Guest:
         if input is not None:
             args["input-data"] = base64.b64encode(input).decode()
             # A guest-exec message of 256 KiB or more left the agent channel dead for the rest of
-            # the guest's life (qemu-ga 7.2, libvirt 9.0); write_file sends 64 KiB pieces.
+            # the guest's life (qemu-ga 7.2, libvirt 9.0); write_file sends 128 KiB pieces.
             if len(args["input-data"]) > 200 * 1024:
                 raise ValueError(f"input of {len(input)} bytes is too large for one guest-exec (max ~150 KiB): use write_file")
         try:

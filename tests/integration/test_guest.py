@@ -122,7 +122,7 @@ def test_guest_without_agent_and_agent_control(guests):
     freeze is refused. Through the control port: the agent started; stopped while frozen (the
     kernel keeps /data frozen, a restarted agent still says frozen until thawed); killed (its
     supervisor restarts it)."""
-    g = guests.create(agent=False, extra_disks=1)
+    g = guests.create(agent=False, extra_disks=1, data_size="96M")
     assert "vmbackup.agent=0" in g.xml()
     assert set(g.paths) == {"vda", "vdb"}
     assert g.control("ping") == "ok ping"
@@ -146,6 +146,13 @@ def test_guest_without_agent_and_agent_control(guests):
     g.kill_agent()
     g.wait_agent(timeout=30)
     assert g.exec(["true"])[0] == 0
+    size_kib = int(g.sh("df -k /data | tail -1").split()[1])
+    assert 80 * 1024 < size_kib <= 96 * 1024, size_kib   # data_size: a fresh ext4 of that size
+    assert g.exec(["test", "-b", "/dev/vdb"])[0] == 0
+
+    other = guests.adopt(g.dom)   # as for a domain someone else made from a guest
+    assert other.paths == g.paths and other.console_log == g.console_log
+    assert other.read_file("/proc/cmdline").strip().endswith(b"vmbackup.agent=0")
     g.shutdown()
     assert not g.dom.isActive()
     assert disk_fsck(g.paths["vda"])[0] == 0

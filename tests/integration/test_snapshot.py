@@ -98,6 +98,12 @@ def test_disk_vm_create_merge_check_mode_and_idempotence(ansible, vms, tmp_path)
     assert predicted["changed"] and not predicted["failed"], predicted
     assert vm_state(vm) == before, "check mode changed the VM, its snapshots, checkpoints or files"
     assert predicted["snapshots"] == [PREFIX + "s1"]
+    # --diff: the snapshot list before and after, as the callback prints it
+    shown = subprocess.run(ansible.argv("snapshot", {"name": vm.name, "snapshot": "s1"}, check=True) + ["--diff"],
+                           env=ansible.env, capture_output=True, text=True, check=False).stdout
+    print(shown)
+    assert f'+        "{PREFIX}s1"' in shown, shown
+    assert vm_state(vm) == before
 
     created = expect_ok(snap(ansible, vm, snapshot="s1", quiesce="never"))
     assert created["snapshot"] == PREFIX + "s1" and created["consistency"] == "crash"

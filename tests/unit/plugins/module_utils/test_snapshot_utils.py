@@ -170,3 +170,11 @@ def test_merge_failed_mark_is_added_once():
     assert snap.mark_merge_failed(once) == once
     xml = snap.with_description("<domainsnapshot><name>n</name></domainsnapshot>", once)
     assert ET.fromstring(xml).findtext("description") == once
+
+
+def test_descendants_parents_first():
+    tree = [{"name": "a", "parent": None}, {"name": "b", "parent": "a"}, {"name": "c", "parent": "b"},
+            {"name": "d", "parent": "a"}, {"name": "x", "parent": None}]
+    assert [s["name"] for s in snap.descendants(tree, "a")] == ["b", "d", "c"]
+    assert [s["name"] for s in snap.descendants(tree, "c")] == []
+    assert [s["name"] for s in snap.descendants(tree, "x")] == []
