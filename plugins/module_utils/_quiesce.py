@@ -551,7 +551,7 @@ def leftover(dom, directory: str | None = None) -> bool:
             active = bool(dom.isActive())
             if marker_verdict(marker.read(), active, dom.ID() if active else -1) != "thaw":
                 return False
-            # The guard may have thawed already (it leaves the marker to the next run).
+            # A guard may have thawed already without emptying the marker (it could not lock it).
             return freeze_status(dom) != "thawed"
         finally:
             fcntl.flock(marker.fd, fcntl.LOCK_UN)
