@@ -25,16 +25,22 @@ import datetime as dt
 import os
 import re
 import struct
+import time
 import typing as t
 import xml.etree.ElementTree as ET
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
 
 PREFIX = "vmbackup-snap-"
+# One run at a time changes a VM's snapshots: a per-VM flock in a directory only root can write
+# (restore keeps its locks there too).
+LOCK_DIR = "/run/vmbackup"
 # A bare snapshot name becomes part of file names (the overlays), so it is kept plain.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 OVERLAY_RE = re.compile(r"^(?P<base>.+?)(?:\.vmbackup-snap-[A-Za-z0-9][A-Za-z0-9_.-]*?\.qcow2)+$")
@@ -161,7 +167,17 @@ def list_snapshots(dom) -> list[dict[str, t.Any]]:
     """
     current = _current_name(dom)
     out = []
-    for snap in dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL):
+    for attempt in range(10):
+        try:
+            snaps = dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL)
+            break
+        except libvirt.libvirtError:
+            # libvirt 9.0 fails a listing while another client creates a snapshot ("name in
+            # virGetDomainSnapshot must not be NULL"): the list is complete a moment later.
+            if attempt == 9:
+                raise
+            time.sleep(0.2)
+    for snap in snaps:
         try:
             xml = snap.getXMLDesc(0)
         except libvirt.libvirtError:
@@ -191,6 +207,7 @@ class SnapshotParams:
     description: str | None = None
     run_state: str = "as_snapshot"
     foreign: bool = False
+    lock_timeout: float = 60.0
 
 
 @dataclasses.dataclass
@@ -224,6 +241,7 @@ def validate_params(p: SnapshotParams) -> str:
     if p.run_state not in RUN_STATES:
         raise VmBackupError("INVALID_ARGUMENT", f"run_state {p.run_state!r} is not one of {', '.join(RUN_STATES)}")
     p.quiesce, p.quiesce_timeout = _quiesce.validate(p.quiesce, p.quiesce_timeout)
+    validate_timeout(p.lock_timeout)
     if p.foreign and p.state == "present":
         raise VmBackupError("INVALID_ARGUMENT", "foreign: true names an existing snapshot made by another tool; "
                             "it applies to state absent and reverted only")
@@ -336,10 +354,25 @@ class SnapshotBackend(Backend):
             quiesce = None
             if not self.check_mode and plan.changed:
                 # The one gate: everything below changes the VM.
-                quiesce = getattr(self, f"_do_{plan.action}")(conn, dom, plan)
+                with self._lock(vm):
+                    # Decided again under the lock: another run may have done it meanwhile.
+                    before = list_snapshots(dom)
+                    plan = self._plan(conn, dom, name, before)
+                    if plan.changed:
+                        quiesce = getattr(self, f"_do_{plan.action}")(conn, dom, plan)
             after = list_snapshots(dom) if not self.check_mode else self._predict(before, plan)
             vm["state"] = lv.domain_state(dom) if not self.check_mode else (plan.run_state or plan.vm_state)
             return self._result(plan, vm, before, after, quiesce)
+
+    def _lock(self, vm: dict[str, str]) -> VmLock:
+        os.close(repo_mod.open_dir(LOCK_DIR, "the snapshot lock directory", create_mode=0o700))
+        repo_mod.check_trusted_path(LOCK_DIR, "the snapshot lock directory")
+        return VmLock(os.path.join(LOCK_DIR, f"snapshot-{vm['uuid']}.lock"), self.p.lock_timeout,
+                      f"snapshot {self.p.state} {self.p.snapshot} of {vm['name']}")
+
+    def _check_no_job(self, dom) -> None:
+        if lv.is_active(dom) and lv.active_job(dom) is not None:
+            raise VmBackupError("BACKUP_JOB_ACTIVE", "a libvirt job (a backup?) runs on the VM; try again when it has finished")
 
     # ------------------------------------------------------------------ decide
     def _plan(self, conn, dom, name: str, snapshots: list[dict[str, t.Any]]) -> Plan:
@@ -353,6 +386,7 @@ class SnapshotBackend(Backend):
             if entry is None:
                 return Plan("none", self._missing_reason(name, snapshots), name, vm_state, [])
             self._check_external(entry)
+            self._check_no_job(dom)
             self._check_in_chain(dom, entry)
             merged = [d for d in entry["disks"] if d["kind"] == "external"]
             # The commit writes into the image below each overlay and then removes the overlay.
@@ -401,8 +435,7 @@ class SnapshotBackend(Backend):
             memory_file = f"{base_image_of(chosen[0]['base'])}.{name}.mem"
             if os.path.lexists(memory_file):
                 raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {memory_file} exists already", path=memory_file)
-        if running and lv.active_job(dom) is not None:
-            raise VmBackupError("BACKUP_JOB_ACTIVE", "a libvirt job (a backup?) runs on the VM; snapshot it when it has finished")
+        self._check_no_job(dom)
         self._skip = skip
         return Plan("create", f"snapshot {name} does not exist", name, vm_state, chosen, memory_file)
 
@@ -473,6 +506,10 @@ class SnapshotBackend(Backend):
         drop_files = list(dict.fromkeys(p for p in drop_files if p not in {d["overlay"] for d in disks}))
         self._check_not_shared(conn, dom, [d["overlay"] for d in disks] + drop_files,
                                "the revert would recreate or remove it")
+        # Root creates and removes files there: nobody else may be able to swap a name for a link.
+        for directory in sorted({os.path.dirname(p) for p in [d["overlay"] for d in disks] + drop_files}):
+            repo_mod.check_trusted_path(directory, "a directory the revert writes in")
+        self._check_no_job(dom)
         run_state, restore = run_state_after(self.p.run_state, entry["state"], entry["memory"])
         if restore and not (entry["memory_file"] and os.path.exists(entry["memory_file"])):
             raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {entry['memory_file']} of {name} is missing; "
@@ -752,6 +789,11 @@ class SnapshotBackend(Backend):
             return
         used = lv.paths_in_use(conn, backing_reader=lambda path, fmt: self._chain(path)[1:])
         for path in paths:
+            try:
+                repo_mod.check_trusted_path(os.path.dirname(path), "the directory of a file to remove")
+            except VmBackupError as exc:
+                self.warnings.append(f"kept {path}: {exc.msg}")
+                continue
             reason = used.reason(path, os.lstat(path))
             if reason is not None:
                 self.warnings.append(f"kept {path}: it is {reason}")

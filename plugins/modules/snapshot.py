@@ -121,6 +121,12 @@ options:
       - The foreign snapshot must be an external disk snapshot; internal ones fail with C(SNAPSHOT_UNSUPPORTED).
     type: bool
     default: false
+  lock_timeout:
+    description:
+      - Seconds to wait for another run of this module on the same VM (a per-VM lock in C(/run/vmbackup)); then the
+        module fails with C(VM_LOCKED). Between 0 and 604800. Check mode takes no lock.
+    type: float
+    default: 60
 notes:
   - libvirt 9.0 refuses a disk snapshot of a shut-off VM that has checkpoints (the backup bitmaps of
     M(vmbackup.libvirt.export)); the module fails with C(SNAPSHOT_UNSUPPORTED) before changing anything. Running VMs with
@@ -136,6 +142,10 @@ notes:
   - A merge that failed part-way has already written part of the overlay into its base image; the snapshot's point in time is
     gone. The module marks its description and refuses to revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the
     cause is fixed.
+  - A running libvirt job on the VM (such as a backup of M(vmbackup.libvirt.export)) fails every change with
+    C(BACKUP_JOB_ACTIVE) before anything is done.
+  - A revert creates and removes files only in directories nobody but root can write (C(UNSAFE_TARGET) otherwise); a
+    merge removes a leftover only there (otherwise it is kept with a warning).
   - No time limit applies to a merge; libvirt waits for the block commit, which copies what was written since the snapshot.
 seealso:
   - name: libvirt snapshot XML
@@ -287,6 +297,7 @@ def main() -> None:
         description=dict(type="str"),
         run_state=dict(type="str", choices=["running", "shutoff", "paused", "as_snapshot"], default="as_snapshot"),
         foreign=dict(type="bool", default=False),
+        lock_timeout=dict(type="float", default=60.0),
     )
     argument_spec.update(CONNECTION_ARGSPEC)
     module = AnsibleModule(

@@ -221,6 +221,12 @@ def test_foreign_snapshots_are_listed_and_left_alone(ansible, vms):
     expect_ok(snap(ansible, vm, snapshot="s9", state="absent"))
     assert snapshot_names(vm.dom) == ["s9"] and sources(vm.dom)["vda"] == foreign_overlay
 
+    # two runs at once: one creates, the other (decided again under the per-VM lock) finds it
+    runs = [ansible.popen_result("snapshot", {"name": vm.name, "snapshot": "both", "quiesce": "never"}) for dummy in range(2)]
+    results = [r.result(timeout=120) for r in runs]
+    assert sorted(r["changed"] for r in results) == [False, True] and not any(r["failed"] for r in results), [r["msg"] for r in results]
+    assert snapshot_names(vm.dom) == sorted(["s9", PREFIX + "both"])
+
 
 def test_shut_off_vm_with_checkpoint_is_refused_untouched(ansible, vms):
     vm = vms.create(running=False)
