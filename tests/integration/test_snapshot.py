@@ -115,6 +115,7 @@ def test_disk_vm_create_merge_check_mode_and_idempotence(ansible, vms, tmp_path)
         assert backing_chain(overlay) == [overlay, str(image)]
     assert snapshot_names(vm.dom) == [PREFIX + "s1"]
 
+    assert not snap(ansible, vm, check=True, snapshot="s1")["changed"]
     again = snap(ansible, vm, snapshot="s1")
     assert not again["changed"] and not again["failed"], again
     assert snapshot_names(vm.dom) == [PREFIX + "s1"]
@@ -140,6 +141,7 @@ def test_disk_vm_create_merge_check_mode_and_idempotence(ansible, vms, tmp_path)
     cp = vm.dom.checkpointLookupByName("vmbackup-t0000001-1").getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
     assert "size='3145728'" in cp, cp
 
+    assert not snap(ansible, vm, check=True, snapshot="s1", state="absent")["changed"]
     gone = snap(ansible, vm, snapshot="s1", state="absent")
     assert not gone["changed"] and not gone["failed"], gone
 
