@@ -315,6 +315,15 @@ def descendants(snapshots: list[dict[str, t.Any]], name: str) -> list[dict[str, 
     return out
 
 
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    """What changes when an image is written: size, mtime and ctime (None when it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def sources_now(dom) -> dict[str, str | None]:
     """target -> the disk's source in the definition that counts now (live when running)."""
     return {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
@@ -387,8 +396,14 @@ class SnapshotBackend(Backend):
                 return Plan("none", self._missing_reason(name, snapshots), name, vm_state, [])
             self._check_external(entry)
             self._check_no_job(dom)
-            self._check_in_chain(dom, entry)
+            chains = self._check_in_chain(dom, entry)
             merged = [d for d in entry["disks"] if d["kind"] == "external"]
+            if not lv.is_active(dom) and any(chains[d["target"]][0] != d["overlay"] for d in merged):
+                # Measured: libvirt 9.0 refuses it ("could not find base disk source in disk source
+                # chain": it knows no backing chain of an inactive domain).
+                raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"libvirt 9.0 cannot merge {name} while the VM is shut off and a "
+                                    "later snapshot is on top of it; start the VM (the merge then runs live), or merge the "
+                                    "later snapshots first", snapshot=name)
             # The commit writes into the image below each overlay and then removes the overlay.
             self._check_not_shared(conn, dom, [d["overlay"] for d in merged] + [d["base"] for d in merged if d["base"]],
                                    "merging the snapshot would change or remove it")
@@ -589,12 +604,14 @@ class SnapshotBackend(Backend):
         snap = dom.snapshotLookupByName(plan.snapshot, 0)
         running = lv.is_active(dom)
         sentinels = self._intact_sentinels(dom) if running else {}
+        bases = {d["base"]: _stat_key(d["base"]) for d in plan.disks if d["base"]}
         try:
             # libvirt 9.0 merges an external snapshot itself (commit + pivot, or qemu-img commit when
             # shut off), keeps the checkpoint bitmaps consistent and removes the merged overlays.
             snap.delete(0)
         except libvirt.libvirtError as exc:
-            raise self._commit_failed(dom, plan, exc.get_error_message()) from None
+            written = sorted(path for path, key in bases.items() if _stat_key(path) != key)
+            raise self._commit_failed(dom, plan, exc.get_error_message(), written) from None
         now = lv.parse_disks(lv.domain_xml(dom, inactive=False)) + lv.parse_disks(lv.domain_xml(dom, inactive=True))
         overlays = {d["overlay"] for d in plan.disks}
         still = sorted({d.target for d in now if d.source in overlays})
@@ -676,9 +693,15 @@ class SnapshotBackend(Backend):
                 if rc != 0:
                     self.warnings.append(f"disk {disk['target']}: size sentinel {name} not removed: {(err or out).strip()}")
 
-    def _commit_failed(self, dom, plan: Plan, why: str) -> VmBackupError:
-        """After a failed merge: the snapshot is marked (its base may be partly written) and the
-        VM's state is reported as it is now."""
+    def _commit_failed(self, dom, plan: Plan, why: str, written: list[str]) -> VmBackupError:
+        """After a failed merge: the snapshot is marked when an image below it was written (its
+        point in time is then gone), and the VM's state is reported as it is now."""
+        sources = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
+        if not written:
+            return VmBackupError("COMMIT_FAILED", f"merging snapshot {plan.snapshot} failed: {why}. Nothing was written; the VM "
+                                 f"is {lv.domain_state(dom)} on its overlays and the snapshot is kept as it was",
+                                 snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit",
+                                 written=[])
         try:
             snap = dom.snapshotLookupByName(plan.snapshot, 0)
             xml = snap.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
@@ -686,11 +709,11 @@ class SnapshotBackend(Backend):
             dom.snapshotCreateXML(with_description(xml, mark_merge_failed(desc)), libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
         except libvirt.libvirtError as exc:
             self.warnings.append(f"could not mark snapshot {plan.snapshot} as partly merged: {exc.get_error_message()}")
-        sources = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
         return VmBackupError("COMMIT_FAILED", f"merging snapshot {plan.snapshot} failed: {why}. The merge was abandoned; the VM "
                              f"is {lv.domain_state(dom)} on its overlays, the snapshot is kept (it can no longer be reverted to) "
                              "and can be deleted again once the cause (such as a full file system under a base image) is fixed",
-                             snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit")
+                             snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit",
+                             written=written)
 
     def _do_revert(self, conn, dom, plan: Plan) -> None:
         if lv.is_active(dom):

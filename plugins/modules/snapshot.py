@@ -140,8 +140,10 @@ notes:
     RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded);
     libvirt then reports its bitmap as broken and M(vmbackup.libvirt.export) starts a new chain with a full that says why.
   - A merge that failed part-way has already written part of the overlay into its base image; the snapshot's point in time is
-    gone. The module marks its description and refuses to revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the
-    cause is fixed.
+    gone. When the image below changed during the failed attempt, the module marks the snapshot's description and refuses to
+    revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the cause is fixed.
+  - libvirt 9.0 cannot merge an older snapshot of a shut-off VM while a later one is on top of it; the module refuses that
+    with C(SNAPSHOT_UNSUPPORTED) (start the VM, or merge the later snapshots first).
   - A running libvirt job on the VM (such as a backup of M(vmbackup.libvirt.export)) fails every change with
     C(BACKUP_JOB_ACTIVE) before anything is done.
   - A revert creates and removes files only in directories nobody but root can write (C(UNSAFE_TARGET) otherwise); a

@@ -276,7 +276,7 @@ def test_merge_that_cannot_finish_leaves_vm_on_its_overlay(ansible, conn, domain
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, check=False)  # until ENOSPC
 
         failed = expect_error(snap(ansible, vm, snapshot="s1", state="absent"), "COMMIT_FAILED")
-        assert "No space left" in failed["msg"], failed
+        assert "No space left" in failed["msg"] and failed["written"] == [str(image)], failed
         assert dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert sources(dom)["vda"] == overlay == sources(dom, inactive=True)["vda"]
         assert backing_chain(overlay) == [overlay, str(image)]
@@ -452,3 +452,41 @@ def test_backups_stay_incremental_across_create_merge_and_revert(ansible, vms, r
     expect_ok(snap(ansible, vm, snapshot="f1", foreign=True, state="absent"))
     result = ansible("export", {"name": vm.name, "repository": str(repo), "quiesce": "never"})
     assert result["type"] == "full" and "size sentinel" in result["reason"], result
+
+
+def test_shut_off_vm_snapshots_intermediate_merge_and_revert(ansible, vms, tmp_path):
+    """A shut-off VM (no checkpoint, a qcow2 and a raw disk): two snapshots; the older one cannot
+    be merged under the newer one offline (refused, untouched); a revert keeps the VM shut off
+    (as it was snapshotted); newest first, both merge offline with all data."""
+    vm = vms.create(disks=[DiskSpec(fill=[(0x11, "0", "1M")]), DiskSpec(size="16M", fmt="raw")], running=False)
+    base = str(vm.disks["vda"])
+    o1, o2 = (f"{base}.{PREFIX}{n}.qcow2" for n in ("s1", "s2"))
+    expect_ok(snap(ansible, vm, snapshot="s1"))
+    assert sources(vm.dom, inactive=True) == {"vda": o1, "vdb": f"{vm.disks['vdb']}.{PREFIX}s1.qcow2"}
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 1M", o1])
+    ref_s2 = tmp_path / "s2.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", o1, str(ref_s2)])
+    expect_ok(snap(ansible, vm, snapshot="s2"))
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 2M 1M", o2])
+    ref = tmp_path / "ref.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", o2, str(ref)])
+
+    # libvirt 9.0 cannot merge an older snapshot of a shut-off VM under a later one: refused first
+    before = vm_state(vm)
+    for check in (True, False):
+        expect_error(snap(ansible, vm, check=check, snapshot="s1", state="absent"), "SNAPSHOT_UNSUPPORTED")
+    assert vm_state(vm) == before
+
+    reverted = expect_ok(snap(ansible, vm, snapshot="s2", state="reverted"))
+    assert reverted["vm"]["state"] == "shutoff" and not vm.dom.isActive()
+    assert backing_chain(o2) == [o2, o1, base] and images_equal(o2, o1)[0]
+    assert not images_equal(o2, str(ref))[0], "the write after s2 is still there"
+    assert not snap(ansible, vm, snapshot="s2", state="reverted")["changed"]
+    # the newest one merges offline (libvirt's qemu-img commit), then the older one
+    expect_ok(snap(ansible, vm, snapshot="s2", state="absent"))
+    assert sources(vm.dom, inactive=True)["vda"] == o1 and backing_chain(o1) == [o1, base]
+    merged = expect_ok(snap(ansible, vm, snapshot="s1", state="absent"))
+    assert sorted(merged["removed_files"]) == sorted([o1, f"{vm.disks['vdb']}.{PREFIX}s1.qcow2"]), merged
+    assert sources(vm.dom, inactive=True) == {t: str(p) for t, p in vm.disks.items()} and snapshot_names(vm.dom) == []
+    # what the VM had at s2 (0x22 written into s1's overlay) is in the base image now
+    assert images_equal(base, str(ref_s2))[0]
