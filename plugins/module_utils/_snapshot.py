@@ -347,7 +347,9 @@ def with_description(xml: str, description: str) -> str:
 class SnapshotBackend(Backend):
     """Observe the VM and its snapshots, decide (Plan), and act under one check-mode gate."""
 
-    cancel_outcome = "what had been done is reported in msg"
+    # A create is one libvirt call (done or not, the freeze thawed); a merge is finished or
+    # abandoned by libvirt; a revert cancelled part-way leaves the VM shut off. A rerun converges.
+    cancel_outcome = "the VM may be part-way through the change (a revert leaves it shut off); run the module again"
 
     def run(self) -> dict[str, t.Any]:
         self.removed: list[str] = []
