@@ -623,9 +623,7 @@ class SnapshotBackend(Backend):
         # Disks whose active layer was merged now run on the image below it.
         onto_base = [d for d in plan.disks if sources_now(dom).get(d["target"]) == d["base"]]
         if running:
-            self._keep_sentinels(dom, sentinels, [d["target"] for d in onto_base], drop_unproven=True)
-        else:
-            self._drop_sentinels_offline(onto_base)
+            self._keep_sentinels(dom, sentinels, [d["target"] for d in onto_base])
         files = sorted(overlays) + ([plan.memory_file] if plan.memory_file else [])
         self.removed += [p for p in files if not os.path.lexists(p)]  # libvirt removed the merged overlays
         self._remove_unused(conn, [p for p in files if os.path.lexists(p)])
@@ -647,12 +645,13 @@ class SnapshotBackend(Backend):
             self.warnings.append(f"cannot read the size sentinels of the backup checkpoints: {exc}")
             return {}
 
-    def _keep_sentinels(self, dom, before: dict[str, tuple[int, list[str], list[str]]], targets: list[str],
-                        drop_unproven: bool = False) -> None:
+    def _keep_sentinels(self, dom, before: dict[str, tuple[int, list[str], list[str]]], targets: list[str]) -> None:
         """Re-arm on the new top image of each of ``targets`` the sentinels that were intact before.
-        ``drop_unproven`` (after a merge): a sentinel left in the image below from before the
-        snapshot is removed when the overlay's own was not intact (a shrink on the overlay would
-        otherwise go unseen): the next export then takes a full."""
+
+        After a merge, a sentinel the image below has kept from before the snapshot is left as it
+        is: that image was never resized, its bitmaps saw every write the merge made (measured by
+        the info helper, docs/snapshots-and-backups.md: a shrink and re-grow of the overlay
+        reaches the base as written zeros)."""
         if not before:
             return
         try:
@@ -671,29 +670,8 @@ class SnapshotBackend(Backend):
                     if cp in intact and node.size == size and name not in node.bitmaps:
                         lv.arm_sentinel(dom, node, cp)
                         self.sentinels.append(f"{target}:{cp}")
-                    elif drop_unproven and (cp not in intact or node.size != size) and name in node.bitmaps:
-                        error = lv.remove_bitmap_live(dom, node.node, name)
-                        if error:
-                            raise VmBackupError("COMMIT_FAILED", error)
-                        self.warnings.append(f"disk {target}: the size sentinel of checkpoint {cp} could not be proven "
-                                             "across the snapshot and was removed; the next backup is a full")
                 except VmBackupError as exc:
                     self.warnings.append(f"disk {target}: size sentinel of checkpoint {cp} not kept: {exc.msg}")
-
-    def _drop_sentinels_offline(self, disks: list[dict[str, t.Any]]) -> None:
-        """After a merge of a shut-off VM the image below holds the sentinels of before the snapshot,
-        which cannot tell whether the overlay was shrunk meanwhile (an image's bitmap contents
-        cannot be read offline): they are removed, and the next backup is a full."""
-        for disk in disks:
-            try:
-                names = [n for n in self._image_bitmaps(disk["base"]) if n.endswith(lv.SENTINEL_SUFFIX)]
-            except VmBackupError as exc:
-                self.warnings.append(f"disk {disk['target']}: size sentinels not checked: {exc.msg}")
-                continue
-            for name in names:
-                rc, out, err = self.qemu_img.run_raw(["bitmap", "--remove", "-f", "qcow2", disk["base"], name])
-                if rc != 0:
-                    self.warnings.append(f"disk {disk['target']}: size sentinel {name} not removed: {(err or out).strip()}")
 
     def _commit_failed(self, dom, plan: Plan, why: str, written: list[str]) -> VmBackupError:
         """After a failed merge: the snapshot is marked when an image below it was written (its

@@ -133,9 +133,8 @@ notes:
     checkpoints are fine.
   - Backups stay incremental across a create, a merge and a revert of a running VM. libvirt carries the checkpoint
     bitmaps into a new overlay and back; the module re-arms the size sentinels of M(vmbackup.libvirt.export) that were
-    intact right before (RV(sentinels_kept)). After a merge of a snapshot whose overlay had no intact sentinel (made by
-    another tool, or the disk was shrunk meanwhile), and after any merge of a shut-off VM, the sentinels from before the
-    snapshot are removed, so the next export takes a full that says why.
+    intact right before (RV(sentinels_kept)). In a shut-off VM's merge no sentinel can be re-armed (no QEMU runs); a sentinel
+    armed on the overlay itself may then be lost, and the next export of that checkpoint is a full that says why.
   - A revert keeps the checkpoints made before the snapshot valid (their bitmaps are carried into the fresh overlays, see
     RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded);
     libvirt then reports its bitmap as broken and M(vmbackup.libvirt.export) starts a new chain with a full that says why.
