@@ -49,6 +49,8 @@ RUN_FILE = "run.json"
 RACY_NS = 1_000_000_000
 IMAGE_STATE_KEYS = ("path", "size", "mtime_ns", "ctime_ns", "ino", "dev")
 FIRMWARE_ROLES = ("nvram", "tpm")
+THAWED_NOTE = "thawed the guest's file systems, left frozen by an interrupted run"
+THAW_NOTE = "thaw the guest's file systems, left frozen by an interrupted run"
 MOUNTINFO = "/proc/self/mountinfo"
 # File systems on which an image's stat is trusted for the economy: local ones, whose attributes
 # change with every write. On anything else (NFS, CIFS, FUSE, a btrfs subvolume whose st_dev no
@@ -958,12 +960,12 @@ class Exporter(Backend):
             self._would_thaw = _quiesce.leftover(dom)
         elif _quiesce.thaw_leftover(dom, self.p.uri):
             self._thawed = True
-            self.cleaned.append("thawed the guest's file systems, left frozen by an interrupted run")
+            self.cleaned.append(THAWED_NOTE)
 
     def _note_quiesce(self, quiesce: _quiesce.Quiesce) -> None:
         quiesce.thawed_leftover = quiesce.thawed_leftover or self._thawed
         if quiesce.thawed_leftover and not self._thawed:
-            self.cleaned.append("thawed the guest's file systems, left frozen by an interrupted run")
+            self.cleaned.append(THAWED_NOTE)
         # auto's fallback says so: in the result always, as a warning when it is an anomaly (an
         # agent channel that does not answer, a freeze too slow), not a VM without any agent.
         if self.p.quiesce == "auto" and quiesce.consistency == "crash" and not _quiesce.no_agent_channel(quiesce.reason):
@@ -1122,14 +1124,14 @@ class Exporter(Backend):
             "consistency": manifest.get("consistency"),
             "quiesce": None,  # no new point in time was taken
             "cleaned_up": self.cleaned,
-            "would_clean_up": [],
+            "would_clean_up": [THAW_NOTE] if self._would_thaw else [],
         }
 
     def _check_mode_result(self, repo, vm, plan: Plan, repo_state, started_mono: float,
                            predicted: _quiesce.Quiesce | None) -> dict[str, t.Any]:
         leftovers = repo.leftovers(vm["uuid"]) if repo_state.exists else []
         if self._would_thaw:
-            leftovers = ["thaw the guest's file systems, left frozen by an interrupted run"] + leftovers
+            leftovers = [THAW_NOTE] + leftovers
         if predicted is None:
             predicted = _quiesce.Quiesce(self.p.quiesce, reason=_quiesce.skip_reason(self.p.quiesce, plan.vm_state)[0])
         predicted.thawed_leftover = self._would_thaw

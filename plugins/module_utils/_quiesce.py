@@ -373,7 +373,8 @@ class Guard:
             raise VmBackupError("QUIESCE_FAILED", "the thaw guard did not start (it could not connect to libvirt or find the VM)")
 
     def _read_line(self, timeout: float) -> str | None:
-        assert self.proc is not None and self.proc.stdout is not None
+        if self.proc is None or self.proc.stdout is None:
+            return None
         fd = self.proc.stdout.fileno()
         buf = b""
         deadline = time.monotonic() + timeout
@@ -388,7 +389,8 @@ class Guard:
         return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
     def _send(self, text: str) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
+        if self.proc is None or self.proc.stdin is None:
+            return
         try:
             self.proc.stdin.write(text.encode("utf-8") + b"\n")
             self.proc.stdin.flush()
@@ -412,10 +414,12 @@ class Guard:
                 pass
         self.proc = None
 
-    def stop(self) -> None:
-        """Close the pipe (an armed guard thaws on its end) and reap the guard."""
+    def stop(self) -> bool:
+        """Close the pipe (an armed guard thaws on its end) and reap the guard; whether it said it
+        thawed the guest."""
         if self.proc is None:
-            return
+            return False
+        thawed = False
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -427,8 +431,14 @@ class Guard:
             self.proc.kill()
             self.proc.wait()
         if self.proc.stdout is not None:
+            try:
+                os.set_blocking(self.proc.stdout.fileno(), False)
+                thawed = b"\nthawed " in b"\n" + (self.proc.stdout.read() or b"")
+            except OSError:
+                pass
             self.proc.stdout.close()
         self.proc = None
+        return thawed
 
 
 # ---------------------------------------------------------------------- libvirt calls
@@ -529,6 +539,8 @@ def _clear_leftover(dom, marker: Marker) -> bool:
 def leftover(dom, directory: str | None = None) -> bool:
     """Read-only (check mode): whether a freeze marker of a dead run would make the next real
     run thaw the guest."""
+    if lv.domain_state(dom) not in FREEZABLE_STATES:
+        return False
     marker = Marker(dom.UUIDString(), directory)
     try:
         if not marker.open(create=False):
@@ -539,7 +551,7 @@ def leftover(dom, directory: str | None = None) -> bool:
             active = bool(dom.isActive())
             if marker_verdict(marker.read(), active, dom.ID() if active else -1) != "thaw":
                 return False
-            # The guard may have thawed already (it leaves the marker to the next run).
+            # A guard may have thawed already without emptying the marker (it could not lock it).
             return freeze_status(dom) != "thawed"
         finally:
             fcntl.flock(marker.fd, fcntl.LOCK_UN)
@@ -550,7 +562,10 @@ def leftover(dom, directory: str | None = None) -> bool:
 def thaw_leftover(dom, uri: str = "", directory: str | None = None) -> bool:  # pylint: disable=unused-argument
     """Thaw a guest left frozen by a run that was killed (module and guard); True when it was
     frozen. Called first by export and snapshot. A live run that is quiescing the guest now
-    holds the marker's lock: then nothing is touched."""
+    holds the marker's lock: then nothing is touched. A paused guest's agent cannot answer: its
+    marker waits for a run that finds the guest running."""
+    if lv.domain_state(dom) not in FREEZABLE_STATES:
+        return False
     marker = Marker(dom.UUIDString(), directory)
     try:
         if not marker.open(create=False):
@@ -655,7 +670,10 @@ def frozen(dom, policy: str, timeout: float, uri: str, directory: str | None = N
             raise VmBackupError("QUIESCE_FAILED", f"quiesce=required: {q.reason}", phase="freeze", quiesce=q.public())
     finally:
         if guard is not None:
-            guard.stop()  # still armed here only when the thaw failed: the guard then thaws on the pipe's end
+            # Still armed here only when the thaw failed or the freeze was interrupted (a cancel):
+            # the guard then thaws on the pipe's end, and its thaw settles the marker.
+            if guard.stop() and armed:
+                marker.write(None)
         marker.close()
 
 

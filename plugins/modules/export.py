@@ -182,7 +182,7 @@ options:
       - Seconds the guest may stay frozen, counted from the freeze request (above 0, at most 600). A freeze that does not
         answer in time is given up; the guard process thaws the guest at this moment whatever the module is doing, and a
         backup job that started later is recorded as C(crash) (C(auto)) or fails with C(QUIESCE_FAILED) (C(required)).
-      - A freeze given up may still complete in the guest (its freeze hooks run first): the module then thaws as soon as the
+      - A freeze given up may still complete in the guest (its freeze hooks run first); the module then thaws as soon as the
         agent answers again, before the backup job starts, so the job may start up to the hooks' duration later.
     type: float
     default: 10

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
-import subprocess
 import time
 
 import libvirt
@@ -256,3 +254,18 @@ def test_run_killed_while_the_guest_freezes(ansible, guests, repo):
     assert "within quiesce_timeout" in failed["msg"], failed
     assert guest.fsfreeze_status() == "thawed" and sets_of(repo, guest.uuid) == sets
     assert listing(repo / "vms" / guest.uuid / ".incomplete") == []
+
+    # 4. A cancel (SIGTERM, what AWX sends) while the guest freezes: rolled back, thawed, no set.
+    guest.set_slow_freeze(4)
+    hooks = guest.console(tail=10000).count("fsfreeze-hook freeze")
+    pending = ansible.popen_result("export", args)
+    wait_for(lambda: _hook_started(guest, hooks + 1), 120, what="the module to start freezing")
+    time.sleep(1)
+    pids = module_pids(pending.proc, "export")
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    cancelled = expect_error(pending.result(timeout=120), "CANCELLED")
+    assert guest.fsfreeze_status() == "thawed", cancelled
+    assert sets_of(repo, guest.uuid) == sets and listing(repo / "vms" / guest.uuid / ".incomplete") == []
+    assert not _marker_filled(guest.uuid) and not _guards(guest.uuid)

@@ -16,6 +16,7 @@ import os
 import pytest
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _export
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 
 UTC = dt.timezone.utc
@@ -263,3 +264,22 @@ def test_bad_series_and_periodic_options_fail_before_any_work(over, code):
 def test_good_series_and_periodic_options(over):
     params = _export.ExportParams(repository="/srv/vmbackup", name="web01", **over)
     assert _export.validate_params(params) == "/srv/vmbackup"
+
+
+@pytest.mark.parametrize("policy, consistency, reason, warned", [
+    ("auto", "application", None, False),
+    ("auto", "crash", "the guest agent is not connected or does not answer: x", True),
+    ("auto", "crash", "the guest did not freeze within quiesce_timeout (2s)", True),
+    ("auto", "crash", "the VM has no guest agent channel (org.qemu.guest_agent.0)", False),  # a deliberate setup
+    ("never", "crash", "quiesce=never", False),
+])
+def test_quiesce_fallback_warns_only_for_an_anomaly(policy, consistency, reason, warned):
+    exporter = _export.Exporter(_export.ExportParams(repository="/srv/vmbackup", name="web01", quiesce=policy),
+                                run=None, qemu_img_path="qemu-img", check_mode=False)
+    quiesce = _quiesce.Quiesce(policy, consistency=consistency, reason=reason, thawed_leftover=False)
+    exporter._note_quiesce(quiesce)  # pylint: disable=protected-access
+    assert bool(exporter.warnings) is warned
+    assert not exporter.cleaned and quiesce.thawed_leftover is False
+    exporter._thawed = True  # pylint: disable=protected-access
+    exporter._note_quiesce(quiesce)  # pylint: disable=protected-access
+    assert quiesce.thawed_leftover is True

@@ -131,7 +131,7 @@ def test_marker_round_trip_and_lock_excludes_a_second_holder(tmp_path):
     code = ("import fcntl, sys; fd = open(sys.argv[1], 'rb');\n"
             "try:\n fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('locked')\n"
             "except OSError: print('busy')")
-    assert subprocess.run([sys.executable, "-c", code, first.path], capture_output=True, text=True).stdout.strip() == "busy"
+    assert subprocess.run([sys.executable, "-c", code, first.path], capture_output=True, text=True, check=True).stdout.strip() == "busy"
     second = qz.Marker(UUID, directory)
     assert second.open(create=False)
     assert second.read() == {"dom_id": 3, "pid": os.getpid()}
