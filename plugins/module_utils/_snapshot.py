@@ -25,16 +25,22 @@ import datetime as dt
 import os
 import re
 import struct
+import time
 import typing as t
 import xml.etree.ElementTree as ET
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
 
 PREFIX = "vmbackup-snap-"
+# One run at a time changes a VM's snapshots: a per-VM flock in a directory only root can write
+# (restore keeps its locks there too).
+LOCK_DIR = "/run/vmbackup"
 # A bare snapshot name becomes part of file names (the overlays), so it is kept plain.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 OVERLAY_RE = re.compile(r"^(?P<base>.+?)(?:\.vmbackup-snap-[A-Za-z0-9][A-Za-z0-9_.-]*?\.qcow2)+$")
@@ -161,7 +167,17 @@ def list_snapshots(dom) -> list[dict[str, t.Any]]:
     """
     current = _current_name(dom)
     out = []
-    for snap in dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL):
+    for attempt in range(10):
+        try:
+            snaps = dom.listAllSnapshots(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL)
+            break
+        except libvirt.libvirtError:
+            # libvirt 9.0 fails a listing while another client creates a snapshot ("name in
+            # virGetDomainSnapshot must not be NULL"): the list is complete a moment later.
+            if attempt == 9:
+                raise
+            time.sleep(0.2)
+    for snap in snaps:
         try:
             xml = snap.getXMLDesc(0)
         except libvirt.libvirtError:
@@ -191,6 +207,7 @@ class SnapshotParams:
     description: str | None = None
     run_state: str = "as_snapshot"
     foreign: bool = False
+    lock_timeout: float = 60.0
 
 
 @dataclasses.dataclass
@@ -224,6 +241,7 @@ def validate_params(p: SnapshotParams) -> str:
     if p.run_state not in RUN_STATES:
         raise VmBackupError("INVALID_ARGUMENT", f"run_state {p.run_state!r} is not one of {', '.join(RUN_STATES)}")
     p.quiesce, p.quiesce_timeout = _quiesce.validate(p.quiesce, p.quiesce_timeout)
+    validate_timeout(p.lock_timeout)
     if p.foreign and p.state == "present":
         raise VmBackupError("INVALID_ARGUMENT", "foreign: true names an existing snapshot made by another tool; "
                             "it applies to state absent and reverted only")
@@ -297,6 +315,15 @@ def descendants(snapshots: list[dict[str, t.Any]], name: str) -> list[dict[str, 
     return out
 
 
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    """What changes when an image is written: size, mtime and ctime (None when it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def sources_now(dom) -> dict[str, str | None]:
     """target -> the disk's source in the definition that counts now (live when running)."""
     return {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
@@ -320,7 +347,9 @@ def with_description(xml: str, description: str) -> str:
 class SnapshotBackend(Backend):
     """Observe the VM and its snapshots, decide (Plan), and act under one check-mode gate."""
 
-    cancel_outcome = "what had been done is reported in msg"
+    # A create is one libvirt call (done or not, the freeze thawed); a merge is finished or
+    # abandoned by libvirt; a revert cancelled part-way leaves the VM shut off. A rerun converges.
+    cancel_outcome = "the VM may be part-way through the change (a revert leaves it shut off); run the module again"
 
     def run(self) -> dict[str, t.Any]:
         self.removed: list[str] = []
@@ -336,10 +365,25 @@ class SnapshotBackend(Backend):
             quiesce = None
             if not self.check_mode and plan.changed:
                 # The one gate: everything below changes the VM.
-                quiesce = getattr(self, f"_do_{plan.action}")(conn, dom, plan)
+                with self._lock(vm):
+                    # Decided again under the lock: another run may have done it meanwhile.
+                    before = list_snapshots(dom)
+                    plan = self._plan(conn, dom, name, before)
+                    if plan.changed:
+                        quiesce = getattr(self, f"_do_{plan.action}")(conn, dom, plan)
             after = list_snapshots(dom) if not self.check_mode else self._predict(before, plan)
             vm["state"] = lv.domain_state(dom) if not self.check_mode else (plan.run_state or plan.vm_state)
             return self._result(plan, vm, before, after, quiesce)
+
+    def _lock(self, vm: dict[str, str]) -> VmLock:
+        os.close(repo_mod.open_dir(LOCK_DIR, "the snapshot lock directory", create_mode=0o700))
+        repo_mod.check_trusted_path(LOCK_DIR, "the snapshot lock directory")
+        return VmLock(os.path.join(LOCK_DIR, f"snapshot-{vm['uuid']}.lock"), self.p.lock_timeout,
+                      f"snapshot {self.p.state} {self.p.snapshot} of {vm['name']}")
+
+    def _check_no_job(self, dom) -> None:
+        if lv.is_active(dom) and lv.active_job(dom) is not None:
+            raise VmBackupError("BACKUP_JOB_ACTIVE", "a libvirt job (a backup?) runs on the VM; try again when it has finished")
 
     # ------------------------------------------------------------------ decide
     def _plan(self, conn, dom, name: str, snapshots: list[dict[str, t.Any]]) -> Plan:
@@ -353,8 +397,15 @@ class SnapshotBackend(Backend):
             if entry is None:
                 return Plan("none", self._missing_reason(name, snapshots), name, vm_state, [])
             self._check_external(entry)
-            self._check_in_chain(dom, entry)
+            self._check_no_job(dom)
+            chains = self._check_in_chain(dom, entry)
             merged = [d for d in entry["disks"] if d["kind"] == "external"]
+            if not lv.is_active(dom) and any(chains[d["target"]][0] != d["overlay"] for d in merged):
+                # Measured: libvirt 9.0 refuses it ("could not find base disk source in disk source
+                # chain": it knows no backing chain of an inactive domain).
+                raise VmBackupError("SNAPSHOT_UNSUPPORTED", f"libvirt 9.0 cannot merge {name} while the VM is shut off and a "
+                                    "later snapshot is on top of it; start the VM (the merge then runs live), or merge the "
+                                    "later snapshots first", snapshot=name)
             # The commit writes into the image below each overlay and then removes the overlay.
             self._check_not_shared(conn, dom, [d["overlay"] for d in merged] + [d["base"] for d in merged if d["base"]],
                                    "merging the snapshot would change or remove it")
@@ -401,8 +452,7 @@ class SnapshotBackend(Backend):
             memory_file = f"{base_image_of(chosen[0]['base'])}.{name}.mem"
             if os.path.lexists(memory_file):
                 raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {memory_file} exists already", path=memory_file)
-        if running and lv.active_job(dom) is not None:
-            raise VmBackupError("BACKUP_JOB_ACTIVE", "a libvirt job (a backup?) runs on the VM; snapshot it when it has finished")
+        self._check_no_job(dom)
         self._skip = skip
         return Plan("create", f"snapshot {name} does not exist", name, vm_state, chosen, memory_file)
 
@@ -473,6 +523,10 @@ class SnapshotBackend(Backend):
         drop_files = list(dict.fromkeys(p for p in drop_files if p not in {d["overlay"] for d in disks}))
         self._check_not_shared(conn, dom, [d["overlay"] for d in disks] + drop_files,
                                "the revert would recreate or remove it")
+        # Root creates and removes files there: nobody else may be able to swap a name for a link.
+        for directory in sorted({os.path.dirname(p) for p in [d["overlay"] for d in disks] + drop_files}):
+            repo_mod.check_trusted_path(directory, "a directory the revert writes in")
+        self._check_no_job(dom)
         run_state, restore = run_state_after(self.p.run_state, entry["state"], entry["memory"])
         if restore and not (entry["memory_file"] and os.path.exists(entry["memory_file"])):
             raise VmBackupError("SNAPSHOT_FAILED", f"the memory file {entry['memory_file']} of {name} is missing; "
@@ -552,12 +606,14 @@ class SnapshotBackend(Backend):
         snap = dom.snapshotLookupByName(plan.snapshot, 0)
         running = lv.is_active(dom)
         sentinels = self._intact_sentinels(dom) if running else {}
+        bases = {d["base"]: _stat_key(d["base"]) for d in plan.disks if d["base"]}
         try:
             # libvirt 9.0 merges an external snapshot itself (commit + pivot, or qemu-img commit when
             # shut off), keeps the checkpoint bitmaps consistent and removes the merged overlays.
             snap.delete(0)
         except libvirt.libvirtError as exc:
-            raise self._commit_failed(dom, plan, exc.get_error_message()) from None
+            written = sorted(path for path, key in bases.items() if _stat_key(path) != key)
+            raise self._commit_failed(dom, plan, exc.get_error_message(), written) from None
         now = lv.parse_disks(lv.domain_xml(dom, inactive=False)) + lv.parse_disks(lv.domain_xml(dom, inactive=True))
         overlays = {d["overlay"] for d in plan.disks}
         still = sorted({d.target for d in now if d.source in overlays})
@@ -567,9 +623,7 @@ class SnapshotBackend(Backend):
         # Disks whose active layer was merged now run on the image below it.
         onto_base = [d for d in plan.disks if sources_now(dom).get(d["target"]) == d["base"]]
         if running:
-            self._keep_sentinels(dom, sentinels, [d["target"] for d in onto_base], drop_unproven=True)
-        else:
-            self._drop_sentinels_offline(onto_base)
+            self._keep_sentinels(dom, sentinels, [d["target"] for d in onto_base])
         files = sorted(overlays) + ([plan.memory_file] if plan.memory_file else [])
         self.removed += [p for p in files if not os.path.lexists(p)]  # libvirt removed the merged overlays
         self._remove_unused(conn, [p for p in files if os.path.lexists(p)])
@@ -591,12 +645,13 @@ class SnapshotBackend(Backend):
             self.warnings.append(f"cannot read the size sentinels of the backup checkpoints: {exc}")
             return {}
 
-    def _keep_sentinels(self, dom, before: dict[str, tuple[int, list[str], list[str]]], targets: list[str],
-                        drop_unproven: bool = False) -> None:
+    def _keep_sentinels(self, dom, before: dict[str, tuple[int, list[str], list[str]]], targets: list[str]) -> None:
         """Re-arm on the new top image of each of ``targets`` the sentinels that were intact before.
-        ``drop_unproven`` (after a merge): a sentinel left in the image below from before the
-        snapshot is removed when the overlay's own was not intact (a shrink on the overlay would
-        otherwise go unseen): the next export then takes a full."""
+
+        After a merge, a sentinel the image below has kept from before the snapshot is left as it
+        is: that image was never resized, its bitmaps saw every write the merge made (measured by
+        the info helper, docs/snapshots-and-backups.md: a shrink and re-grow of the overlay
+        reaches the base as written zeros)."""
         if not before:
             return
         try:
@@ -615,33 +670,18 @@ class SnapshotBackend(Backend):
                     if cp in intact and node.size == size and name not in node.bitmaps:
                         lv.arm_sentinel(dom, node, cp)
                         self.sentinels.append(f"{target}:{cp}")
-                    elif drop_unproven and (cp not in intact or node.size != size) and name in node.bitmaps:
-                        error = lv.remove_bitmap_live(dom, node.node, name)
-                        if error:
-                            raise VmBackupError("COMMIT_FAILED", error)
-                        self.warnings.append(f"disk {target}: the size sentinel of checkpoint {cp} could not be proven "
-                                             "across the snapshot and was removed; the next backup is a full")
                 except VmBackupError as exc:
                     self.warnings.append(f"disk {target}: size sentinel of checkpoint {cp} not kept: {exc.msg}")
 
-    def _drop_sentinels_offline(self, disks: list[dict[str, t.Any]]) -> None:
-        """After a merge of a shut-off VM the image below holds the sentinels of before the snapshot,
-        which cannot tell whether the overlay was shrunk meanwhile (an image's bitmap contents
-        cannot be read offline): they are removed, and the next backup is a full."""
-        for disk in disks:
-            try:
-                names = [n for n in self._image_bitmaps(disk["base"]) if n.endswith(lv.SENTINEL_SUFFIX)]
-            except VmBackupError as exc:
-                self.warnings.append(f"disk {disk['target']}: size sentinels not checked: {exc.msg}")
-                continue
-            for name in names:
-                rc, out, err = self.qemu_img.run_raw(["bitmap", "--remove", "-f", "qcow2", disk["base"], name])
-                if rc != 0:
-                    self.warnings.append(f"disk {disk['target']}: size sentinel {name} not removed: {(err or out).strip()}")
-
-    def _commit_failed(self, dom, plan: Plan, why: str) -> VmBackupError:
-        """After a failed merge: the snapshot is marked (its base may be partly written) and the
-        VM's state is reported as it is now."""
+    def _commit_failed(self, dom, plan: Plan, why: str, written: list[str]) -> VmBackupError:
+        """After a failed merge: the snapshot is marked when an image below it was written (its
+        point in time is then gone), and the VM's state is reported as it is now."""
+        sources = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
+        if not written:
+            return VmBackupError("COMMIT_FAILED", f"merging snapshot {plan.snapshot} failed: {why}. Nothing was written; the VM "
+                                 f"is {lv.domain_state(dom)} on its overlays and the snapshot is kept as it was",
+                                 snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit",
+                                 written=[])
         try:
             snap = dom.snapshotLookupByName(plan.snapshot, 0)
             xml = snap.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
@@ -649,11 +689,11 @@ class SnapshotBackend(Backend):
             dom.snapshotCreateXML(with_description(xml, mark_merge_failed(desc)), libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
         except libvirt.libvirtError as exc:
             self.warnings.append(f"could not mark snapshot {plan.snapshot} as partly merged: {exc.get_error_message()}")
-        sources = {d.target: d.source for d in lv.parse_disks(lv.domain_xml(dom, inactive=not lv.is_active(dom)))}
         return VmBackupError("COMMIT_FAILED", f"merging snapshot {plan.snapshot} failed: {why}. The merge was abandoned; the VM "
                              f"is {lv.domain_state(dom)} on its overlays, the snapshot is kept (it can no longer be reverted to) "
                              "and can be deleted again once the cause (such as a full file system under a base image) is fixed",
-                             snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit")
+                             snapshot=plan.snapshot, vm_state=lv.domain_state(dom), disk_sources=sources, phase="commit",
+                             written=written)
 
     def _do_revert(self, conn, dom, plan: Plan) -> None:
         if lv.is_active(dom):
@@ -752,6 +792,11 @@ class SnapshotBackend(Backend):
             return
         used = lv.paths_in_use(conn, backing_reader=lambda path, fmt: self._chain(path)[1:])
         for path in paths:
+            try:
+                repo_mod.check_trusted_path(os.path.dirname(path), "the directory of a file to remove")
+            except VmBackupError as exc:
+                self.warnings.append(f"kept {path}: {exc.msg}")
+                continue
             reason = used.reason(path, os.lstat(path))
             if reason is not None:
                 self.warnings.append(f"kept {path}: it is {reason}")

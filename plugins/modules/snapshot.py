@@ -121,21 +121,32 @@ options:
       - The foreign snapshot must be an external disk snapshot; internal ones fail with C(SNAPSHOT_UNSUPPORTED).
     type: bool
     default: false
+  lock_timeout:
+    description:
+      - Seconds to wait for another run of this module on the same VM (a per-VM lock in C(/run/vmbackup)); then the
+        module fails with C(VM_LOCKED). Between 0 and 604800. Check mode takes no lock.
+    type: float
+    default: 60
 notes:
   - libvirt 9.0 refuses a disk snapshot of a shut-off VM that has checkpoints (the backup bitmaps of
     M(vmbackup.libvirt.export)); the module fails with C(SNAPSHOT_UNSUPPORTED) before changing anything. Running VMs with
     checkpoints are fine.
   - Backups stay incremental across a create, a merge and a revert of a running VM. libvirt carries the checkpoint
     bitmaps into a new overlay and back; the module re-arms the size sentinels of M(vmbackup.libvirt.export) that were
-    intact right before (RV(sentinels_kept)). After a merge of a snapshot whose overlay had no intact sentinel (made by
-    another tool, or the disk was shrunk meanwhile), and after any merge of a shut-off VM, the sentinels from before the
-    snapshot are removed, so the next export takes a full that says why.
+    intact right before (RV(sentinels_kept)). In a shut-off VM's merge no sentinel can be re-armed (no QEMU runs); a sentinel
+    armed on the overlay itself may then be lost, and the next export of that checkpoint is a full that says why.
   - A revert keeps the checkpoints made before the snapshot valid (their bitmaps are carried into the fresh overlays, see
     RV(bitmaps_kept)). A checkpoint made after the snapshot cannot survive a revert (its point in time was discarded);
     libvirt then reports its bitmap as broken and M(vmbackup.libvirt.export) starts a new chain with a full that says why.
   - A merge that failed part-way has already written part of the overlay into its base image; the snapshot's point in time is
-    gone. The module marks its description and refuses to revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the
-    cause is fixed.
+    gone. When the image below changed during the failed attempt, the module marks the snapshot's description and refuses to
+    revert to it (C(SNAPSHOT_UNSUPPORTED)); delete it again once the cause is fixed.
+  - libvirt 9.0 cannot merge an older snapshot of a shut-off VM while a later one is on top of it; the module refuses that
+    with C(SNAPSHOT_UNSUPPORTED) (start the VM, or merge the later snapshots first).
+  - A running libvirt job on the VM (such as a backup of M(vmbackup.libvirt.export)) fails every change with
+    C(BACKUP_JOB_ACTIVE) before anything is done.
+  - A revert creates and removes files only in directories nobody but root can write (C(UNSAFE_TARGET) otherwise); a
+    merge removes a leftover only there (otherwise it is kept with a warning).
   - No time limit applies to a merge; libvirt waits for the block commit, which copies what was written since the snapshot.
 seealso:
   - name: libvirt snapshot XML
@@ -287,6 +298,7 @@ def main() -> None:
         description=dict(type="str"),
         run_state=dict(type="str", choices=["running", "shutoff", "paused", "as_snapshot"], default="as_snapshot"),
         foreign=dict(type="bool", default=False),
+        lock_timeout=dict(type="float", default=60.0),
     )
     argument_spec.update(CONNECTION_ARGSPEC)
     module = AnsibleModule(

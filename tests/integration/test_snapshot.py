@@ -115,6 +115,7 @@ def test_disk_vm_create_merge_check_mode_and_idempotence(ansible, vms, tmp_path)
         assert backing_chain(overlay) == [overlay, str(image)]
     assert snapshot_names(vm.dom) == [PREFIX + "s1"]
 
+    assert not snap(ansible, vm, check=True, snapshot="s1")["changed"]
     again = snap(ansible, vm, snapshot="s1")
     assert not again["changed"] and not again["failed"], again
     assert snapshot_names(vm.dom) == [PREFIX + "s1"]
@@ -140,6 +141,7 @@ def test_disk_vm_create_merge_check_mode_and_idempotence(ansible, vms, tmp_path)
     cp = vm.dom.checkpointLookupByName("vmbackup-t0000001-1").getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
     assert "size='3145728'" in cp, cp
 
+    assert not snap(ansible, vm, check=True, snapshot="s1", state="absent")["changed"]
     gone = snap(ansible, vm, snapshot="s1", state="absent")
     assert not gone["changed"] and not gone["failed"], gone
 
@@ -221,6 +223,12 @@ def test_foreign_snapshots_are_listed_and_left_alone(ansible, vms):
     expect_ok(snap(ansible, vm, snapshot="s9", state="absent"))
     assert snapshot_names(vm.dom) == ["s9"] and sources(vm.dom)["vda"] == foreign_overlay
 
+    # two runs at once: one creates, the other (decided again under the per-VM lock) finds it
+    runs = [ansible.popen_result("snapshot", {"name": vm.name, "snapshot": "both", "quiesce": "never"}) for dummy in range(2)]
+    results = [r.result(timeout=120) for r in runs]
+    assert sorted(r["changed"] for r in results) == [False, True] and not any(r["failed"] for r in results), [r["msg"] for r in results]
+    assert snapshot_names(vm.dom) == sorted(["s9", PREFIX + "both"])
+
 
 def test_shut_off_vm_with_checkpoint_is_refused_untouched(ansible, vms):
     vm = vms.create(running=False)
@@ -268,7 +276,7 @@ def test_merge_that_cannot_finish_leaves_vm_on_its_overlay(ansible, conn, domain
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, check=False)  # until ENOSPC
 
         failed = expect_error(snap(ansible, vm, snapshot="s1", state="absent"), "COMMIT_FAILED")
-        assert "No space left" in failed["msg"], failed
+        assert "No space left" in failed["msg"] and failed["written"] == [str(image)], failed
         assert dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert sources(dom)["vda"] == overlay == sources(dom, inactive=True)["vda"]
         assert backing_chain(overlay) == [overlay, str(image)]
@@ -435,12 +443,51 @@ def test_backups_stay_incremental_across_create_merge_and_revert(ansible, vms, r
     inc4 = _backup(ansible, vm, repo, "incremental")
     _assert_point_is_disk(vm, [full, inc1, inc2, inc3, inc4])
 
-    # a snapshot made with virsh carries no sentinel: after its merge nothing proves the overlay
-    # was not shrunk, so the old sentinel goes and the next backup is a full that says why
+    # a snapshot made with virsh gets no sentinel; merged by the module, the base's sentinel
+    # from before it is back on top and the next backup is still an exact incremental
     image = str(vm.disks["vda"])
     run(["virsh", "-c", "qemu:///system", "snapshot-create-as", vm.name, "f1", "--disk-only", "--atomic",
          "--diskspec", f"vda,snapshot=external,file={image}.f1"])
     vm.write("vda", 0x88, "7M", "1M")
-    expect_ok(snap(ansible, vm, snapshot="f1", foreign=True, state="absent"))
-    result = ansible("export", {"name": vm.name, "repository": str(repo), "quiesce": "never"})
-    assert result["type"] == "full" and "size sentinel" in result["reason"], result
+    merged = expect_ok(snap(ansible, vm, snapshot="f1", foreign=True, state="absent"))
+    assert merged["sentinels_kept"] == [], merged
+    inc5 = _backup(ansible, vm, repo, "incremental")
+    _assert_point_is_disk(vm, [full, inc1, inc2, inc3, inc4, inc5])
+
+
+def test_shut_off_vm_snapshots_intermediate_merge_and_revert(ansible, vms, tmp_path):
+    """A shut-off VM (no checkpoint, a qcow2 and a raw disk): two snapshots; the older one cannot
+    be merged under the newer one offline (refused, untouched); a revert keeps the VM shut off
+    (as it was snapshotted); newest first, both merge offline with all data."""
+    vm = vms.create(disks=[DiskSpec(fill=[(0x11, "0", "1M")]), DiskSpec(size="16M", fmt="raw")], running=False)
+    base = str(vm.disks["vda"])
+    o1, o2 = (f"{base}.{PREFIX}{n}.qcow2" for n in ("s1", "s2"))
+    expect_ok(snap(ansible, vm, snapshot="s1"))
+    assert sources(vm.dom, inactive=True) == {"vda": o1, "vdb": f"{vm.disks['vdb']}.{PREFIX}s1.qcow2"}
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 1M", o1])
+    ref_s2 = tmp_path / "s2.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", o1, str(ref_s2)])
+    expect_ok(snap(ansible, vm, snapshot="s2"))
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 2M 1M", o2])
+    ref = tmp_path / "ref.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", o2, str(ref)])
+
+    # libvirt 9.0 cannot merge an older snapshot of a shut-off VM under a later one: refused first
+    before = vm_state(vm)
+    for check in (True, False):
+        expect_error(snap(ansible, vm, check=check, snapshot="s1", state="absent"), "SNAPSHOT_UNSUPPORTED")
+    assert vm_state(vm) == before
+
+    reverted = expect_ok(snap(ansible, vm, snapshot="s2", state="reverted"))
+    assert reverted["vm"]["state"] == "shutoff" and not vm.dom.isActive()
+    assert backing_chain(o2) == [o2, o1, base] and images_equal(o2, o1)[0]
+    assert not images_equal(o2, str(ref))[0], "the write after s2 is still there"
+    assert not snap(ansible, vm, snapshot="s2", state="reverted")["changed"]
+    # the newest one merges offline (libvirt's qemu-img commit), then the older one
+    expect_ok(snap(ansible, vm, snapshot="s2", state="absent"))
+    assert sources(vm.dom, inactive=True)["vda"] == o1 and backing_chain(o1) == [o1, base]
+    merged = expect_ok(snap(ansible, vm, snapshot="s1", state="absent"))
+    assert sorted(merged["removed_files"]) == sorted([o1, f"{vm.disks['vdb']}.{PREFIX}s1.qcow2"]), merged
+    assert sources(vm.dom, inactive=True) == {t: str(p) for t, p in vm.disks.items()} and snapshot_names(vm.dom) == []
+    # what the VM had at s2 (0x22 written into s1's overlay) is in the base image now
+    assert images_equal(base, str(ref_s2))[0]
