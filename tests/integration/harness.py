@@ -208,7 +208,8 @@ def destroy_vm(dom) -> None:
                 cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
             except libvirt.libvirtError:
                 pass
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     except libvirt.libvirtError:
         pass
 
