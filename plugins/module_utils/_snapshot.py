@@ -720,8 +720,11 @@ class SnapshotBackend(Backend):
         except libvirt.libvirtError as exc:
             raise VmBackupError("SNAPSHOT_FAILED", f"libvirt refused the reverted definition: {exc.get_error_message()}") from None
         self._remove_unused(conn, [p for p in plan.drop_files if os.path.lexists(p)])
-        self._make_current(dom, plan.snapshot)
+        # Made current after the start: libvirt 9.0 refuses a redefinition of a shut-off VM that
+        # has checkpoints ("cannot perform block operations while checkpoint exists"), as it
+        # refuses snapshots of one; a running VM takes it.
         self._start(conn, dom, plan, xml)
+        self._make_current(dom, plan.snapshot)
 
     def _image_bitmaps(self, path: str) -> dict[str, dict[str, t.Any]]:
         info = self.qemu_img.info_chain(path, None, force_share=True)[0]
