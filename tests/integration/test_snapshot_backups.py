@@ -12,9 +12,10 @@ Findings this test pins down (they are in docs/snapshots-and-backups.md):
   overlay, or after merging an overlay that a checkpoint was taken on, starts a new chain and
   says why. A checkpoint taken before a snapshot that is merged before the next backup keeps its
   sentinel in the base image: that chain continues.
-- When the sentinel is carried at the safe moments (right after the snapshot; right before the
-  merge or in the commit job's ready phase before the pivot), the chain continues across both,
-  and a shrink and grow back of the overlay still clears it (a new chain).
+- When the sentinel is put on the new top at the safe moments (right after the snapshot; right
+  before the merge or in the commit job's ready phase before the pivot), as the snapshot module
+  does, the chain continues across both, and a shrink and grow back of the overlay still clears
+  it (a new chain).
 - libvirt 9.0's own snapshot-delete of an external snapshot merges like blockcommit.
 
 Everything is checked by another path: qemu-img compare of every point (read through its chain)
@@ -53,7 +54,9 @@ def bitmaps(dom, path) -> dict[str, dict]:
 
 
 def carry(dom, src, dst, name: str) -> None:
-    """Copy a size sentinel from one image's node to another's, as the snapshot module would."""
+    """Copy a size sentinel from one image's node to another's (with its bit): a sentinel on the new
+    top image, as vmbackup.libvirt.snapshot keeps them for its own snapshots (it re-arms one that
+    was intact right before); export must accept it, and still see a shrink after it."""
     info = bitmaps(dom, src)[name]
     dst_node = node_of(dom, dst)["node-name"]
     qmp(dom, "block-dirty-bitmap-add", node=dst_node, name=name, granularity=info["granularity"], persistent=True, disabled=True)
@@ -162,7 +165,7 @@ def test_series_across_snapshot_create_and_merge_is_restorable_at_every_point(an
         p6 = series.export("incremental")                            # 6
         assert p6["parent"] == p5["set_id"]
 
-        # --- the sentinel carried at the two safe moments (what vmbackup.libvirt.snapshot does):
+        # --- the sentinel carried at the two safe moments (as vmbackup.libvirt.snapshot keeps them):
         # the chain continues across the snapshot and across its merge.
         cp6 = p6["checkpoint"]
         virsh("snapshot-create-as", vm.name, "s2", "--disk-only", "--atomic", "--diskspec", f"vda,file={overlays[2]}")
