@@ -834,3 +834,21 @@ def sentinel_below(chain: list[BlockNode], checkpoint: str) -> BlockNode | None:
         if sentinel_name(checkpoint) in node.bitmaps:
             return node
     return None
+
+
+BLOCK_JOB_TYPES = {1: "pull", 2: "copy", 3: "commit", 4: "active-commit", 5: "backup"}
+
+
+def block_jobs(dom, targets: t.Iterable[str]) -> dict[str, str]:
+    """target -> the kind of block job running on that disk (a snapshot merge in progress, a copy),
+    for the disks of ``targets`` that have one. libvirt refuses a backup job on such a disk
+    ("disk 'vda' has a blockjob assigned"); a domain job query does not show block jobs."""
+    found = {}
+    for target in targets:
+        try:
+            info = dom.blockJobInfo(target, 0)
+        except LibvirtError:
+            continue
+        if info and info.get("type"):
+            found[target] = BLOCK_JOB_TYPES.get(int(info["type"]), str(info["type"]))
+    return found

@@ -50,3 +50,16 @@ def test_disk_chains_walks_the_live_backing_chain_by_node_index(monkeypatch):
         "vdb": [("libvirt-2-format", 32, [])],
     }
     assert lv.sentinel_below(chains["vda"], "cp").node == "libvirt-1-format"
+
+
+class JobDom:
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def blockJobInfo(self, target, flags):  # libvirt's name
+        return self.jobs.get(target, {})
+
+
+def test_block_jobs_names_the_kind_per_disk():
+    dom = JobDom({"vda": {"type": 4, "cur": 1, "end": 1}, "vdb": {}, "vdc": {"type": 9}})
+    assert lv.block_jobs(dom, ["vda", "vdb", "vdc", "vdd"]) == {"vda": "active-commit", "vdc": "9"}
