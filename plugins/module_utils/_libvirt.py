@@ -783,7 +783,7 @@ def refresh_pool(conn, name: str) -> str | None:
     return None
 
 
-# -- external snapshots: a disk's whole live chain and carrying the size sentinels -------------
+# -- external snapshots: a disk's whole live chain ------------------------------------------------
 #
 # Findings on libvirt 9.0 / QEMU 7.2 (tests/integration/test_snapshot_backups.py):
 # - an external disk-only snapshot gives the new overlay an empty, recording, persistent bitmap
@@ -796,12 +796,11 @@ def refresh_pool(conn, name: str) -> str | None:
 # - libvirt 9.0's own deletion of an external snapshot of a running VM (virDomainSnapshotDelete)
 #   is the same active commit + pivot, with the same bitmap handling.
 # - QEMU refuses block_resize while a commit job runs ("Device is in use").
-# So the checkpoint survives both; only the collection's size sentinel does not. A sentinel may
-# be carried only at a moment when nothing can have resized the disk since the image it is copied
-# from stopped being the top: right after the snapshot (old top -> new top), and for a merge right
-# before the commit job starts or in its ready phase before the pivot (overlay -> base).
-# carry_sentinels does the copy; export never carries one itself (it cannot know what happened
-# since the snapshot), so a backup after a foreign snapshot or merge starts a new chain.
+# So the checkpoint survives both; only the collection's size sentinel does not. The snapshot
+# module keeps the sentinels across its own create, merge and revert (it re-arms on the new top a
+# sentinel that was intact right before). Export never restores one itself (it cannot know what
+# happened since the snapshot), so a backup after a foreign snapshot or merge starts a new chain;
+# disk_chains and sentinel_below let its reason say so.
 
 
 def disk_chains(dom) -> dict[str, list[BlockNode]]:
@@ -837,67 +836,19 @@ def sentinel_below(chain: list[BlockNode], checkpoint: str) -> BlockNode | None:
     return None
 
 
-def carry_sentinels(dom, src: BlockNode, dst: BlockNode, checkpoints: t.Iterable[str]) -> list[str]:
-    """Copy the size sentinels of ``checkpoints`` that ``src`` holds and ``dst`` lacks into ``dst``
-    (a persistent disabled bitmap of the same granularity, merged from the source, so a cleared
-    sentinel stays cleared). Returns the names copied; VmBackupError when QEMU refuses one (a
-    disk of another size: the next export then starts a new chain, which is safe).
+BLOCK_JOB_TYPES = {1: "pull", 2: "copy", 3: "commit", 4: "active-commit", 5: "backup"}
 
-    For the snapshot module only, at the safe moments named above: src = old top, dst = new
-    overlay right after snapshotCreateXML; src = overlay, dst = base right before the merge
-    (virDomainSnapshotDelete or blockCommit) or while an active commit job is ready, before the
-    pivot. Take the nodes from disk_chains() just before the call.
-    """
-    copied = []
-    for checkpoint in sorted(set(checkpoints)):
-        name = sentinel_name(checkpoint)
-        info = src.bitmaps.get(name)
-        if info is None or name in dst.bitmaps:
-            continue
-        qmp(dom, "block-dirty-bitmap-add", node=dst.node, name=name, granularity=int(info["granularity"]),
-            persistent=True, disabled=True)
+
+def block_jobs(dom, targets: t.Iterable[str]) -> dict[str, str]:
+    """target -> the kind of block job running on that disk (a snapshot merge in progress, a copy),
+    for the disks of ``targets`` that have one. libvirt refuses a backup job on such a disk
+    ("disk 'vda' has a blockjob assigned"); a domain job query does not show block jobs."""
+    found = {}
+    for target in targets:
         try:
-            qmp(dom, "block-dirty-bitmap-merge", node=dst.node, target=name, bitmaps=[{"node": src.node, "name": name}])
-        except VmBackupError:
-            remove_bitmap_live(dom, dst.node, name)
-            raise
-        copied.append(name)
-    return copied
-
-
-def _live_sentinels(node: BlockNode, checkpoints: set[str]) -> list[str]:
-    """The checkpoints (of those libvirt has) whose size sentinel ``node`` holds."""
-    return sorted(c for c in checkpoints if sentinel_name(c) in node.bitmaps)
-
-
-def carry_sentinels_to_overlays(dom) -> tuple[list[str], list[str]]:
-    """Right after an external snapshot of a running VM: every disk whose top has a backing image
-    gets the size sentinels that image (the old top) holds for libvirt's checkpoints. Returns
-    (carried as "target:bitmap", errors); an error costs only a new chain at the next export."""
-    carried, errors = [], []
-    checkpoints = set(checkpoint_names(dom))
-    for target, chain in sorted(disk_chains(dom).items()):
-        if len(chain) < 2:
+            info = dom.blockJobInfo(target, 0)
+        except LibvirtError:
             continue
-        try:
-            carried += [f"{target}:{name}" for name in carry_sentinels(dom, chain[1], chain[0], _live_sentinels(chain[1], checkpoints))]
-        except VmBackupError as exc:
-            errors.append(f"{target}: {exc.msg}")
-    return carried, errors
-
-
-def carry_sentinels_to_base(dom, overlays: t.Mapping[str, str]) -> tuple[list[str], list[str]]:
-    """Right before merging a running VM's top overlays into their backing images (``overlays``:
-    target -> overlay path; a disk whose top is another image is left alone): each backing image
-    gets the overlay's size sentinels. Returns (carried, errors) as carry_sentinels_to_overlays."""
-    carried, errors = [], []
-    checkpoints = set(checkpoint_names(dom))
-    tops = {d.target: d.source for d in parse_disks(domain_xml(dom, inactive=False))}
-    for target, chain in sorted(disk_chains(dom).items()):
-        if len(chain) < 2 or target not in overlays or tops.get(target) != overlays[target]:
-            continue
-        try:
-            carried += [f"{target}:{name}" for name in carry_sentinels(dom, chain[0], chain[1], _live_sentinels(chain[0], checkpoints))]
-        except VmBackupError as exc:
-            errors.append(f"{target}: {exc.msg}")
-    return carried, errors
+        if info and info.get("type"):
+            found[target] = BLOCK_JOB_TYPES.get(int(info["type"]), str(info["type"]))
+    return found

@@ -24,20 +24,6 @@ def test_sentinel_below_the_top_only():
     assert lv.sentinel_below([], cp) is None
 
 
-def test_carry_copies_only_missing_sentinels(monkeypatch):
-    calls = []
-    monkeypatch.setattr(lv, "qmp", lambda dom, command, **args: calls.append((command, args)))
-    a, b = "vmbackup-0123456789ab-1", "vmbackup-0123456789ab-2"
-    src = node("src", lv.sentinel_name(a), lv.sentinel_name(b))
-    dst = node("dst", lv.sentinel_name(b))
-    assert lv.carry_sentinels(object(), src, dst, [a, b, "vmbackup-0123456789ab-9"]) == [lv.sentinel_name(a)]
-    assert calls == [
-        ("block-dirty-bitmap-add", {"node": "dst", "name": lv.sentinel_name(a), "granularity": 512, "persistent": True,
-                                    "disabled": True}),
-        ("block-dirty-bitmap-merge", {"node": "dst", "target": lv.sentinel_name(a), "bitmaps": [{"node": "src", "name": lv.sentinel_name(a)}]}),
-    ]
-
-
 LIVE_XML = """<domain><devices>
   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
     <source file='/i/vda.snap.qcow2' index='3'/>
@@ -64,3 +50,16 @@ def test_disk_chains_walks_the_live_backing_chain_by_node_index(monkeypatch):
         "vdb": [("libvirt-2-format", 32, [])],
     }
     assert lv.sentinel_below(chains["vda"], "cp").node == "libvirt-1-format"
+
+
+class JobDom:
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def blockJobInfo(self, target, flags):  # libvirt's name
+        return self.jobs.get(target, {})
+
+
+def test_block_jobs_names_the_kind_per_disk():
+    dom = JobDom({"vda": {"type": 4, "cur": 1, "end": 1}, "vdb": {}, "vdc": {"type": 9}})
+    assert lv.block_jobs(dom, ["vda", "vdb", "vdc", "vdd"]) == {"vda": "active-commit", "vdc": "9"}
