@@ -12,11 +12,9 @@ Findings this test pins down (they are in docs/snapshots-and-backups.md):
   overlay, or after merging an overlay that a checkpoint was taken on, starts a new chain and
   says why. A checkpoint taken before a snapshot that is merged before the next backup keeps its
   sentinel in the base image: that chain continues.
-- When the sentinel is put on the new top at the safe moments (right after the snapshot; right
-  before the merge or in the commit job's ready phase before the pivot), as the snapshot module
-  does, the chain continues across both, and a shrink and grow back of the overlay still clears
-  it (a new chain).
-- libvirt 9.0's own snapshot-delete of an external snapshot merges like blockcommit.
+- vmbackup.libvirt.snapshot keeps the sentinels across its own create and merge (it re-arms
+  one that was intact right before on the new top): the chain continues across both, and a
+  shrink and grow back of the overlay still clears it (a new chain).
 
 Everything is checked by another path: qemu-img compare of every point (read through its chain)
 against a copy of the disk taken right after that export, the bitmaps through QMP, the restored
@@ -52,16 +50,6 @@ def node_of(dom, path: pathlib.Path | str) -> dict:
 
 def bitmaps(dom, path) -> dict[str, dict]:
     return {b["name"]: b for b in node_of(dom, path).get("dirty-bitmaps", []) if b.get("name")}  # a job adds anonymous ones
-
-
-def carry(dom, src, dst, name: str) -> None:
-    """Copy a size sentinel from one image's node to another's (with its bit): a sentinel on the new
-    top image, as vmbackup.libvirt.snapshot keeps them for its own snapshots (it re-arms one that
-    was intact right before); export must accept it, and still see a shrink after it."""
-    info = bitmaps(dom, src)[name]
-    dst_node = node_of(dom, dst)["node-name"]
-    qmp(dom, "block-dirty-bitmap-add", node=dst_node, name=name, granularity=info["granularity"], persistent=True, disabled=True)
-    qmp(dom, "block-dirty-bitmap-merge", node=dst_node, target=name, bitmaps=[{"node": node_of(dom, src)["node-name"], "name": name}])
 
 
 def virsh(*argv: str) -> str:
@@ -166,37 +154,36 @@ def test_series_across_snapshot_create_and_merge_is_restorable_at_every_point(an
         p6 = series.export("incremental")                            # 6
         assert p6["parent"] == p5["set_id"]
 
-        # --- the sentinel carried at the two safe moments (as vmbackup.libvirt.snapshot keeps them):
-        # the chain continues across the snapshot and across its merge.
-        cp6 = p6["checkpoint"]
-        virsh("snapshot-create-as", vm.name, "s2", "--disk-only", "--atomic", "--diskspec", f"vda,file={overlays[2]}")
-        carry(vm.dom, base, overlays[2], f"{cp6}.size")
+        # --- the collection's own snapshots: vmbackup.libvirt.snapshot keeps the size sentinels
+        # (re-arms on the new top one that was intact right before), so the chain continues
+        # across its create and its merge.
+        snap_args = {"name": vm.name, "snapshot": "s2", "quiesce": "never"}
+        made = expect_ok(ansible("snapshot", dict(snap_args, state="present")))
+        overlays[2] = pathlib.Path(series.source())
+        assert overlays[2] != base and made["snapshot"].startswith("vmbackup-snap-")
         vm.write("vda", 0x2a, "26M", "1M")
         p7 = series.export("incremental")                            # 7
         assert p7["parent"] == p6["set_id"]
         vm.write("vda", 0x2b, "28M", "1M")
-        virsh("blockcommit", vm.name, "vda", "--active", "--wait")   # ready, not pivoted
-        carry(vm.dom, overlays[2], base, f"{p7['checkpoint']}.size")
-        virsh("blockjob", vm.name, "vda", "--pivot")
-        virsh("snapshot-delete", vm.name, "s2", "--metadata")
+        expect_ok(ansible("snapshot", dict(snap_args, state="absent")))
+        assert series.source() == str(base)
         vm.write("vda", 0x2c, "40M", "8M")  # data beyond 32M: a shrink to 32M and back erases it
         p8 = series.export("incremental")                            # 8
         assert p8["parent"] == p7["set_id"]
 
-        # --- a carried sentinel still sees a shrink and grow back of the overlay (wrong point)
-        virsh("snapshot-create-as", vm.name, "s3", "--disk-only", "--atomic", "--diskspec", f"vda,file={overlays[3]}")
-        carry(vm.dom, base, overlays[3], f"{p8['checkpoint']}.size")
+        # --- a kept sentinel still sees a shrink and grow back of the overlay (wrong point)
+        snap_args["snapshot"] = "s3"
+        expect_ok(ansible("snapshot", dict(snap_args, state="present")))
+        overlays[3] = pathlib.Path(series.source())
         virsh("blockresize", vm.name, "vda", "32M")
         virsh("blockresize", vm.name, "vda", "64M")
-        # No bitmap saw that the guest now reads zeros at 40M: only the carried sentinel tells.
+        # No bitmap saw that the guest now reads zeros at 40M: only the sentinel tells.
         assert bitmaps(vm.dom, overlays[3])[p8["checkpoint"]]["count"] == 0
         vm.write("vda", 0x2d, "2M", "1M")
         p9 = series.export("full", reason="was shrunk")              # 9
-        # --- libvirt's own merge (snapshot-delete: active commit + pivot), the sentinel carried
-        # into the base right before it (a running commit job refuses block_resize)
+        # --- the merge (libvirt's snapshot-delete: active commit + pivot) keeps the new chain
         vm.write("vda", 0x2e, "44M", "1M")
-        carry(vm.dom, overlays[3], base, f"{p9['checkpoint']}.size")
-        virsh("snapshot-delete", vm.name, "s3")
+        expect_ok(ansible("snapshot", dict(snap_args, state="absent")))
         assert series.source() == str(base) and not overlays[3].exists()
         vm.write("vda", 0x2f, "46M", "1M")
         p10 = series.export("incremental")                           # 10
