@@ -59,7 +59,7 @@ def test_lists_domains_with_metadata_and_applies_the_selection_rules(ansible, vm
     assert run_entry["disks"] == [{"target": "vda", "device": "disk", "source": str(running.disks["vda"]), "source_type": "file",
                                    "format": "qcow2", "readonly": False, "backup": True, "skip_reason": None}]
     assert by_name[stopped.name]["state"] == "shutoff" and not by_name[stopped.name]["active"]
-    assert by_name[optout.name]["metadata"] == {"present": True, "enabled": False, "tier": "gold", "error": None,
+    assert by_name[optout.name]["metadata"] == {"present": True, "enabled": False, "tier": "gold", "quiesce": None, "error": None,
                                                 "xml": '<backup enabled="no" tier="gold"/>'}
     assert by_name[gold.name]["tier"] == "gold" and by_name[running.name]["tier"] == "default"
     assert not by_name[transient.name()]["persistent"]
