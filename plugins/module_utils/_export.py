@@ -727,6 +727,16 @@ class Exporter(Backend):
                 "another job (not this repository's) is running on the VM; retry when it has finished",
                 job={k: v for k, v in job.items() if isinstance(v, (int, str))},
             )
+        # A block job (a snapshot merge not yet pivoted, a copy) is not a domain job, but libvirt
+        # refuses a backup of its disk; say so before anything is written, in check mode too.
+        blocks = lv.block_jobs(dom, [d.target for d in lv.parse_disks(lv.domain_xml(dom, inactive=False))])
+        if blocks:
+            raise VmBackupError(
+                "BACKUP_JOB_ACTIVE",
+                "a block job runs on " + ", ".join(f"disk {k} ({v})" for k, v in sorted(blocks.items()))
+                + " (a snapshot merge or a copy in progress); retry when it has finished",
+                block_jobs=blocks,
+            )
 
     # ------------------------------------------------------------------ clean up earlier runs
     def _clean_leftovers(self, dom, repo: repo_mod.Repository, vm_uuid: str) -> None:

@@ -194,8 +194,10 @@ def test_series_across_snapshot_create_and_merge_is_restorable_at_every_point(an
         vm.write("vda", 0x30, "48M", "1M")
         virsh("blockcommit", vm.name, "vda", "--active", "--wait")
         before = (vm.checkpoints(), sorted(p.name for p in (series.repo / "vms" / vm.uuid / "sets").iterdir()))
+        foreseen = ansible("export", {"repository": str(series.repo), "name": vm.name}, check=True)
+        assert foreseen["failed"] and foreseen["error_code"] == "BACKUP_JOB_ACTIVE" and foreseen["block_jobs"] == {"vda": "active-commit"}, foreseen
         refused = ansible("export", {"repository": str(series.repo), "name": vm.name})
-        assert refused["failed"] and refused["error_code"] in ("BACKUP_FAILED", "BACKUP_JOB_ACTIVE"), refused
+        assert refused["failed"] and refused["error_code"] == "BACKUP_JOB_ACTIVE" and "disk vda" in refused["msg"], refused
         assert vm.dom.blockJobInfo("vda", 0).get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT  # not aborted
         assert before == (vm.checkpoints(), sorted(p.name for p in (series.repo / "vms" / vm.uuid / "sets").iterdir()))
         assert list((series.repo / "vms" / vm.uuid / ".incomplete").iterdir()) == []
