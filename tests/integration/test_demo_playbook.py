@@ -61,6 +61,8 @@ def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root, 
         assert parse_disk_sources(app.dom.XMLDesc(0)) == {"vda": str(app.paths["vda"])}
         assert sorted(p.name for p in app.workdir.iterdir() if "vmbackup-snap" in p.name) == []
         assert "the guest reads version-1 again" in proc.stdout
+        # the role's line for the guest says how consistent its set is
+        assert [ln for ln in proc.stdout.splitlines() if f'"{app.name}: ok, full' in ln and "application-consistent" in ln], proc.stdout
         # Restored under a new name, running, each disk equal to the reference copy the play
         # took at backup time (checked here again, independently of the play's own compare).
         restored = conn.lookupByName(f"{name}-restored")
