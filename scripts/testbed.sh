@@ -15,14 +15,18 @@
 #   testbed.sh ssh HOST block|unblock   (block: the root-side veth down -> "Network is unreachable")
 #
 # State directory: VMBACKUP_TESTBED_DIR (default /var/lib/vmbackup-testbed): inventory.ini,
-# hosts.json, ssh/id_ed25519, shared/, hvN/{etc,lib,cache,log,run.log,...}.
+# hosts.json, ssh/id_ed25519, shared/, hvN/{etc,lib,cache,log,run.log,...}. VMBACKUP_TESTBED_NET
+# (default 10.231) the hosts' addresses 10.231.N.2: a second bed at once needs its own dir and net.
 # VENV (default: the repository's .venv) names the virtualenv whose python Ansible uses on the hosts.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 state=${VMBACKUP_TESTBED_DIR:-/var/lib/vmbackup-testbed}
 venv=${VENV:-${VMBACKUP_VENV:-$here/.venv}}
-net_prefix=10.231
+# the first two octets of the hosts' addresses; a second bed on the same machine needs its own
+net_prefix=${VMBACKUP_TESTBED_NET:-10.231}
+[[ $net_prefix =~ ^10\.([0-9]{1,3})$ ]] && [ "${BASH_REMATCH[1]}" -le 255 ] || { echo "VMBACKUP_TESTBED_NET wants 10.X" >&2; exit 1; }
+veth_of() { echo "vb${net_prefix#10.}-$1"; }  # the root-side veth of a host: vb231-hv1
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
@@ -102,10 +106,10 @@ prepare_host() {  # the host's directories, configuration and init script
     # Two libvirtds both name a domain's cgroup machine/qemu-<id>-<name>.libvirt-qemu (ids start at 1
     # in each): without controllers they create none, so hosts cannot collide (nor with the machine's).
     printf '\n# vmbackup test bed (scripts/testbed.sh)\ncgroup_controllers = [ ]\n' >> "$d/etc/qemu.conf"
-    # /var/lib/libvirt: the directory skeleton (owners, modes), no content
+    # /var/lib/libvirt: its top-level directories (owners, modes), nothing in them; libvirtd makes
+    # the rest of qemu/ (channel/target, save, snapshot, nvram ...) when it starts
     mkdir -p "$d/lib"
-    rsync -a -f '+ */' -f '- *' --exclude '/images/*/' /var/lib/libvirt/ "$d/lib/"
-    rm -rf "$d/lib/qemu/"{domain-*,save,snapshot,checkpoint,nvram,channel,ram,dump} 2>/dev/null || true
+    rsync -a --exclude '/*/*' --include '/*/' --exclude '/*' /var/lib/libvirt/ "$d/lib/"
     install -d -m 0711 "$d/lib/images"
     # /var/cache/libvirt: the QEMU capabilities cache saves each libvirtd the probe (seconds)
     mkdir -p "$d/cache"
@@ -182,7 +186,7 @@ setup_net() {
   local h=$1 n pid veth
   n=$(host_index "$h")
   pid=$(host_pid "$h")
-  veth=vb-$h
+  veth=$(veth_of "$h")
   if ! in_host "$h" ip link show eth0 >/dev/null 2>&1; then
     ip link del "$veth" 2>/dev/null || true
     ip link add "$veth" type veth peer name eth0 netns "$pid"
@@ -335,7 +339,7 @@ cmd_down() {
         sleep 0.05
       done
     fi
-    ip link del "vb-$h" 2>/dev/null || true
+    ip link del "$(veth_of "$h")" 2>/dev/null || true
   done
   rm -rf "$state"
   log "down: done in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
@@ -356,7 +360,7 @@ cmd_status() {
     first=0
     printf '\n  "%s": {"namespace": %s, "pid": %s, "libvirtd": %s, "sshd": %s, "ssh_blocked": %s}' \
       "$h" "$ns" "${pid:-null}" "$lv" "$sd" \
-      "$( [ "$(cat "/sys/class/net/vb-$h/operstate" 2>/dev/null)" = down ] && echo true || echo false)"
+      "$( [ "$(cat "/sys/class/net/$(veth_of "$h")/operstate" 2>/dev/null)" = down ] && echo true || echo false)"
   done
   printf '\n}\n'
 }
@@ -391,7 +395,7 @@ cmd_ssh() {
   host_index "$h" >/dev/null
   [ -n "$(host_pid "$h")" ] || die "$h is not running"
   case $what in
-    block) ip link set "vb-$h" down ;;
+    block) ip link set "$(veth_of "$h")" down ;;
     unblock) setup_net "$h"; check_ssh "$h" ;;
     *) die "ssh HOST block|unblock" ;;
   esac
@@ -404,5 +408,5 @@ case ${1:-} in
   exec) shift; h=${1:?exec HOST CMD...}; shift; host_index "$h" >/dev/null; in_host "$h" "$@" ;;
   libvirtd) shift; cmd_libvirtd "$@" ;;
   ssh) shift; cmd_ssh "$@" ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
