@@ -12,7 +12,8 @@
 #   testbed.sh status              JSON: per host whether its namespace, libvirtd and sshd are alive
 #   testbed.sh exec HOST CMD...    run CMD inside all of HOST's namespaces
 #   testbed.sh libvirtd HOST stop|start
-#   testbed.sh ssh HOST block|unblock   (block: the root-side veth down -> "Network is unreachable")
+#   testbed.sh ssh HOST block|unblock   (block: the root-side veth down and an unreachable route:
+#                                  "No route to host" at once; open connections to HOST are reset)
 #
 # State directory: VMBACKUP_TESTBED_DIR (default /var/lib/vmbackup-testbed): inventory.ini,
 # hosts.json, ssh/id_ed25519, shared/, hvN/{etc,lib,cache,log,run.log,...}. VMBACKUP_TESTBED_NET
@@ -195,6 +196,7 @@ setup_net() {
     # the other bed hosts (10.231.0.0/16) through the root namespace
     in_host "$h" ip route add "$net_prefix.0.0/16" via "$net_prefix.$n.1" 2>/dev/null || true
   fi
+  ip route del unreachable "$net_prefix.$n.0/30" 2>/dev/null || true  # 'ssh HOST block' put it there
   ip addr replace "$net_prefix.$n.1/30" dev "$veth"
   ip link set "$veth" up
 }
@@ -340,6 +342,7 @@ cmd_down() {
       done
     fi
     ip link del "$(veth_of "$h")" 2>/dev/null || true
+    ip route del unreachable "$net_prefix.$(host_index "$h").0/30" 2>/dev/null || true
   done
   rm -rf "$state"
   log "down: done in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
@@ -395,7 +398,14 @@ cmd_ssh() {
   host_index "$h" >/dev/null
   [ -n "$(host_pid "$h")" ] || die "$h is not running"
   case $what in
-    block) ip link set "$(veth_of "$h")" down ;;
+    block)
+      ip link set "$(veth_of "$h")" down
+      # without its link route the address would go to the default gateway and hang: refuse at once
+      ip route replace unreachable "$net_prefix.$(host_index "$h").0/30"
+      # connections already open (Ansible's SSH control masters) break as in a network failure,
+      # instead of hanging for TCP's retransmission timeout (minutes)
+      ss -K dst "$net_prefix.$(host_index "$h").2" >/dev/null 2>&1 || log "ss -K failed: open connections to $h may hang"
+      ;;
     unblock) setup_net "$h"; check_ssh "$h" ;;
     *) die "ssh HOST block|unblock" ;;
   esac

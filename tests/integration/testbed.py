@@ -68,6 +68,8 @@ class PlaybookResult:
 class Testbed:
     """A running bed (``Testbed.up`` brings one up, or attaches to the one running there)."""
 
+    __test__ = False  # not a test class
+
     def __init__(self, state: pathlib.Path = DEFAULT_DIR, net: str = DEFAULT_NET, env: dict[str, str] | None = None) -> None:
         self.state = pathlib.Path(state)
         self.net = net
