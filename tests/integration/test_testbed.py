@@ -110,28 +110,36 @@ def test_bed_hosts_are_separate_hypervisors_reached_over_ssh(testbed: Testbed, c
         for host in bed.hosts:  # each host wrote its own name; each host sees all three files
             assert (shared / host).read_text() == host
             assert sorted(p.name for p in bed.path(host, "/srv/vmbackup").iterdir()) == ["hv1", "hv2", "hv3"]
+
+        # faults: hv1's libvirtd stopped (its QEMU keeps running, the other hosts are unaffected) ...
+        qemu_pid = bed.path("hv1", f"/run/libvirt/qemu/{g1.name}.pid").read_text().strip()
+        with bed.libvirtd_stopped("hv1"):
+            with pytest.raises(libvirt.libvirtError):
+                libvirt.open(bed.uri("hv1"))
+            res = bed.ansible("hypervisors", "vmbackup.libvirt.domain_info")
+            assert res.returncode != 0
+            assert "hv1 | FAILED" in res.stdout and "hv2 | SUCCESS" in res.stdout and "hv3 | SUCCESS" in res.stdout, res.stdout
+            assert json.loads(bed.script("status").stdout)["hv1"]["libvirtd"] is False
+            bed.run("hv1", ["kill", "-0", qemu_pid])
+        # ... and back: it finds its running domain again
+        dom = bed.connect("hv1").lookupByUUIDString(g1.uuid)
+        assert dom.isActive() and dom.ID() == g1.dom.ID()
+        g1.dom = dom
+        assert g1.ping()
+        # ... then SSH to hv3 blocked: unreachable at once, libvirt there still answers
+        with bed.ssh_blocked("hv3"):
+            start = time.monotonic()
+            res = bed.ansible("hv1:hv3", "ansible.builtin.ping")
+            assert "hv3 | UNREACHABLE" in res.stdout and "hv1 | SUCCESS" in res.stdout, res.stdout
+            assert time.monotonic() - start < 30
+            assert bed.connect("hv3").getHostname() == "hv3"  # only SSH is gone
+            assert json.loads(bed.script("status").stdout)["hv3"]["ssh_blocked"] is True
     finally:
         f1.cleanup()
         f2.cleanup()
-    assert not list(bed.path("hv2", "/var/lib/libvirt/images").iterdir())
-    assert bed.connect("hv2").listAllDomains() == []
-
-    # faults: hv3's libvirtd stopped (the others unaffected), then SSH to hv3 blocked
-    with bed.libvirtd_stopped("hv3"):
-        with pytest.raises(libvirt.libvirtError):
-            libvirt.open(bed.uri("hv3"))
-        res = bed.ansible("hypervisors", "vmbackup.libvirt.domain_info")
-        assert res.returncode != 0
-        assert "hv3 | FAILED" in res.stdout and "hv1 | SUCCESS" in res.stdout and "hv2 | SUCCESS" in res.stdout, res.stdout
-        assert json.loads(bed.script("status").stdout)["hv3"]["libvirtd"] is False
-    assert bed.connect("hv3").getHostname() == "hv3"
-    with bed.ssh_blocked("hv3"):
-        start = time.monotonic()
-        res = bed.ansible("hv1:hv3", "ansible.builtin.ping")
-        assert "hv3 | UNREACHABLE" in res.stdout and "hv1 | SUCCESS" in res.stdout, res.stdout
-        assert time.monotonic() - start < 30
-        assert bed.connect("hv3").getHostname() == "hv3"  # only SSH is gone
-        assert json.loads(bed.script("status").stdout)["hv3"]["ssh_blocked"] is True
+    for host in bed.hosts:
+        assert not list(bed.path(host, "/var/lib/libvirt/images").iterdir())
+        assert bed.connect(host).listAllDomains() == []
     res = bed.ansible("hypervisors", "ansible.builtin.ping")
     assert res.returncode == 0, res.stdout
     bed.fresh_repo()
