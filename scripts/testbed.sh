@@ -26,7 +26,10 @@ state=${VMBACKUP_TESTBED_DIR:-/var/lib/vmbackup-testbed}
 venv=${VENV:-${VMBACKUP_VENV:-$here/.venv}}
 # the first two octets of the hosts' addresses; a second bed on the same machine needs its own
 net_prefix=${VMBACKUP_TESTBED_NET:-10.231}
-[[ $net_prefix =~ ^10\.([0-9]{1,3})$ ]] && [ "${BASH_REMATCH[1]}" -le 255 ] || { echo "VMBACKUP_TESTBED_NET wants 10.X" >&2; exit 1; }
+if ! [[ $net_prefix =~ ^10\.([0-9]{1,3})$ ]] || [ "${BASH_REMATCH[1]}" -gt 255 ]; then
+  echo "VMBACKUP_TESTBED_NET wants 10.X" >&2
+  exit 1
+fi
 veth_of() { echo "vb${net_prefix#10.}-$1"; }  # the root-side veth of a host: vb231-hv1
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
@@ -43,7 +46,10 @@ host_pid() {  # the namespace's init (PID 1 inside) as seen from here; empty whe
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
   # alive and still our init (not a recycled pid)
-  if [ -n "$pid" ] && [ -d "/proc/$pid" ] && [ "$({ tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null)" = "testbed-init $state/$1/init.sh " ]; then
+  [ -n "$pid" ] || return 0
+  local args=()
+  mapfile -d '' -t args 2>/dev/null < "/proc/$pid/cmdline" || return 0
+  if [ "${args[*]}" = "testbed-init $state/$1/init.sh" ]; then
     echo "$pid"
   fi
 }
@@ -59,12 +65,9 @@ virsh_h() {  # virsh against HOST's libvirtd, from the root namespace
   virsh -q -c "qemu+unix:///system?socket=/proc/$pid/root/run/libvirt/libvirt-sock" "$@"
 }
 find_inits() {  # the pids of this state dir's host inits, also those no init.pid names
-  local p cmd
-  for p in /proc/[0-9]*; do
-    cmd=$({ tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null) || continue
-    [[ $cmd =~ ^testbed-init\ $state/hv[0-9]+/init\.sh\ $ ]] && echo "${p#/proc/}"
-  done
-  return 0
+  local re
+  re=$(printf '%s' "$state" | sed 's/[].[\\*^$+?(){}|]/\\&/g')
+  pgrep -f "^testbed-init $re/hv[0-9]+/init\\.sh\$" || true
 }
 existing_hosts() {
   local d
@@ -114,7 +117,7 @@ prepare_host() {  # the host's directories, configuration and init script
     install -d -m 0711 "$d/lib/images"
     # /var/cache/libvirt: the QEMU capabilities cache saves each libvirtd the probe (seconds)
     mkdir -p "$d/cache"
-    rsync -a /var/cache/libvirt/ "$d/cache/"
+    [ ! -d /var/cache/libvirt ] || rsync -a /var/cache/libvirt/ "$d/cache/"
     install -d -m 0755 "$d/log"
     install -d -m 0755 "$d/log/qemu"
     # sshd
@@ -178,7 +181,9 @@ start_ns() {  # the namespace and its init
     kill -0 "$ushare" 2>/dev/null || die "$h: its namespace did not come up (see $d/run.log)"
     sleep 0.05
   done
-  [ -n "$pid" ] && [ -e "/proc/$pid/root/run/testbed-ready" ] || die "$h: its namespace did not come up in 10 s"
+  if [ -z "$pid" ] || [ ! -e "/proc/$pid/root/run/testbed-ready" ]; then
+    die "$h: its namespace did not come up in 10 s"
+  fi
   echo "$pid" > "$d/init.pid"
   echo "$ushare" > "$d/unshare.pid"
 }
@@ -338,7 +343,7 @@ cmd_down() {
     if [ -f "$d/unshare.pid" ]; then
       ushare=$(cat "$d/unshare.pid")
       for i in $(seq 1 100); do
-        [ -d "/proc/$ushare" ] && [ "$(cat "/proc/$ushare/comm" 2>/dev/null)" = unshare ] || break
+        if [ ! -d "/proc/$ushare" ] || [ "$(cat "/proc/$ushare/comm" 2>/dev/null)" != unshare ]; then break; fi
         sleep 0.05
       done
     fi
