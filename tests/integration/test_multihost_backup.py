@@ -30,7 +30,7 @@ import uuid
 import libvirt
 import pytest
 
-from harness import PREFIX, DiskSpec, VmFactory, destroy_vm, run
+from harness import PREFIX, DiskSpec, VmFactory, destroy_vm, pick_domain_type, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WEEKLY = str(ROOT / "playbooks" / "backup_weekly.yml")
@@ -203,3 +203,142 @@ def test_waves_cap_async_exports_and_host_failures(ansible, conn, domain_type, r
         assert (summary["hosts"]["hvD"]["outcome"], summary["hosts"]["hvD"]["error_code"]) == ("unreachable", "HOST_UNREACHABLE")
     finally:
         factory.cleanup()
+
+
+# ----------------------------------------------------------------------------- on the bed
+def bed_vm(bed, host: str, conn, domain_type: str, name: str, running: bool, data: str):
+    """A disk-only domain on a bed host: its image in the host's /var/lib/libvirt/images."""
+    image = f"/var/lib/libvirt/images/{name}.qcow2"
+    local = bed.path(host, image)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(local), "1G"])
+    run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data}", str(local)])
+    dom = conn.defineXML(
+        f"<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{image}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    if running:
+        dom.create()
+    return dom, local
+
+
+def close_ssh_masters(bed) -> None:
+    """Ansible's SSH control masters to the bed hosts (ControlPersist): a session multiplexed over
+    the master of an earlier run would hang on a link that is down instead of failing to connect."""
+    for sock in (bed.state / "cp").glob("*"):
+        subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "dummy"], capture_output=True, check=False)
+
+
+class BedRun:
+    """A bed playbook result (testbed.PlaybookResult) read the way the tests above read theirs."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+        self.rc = result.rc
+
+    @property
+    def text(self) -> str:
+        return f"rc={self.rc}\n{self.result.stdout[-15000:]}\n{self.result.stderr[-3000:]}"
+
+    def failed(self, host: str) -> int:
+        return self.result.stats[host]["failures"]
+
+    def run_summary(self) -> dict:
+        return self.result.json["global_custom_stats"]["vmbackup_backup_run"]
+
+    def summary_lines(self) -> list[str]:
+        (found,) = [res["msg"] for _task, _host, res in self.result.results("Show the outcome of every host")]
+        return found
+
+
+def test_weekly_across_the_bed(testbed):
+    """Two running disk-only VMs on every bed host, the weekly playbook over the three hosts into
+    the shared /srv/vmbackup: (1) all backed up, two hosts writing at once and never three (the
+    playbook's cap); (2) hv2's libvirtd stopped; (3) hv3 unreachable over SSH. In (2) and (3) the
+    other two hosts are backed up, the run fails, and the summary names the host and why."""
+    bed = testbed
+    repo = bed.fresh_repo()
+    token = uuid.uuid4().hex[:6]
+    conns = {h: bed.connect(h) for h in bed.hosts}
+    made: dict[str, list[tuple[str, pathlib.Path]]] = {h: [] for h in bed.hosts}  # host -> [(uuid, image)]
+    owner: dict[str, str] = {}
+
+    def doms(host: str) -> list:
+        return [conns[host].lookupByUUIDString(u) for u, _ in made[host]]
+
+    def periods(host: str) -> list[list[str]]:
+        return [[m["period"] for m in committed(repo, u)] for u, _ in made[host]]
+
+    try:
+        domain_type = pick_domain_type(conns[bed.hosts[0]])
+        for h in bed.hosts:
+            for n, data in ((1, "512M"), (2, "384M")):
+                dom, image = bed_vm(bed, h, conns[h], domain_type, f"{PREFIX}fleet-{token}-{h}-{n}", True, data)
+                made[h].append((dom.UUIDString(), image))
+                owner[dom.UUIDString()] = h
+        variables = {"vmbackup_hosts": "hypervisors", "vmbackup_backup_repository": bed.repo,
+                     "vmbackup_backup_include": [f"{PREFIX}fleet-{token}-*"], "vmbackup_backup_report_dir": None}
+
+        def weekly(period: str) -> tuple[BedRun, StagingSampler]:
+            with StagingSampler(repo, owner) as sampler:
+                out = BedRun(bed.playbook(WEEKLY, dict(variables, vmbackup_backup_period=period)))
+            # The cap (the weekly playbook's default, 2), seen from the repository in every run.
+            assert sampler.hosts_at_once() <= 2, [s for s in sampler.samples if len({owner[u] for u in s}) > 2][:5]
+            assert most_at_once(intervals_of([m for u in owner for m in committed(repo, u)], period)) <= 2
+            return out, sampler
+
+        # 1. Every host, in parallel, at most two at once.
+        out, sampler = weekly("2026-W49")
+        assert out.rc == 0, out.text
+        assert sampler.hosts_seen() == set(bed.hosts) and sampler.hosts_at_once() == 2, sampler.samples[:40]
+        manifests = {u: committed(repo, u) for u in owner}
+        for vm_uuid, ms in manifests.items():
+            assert [(m["host"], m["period"], m["type"]) for m in ms] == [(owner[vm_uuid], "2026-W49", "full")], ms
+        # Overlapping [started, completed) of sets written by different hosts: the hosts ran at once.
+        assert most_at_once(intervals_of([m for ms in manifests.values() for m in ms], "2026-W49")) == 2
+        # Each host's libvirtd: its VMs still running, each with one checkpoint of ours; no other
+        # host knows them.
+        for h in bed.hosts:
+            for dom in doms(h):
+                assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+                assert [c.getName().startswith("vmbackup-") for c in dom.listAllCheckpoints(0)] == [True]
+                for other in set(bed.hosts) - {h}:
+                    with pytest.raises(libvirt.libvirtError):
+                        conns[other].lookupByUUIDString(dom.UUIDString())
+        assert out.run_summary()["ok_hosts"] == bed.hosts and out.run_summary()["outcome"] == "ok"
+
+        # 2. hv2's libvirtd down: hv1 and hv3 are backed up, hv2 fails, named with libvirt's reason.
+        with bed.libvirtd_stopped("hv2"):
+            out, sampler = weekly("2026-W50")
+        conns["hv2"] = bed.connect("hv2")
+        assert out.rc != 0, out.text
+        assert periods("hv1") == periods("hv3") == [["2026-W49", "2026-W50"]] * 2
+        assert periods("hv2") == [["2026-W49"]] * 2
+        assert out.failed("hv2") == 1 and out.failed("hv1") == out.failed("hv3") == 0, out.text
+        line = line_of(out.summary_lines(), "hv2")
+        assert re.match(r"hv2: FAILED at discovery: LIBVIRT_UNAVAILABLE .*libvirt-sock", line), out.summary_lines()
+        summary = out.run_summary()
+        assert summary["failed_hosts"] == ["hv2"] and summary["ok_hosts"] == ["hv1", "hv3"], summary
+        assert [d.state()[0] for d in doms("hv2")] == [libvirt.VIR_DOMAIN_RUNNING] * 2  # as they were
+
+        # 3. hv3 unreachable over SSH: hv1 and hv2 are backed up, hv3 is failed, named with the reason.
+        close_ssh_masters(bed)
+        with bed.ssh_blocked("hv3"):
+            out, sampler = weekly("2026-W51")
+        assert out.rc != 0, out.text
+        assert periods("hv1") == [["2026-W49", "2026-W50", "2026-W51"]] * 2
+        assert periods("hv2") == [["2026-W49", "2026-W51"]] * 2
+        assert periods("hv3") == [["2026-W49", "2026-W50"]] * 2
+        line = line_of(out.summary_lines(), "hv3")
+        assert re.match(rf"hv3: UNREACHABLE: cannot be reached: .*{re.escape(bed.address('hv3'))}", line), line
+        summary = out.run_summary()
+        assert summary["failed_hosts"] == ["hv3"] and summary["hosts"]["hv3"]["outcome"] == "unreachable", summary
+        assert out.failed("hv3") == 1 and out.failed("hv1") == out.failed("hv2") == 0, out.text
+        for h in bed.hosts:  # the newest checkpoint of each VM only; hv3's untouched
+            assert [len(d.listAllCheckpoints(0)) for d in doms(h)] == [1, 1]
+    finally:
+        for h in bed.hosts:
+            for vm_uuid, image in made[h]:
+                with contextlib.suppress(libvirt.libvirtError):
+                    destroy_vm(conns[h].lookupByUUIDString(vm_uuid))
+                image.unlink(missing_ok=True)
+        bed.fresh_repo()
