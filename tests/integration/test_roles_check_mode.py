@@ -80,7 +80,7 @@ def test_check_mode_changes_nothing_on_any_host(testbed):
         out = BedRun(bed.playbook(WEEKLY, dict(variables, vmbackup_backup_period="2026-W50"), check=True))
         assert out.rc == 0, out.text
         assert out.run_summary()["ok_hosts"] == bed.hosts, out.run_summary()
-        plans = {h: r["msg"] for _t, h, r in out.result.results("Show the outcome of each VM")}
+        plans = {h: r["msg"] for _t, h, r in out.results("Show the outcome of each VM")}
         assert sorted(plans) == bed.hosts and all(re.match(r".*: planned, incremental ", m[0]) for m in plans.values()), plans
         after = bed_state(bed, conns, (reports,))
         assert after == before, diff(before, after)
