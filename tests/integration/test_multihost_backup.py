@@ -152,7 +152,8 @@ def test_waves_cap_async_exports_and_host_failures(ansible, conn, domain_type, r
     """Two hosts (local connection) with two VMs each, backed up two VMs at a time (async) under a
     cap of one host: the hosts take turns, each writing both of its VMs at once. A third host's
     libvirt socket does not exist and a fourth refuses SSH: both are failed and named, the first
-    two finish, rc != 0."""
+    two finish, rc != 0. A fifth fails outside the role's error handling (its report directory
+    cannot be made): the summary still lists it, at the step where it stopped."""
     token = uuid.uuid4().hex[:6]
     factory = VmFactory(conn, domain_type)
     try:
@@ -170,11 +171,17 @@ def test_waves_cap_async_exports_and_host_failures(ansible, conn, domain_type, r
             "hvC": {"ansible_connection": "local", "vmbackup_backup_uri": "qemu+unix:///system?socket=/nonexistent/libvirt-sock"},
             "hvD": {"ansible_host": "127.0.0.2", "ansible_port": 9, "ansible_user": "root",
                     "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"},
+            # Nothing selected (allowed), and a report directory that cannot be made (under a file):
+            # the host fails in a task outside the role's error handling, after its backups.
+            "hvE": {"ansible_connection": "local", "vmbackup_backup_include": [f"nothing-{token}"], "vmbackup_backup_allow_empty": True,
+                    "vmbackup_backup_report_dir": str(tmp_path / "a-file" / "reports")},
         }
+        (tmp_path / "a-file").write_text("")
+        common["vmbackup_backup_report_dir"] = None
         inventory = tmp_path / "inventory.yml"
         inventory.write_text(json.dumps({"hypervisors": {"hosts": {h: dict(common, **v) for h, v in hosts.items()}}}))
         variables = {"vmbackup_hosts": "hypervisors", "vmbackup_backup_repository": str(repo), "vmbackup_backup_period": "2026-W49",
-                     "vmbackup_backup_report_dir": None, "vmbackup_backup_concurrency": 2, "vmbackup_weekly_throttle": 1}
+                     "vmbackup_backup_concurrency": 2, "vmbackup_weekly_throttle": 1}
 
         with StagingSampler(repo, owner) as sampler:
             out = playbook(ansible, inventory, variables, tmp_path)
@@ -196,9 +203,12 @@ def test_waves_cap_async_exports_and_host_failures(ansible, conn, domain_type, r
         assert line_of(lines, "hvA").startswith("hvA: ok, 2 VM(s) backed up, 2 changed"), lines
         assert re.match(r"hvC: FAILED at discovery: LIBVIRT_UNAVAILABLE .*/nonexistent/libvirt-sock", line_of(lines, "hvC")), lines
         assert re.match(r"hvD: UNREACHABLE: cannot be reached: .*127\.0\.0\.2 port 9: Connection refused", line_of(lines, "hvD")), lines
+        assert out.recap("hvE")["failed"] == 1, out.text
+        assert line_of(lines, "hvE").startswith("hvE: FAILED or UNREACHABLE at step report: the run stopped there"), lines
         summary = out.stats()["vmbackup_backup_run"]
         assert summary["outcome"] == "failed" and summary["ok_hosts"] == ["hvA", "hvB"], summary
-        assert sorted(summary["failed_hosts"]) == ["hvC", "hvD"], summary
+        assert sorted(summary["failed_hosts"]) == ["hvC", "hvD", "hvE"], summary
+        assert (summary["hosts"]["hvE"]["outcome"], summary["hosts"]["hvE"]["step"]) == ("lost", "report")
         assert (summary["hosts"]["hvC"]["outcome"], summary["hosts"]["hvC"]["error_code"]) == ("failed", "LIBVIRT_UNAVAILABLE")
         assert (summary["hosts"]["hvD"]["outcome"], summary["hosts"]["hvD"]["error_code"]) == ("unreachable", "HOST_UNREACHABLE")
     finally:
