@@ -4,9 +4,9 @@ After a real weekly backup of a VM on every host (so that there is something to 
 playbook runs in check mode over the bed, and everything it could touch is compared before and
 after, read independently of the collection: every domain of every host (live and inactive XML,
 run state, checkpoints with their XML, snapshots) through each host's libvirtd, each host's image
-directory /var/lib/libvirt/images, report directory /var/lib/vmbackup and /run journals and locks
-(/run/vmbackup, /run/vmbackup-libvirt), and the shared repository's whole tree (modes, sizes,
-contents)."""
+directory /var/lib/libvirt/images (with the drill directory in it), report directory, /run
+journals and locks (/run/vmbackup*), libvirt networks and storage pools, and the shared
+repository's whole tree (modes, sizes, contents)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,12 @@ def host_state(bed, conn, host: str, extra: tuple[str, ...] = ()) -> dict:
             sorted((c.getName(), c.getXMLDesc(0)) for c in dom.listAllCheckpoints(0)),
             sorted(s.getName() for s in dom.listAllSnapshots(0)),
         )
-    return {"domains": domains, **{p: tree_state(bed.path(host, p)) for p in PATHS + extra}}
+    # Any journal or lock directory of the collection in the host's private /run, whatever its name.
+    runs = tuple(f"/run/{p.name}" for p in bed.path(host, "/run").iterdir() if p.name.startswith("vmbackup"))
+    return {"domains": domains,
+            "networks": sorted((n.name(), n.isActive(), n.XMLDesc(0)) for n in conn.listAllNetworks(0)),
+            "pools": sorted((sp.name(), sp.isActive()) for sp in conn.listAllStoragePools(0)),
+            **{p: tree_state(bed.path(host, p)) for p in PATHS + runs + extra}}
 
 
 def bed_state(bed, conns, extra: tuple[str, ...] = ()) -> dict:
