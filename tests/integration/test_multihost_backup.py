@@ -102,7 +102,8 @@ def most_at_once(intervals: list[tuple[str, dt.datetime, dt.datetime]]) -> int:
 
 
 def intervals_of(manifests: list[dict], period: str) -> list[tuple[str, dt.datetime, dt.datetime]]:
-    parse = lambda text: dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    def parse(text: str) -> dt.datetime:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
     return [(m["host"], parse(m["started"]), parse(m["completed"])) for m in manifests if m.get("period") == period]
 
 
@@ -277,10 +278,10 @@ def test_weekly_across_the_bed(testbed):
     owner: dict[str, str] = {}
 
     def doms(host: str) -> list:
-        return [conns[host].lookupByUUIDString(u) for u, _ in made[host]]
+        return [conns[host].lookupByUUIDString(u) for u, _image in made[host]]
 
     def periods(host: str) -> list[list[str]]:
-        return [[m["period"] for m in committed(repo, u)] for u, _ in made[host]]
+        return [[m["period"] for m in committed(repo, u)] for u, _image in made[host]]
 
     try:
         domain_type = pick_domain_type(conns[bed.hosts[0]])
