@@ -253,6 +253,9 @@ def test_preflight_failures_touch_nothing(ansible, vms, repo_root, reports, tmp_
     assert json.loads((reports / "json" / "vmbackup-default.json").read_text())["preflight_error"]["error_code"] == "RETENTION_POLICY_EMPTY"
     out = play(dict(variables, vmbackup_backup_tier_policies={"gold": {"keep_weekley": 3}}))
     assert out.rc != 0 and "keep_weekley" in out.stdout, out.text
+    # A negative cap would silently run no export in waves; it is refused.
+    out = play(dict(variables, vmbackup_backup_throttle=-1))
+    assert out.rc != 0 and "throttle -1 must be 0 (no cap) or more" in out.stdout, out.text
     assert tree_state(repo_root) == {**before, **{k: v for k, v in tree_state(repo_root).items() if k.startswith("reports")}}
 
 

@@ -19,7 +19,7 @@ DEFAULTS = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 OPTIONS = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
 TASK_KEYWORDS = {"name", "when", "vars", "loop", "loop_control", "register", "block", "rescue", "always", "check_mode",
                  "changed_when", "failed_when", "ignore_errors", "until", "retries", "delay", "async", "poll", "throttle",
-                 "tags", "become", "no_log", "delegate_to", "run_once", "notify", "environment"}
+                 "tags", "become", "no_log", "delegate_to", "run_once", "notify", "environment", "ignore_unreachable"}
 
 
 def test_defaults_and_argument_specs_have_the_same_keys():
