@@ -4,7 +4,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 
 """Talking to a running guest through the QEMU guest agent: wait until it answers, run a command
-in the guest, read its file systems. Used by the health_check module and by drills.
+in the guest, read its file systems. Used by the health_check module (its backend, ``HealthCheck``,
+is at the end) and by drills.
 
 This module is private to the vmbackup.libvirt collection; it is not a public API.
 
@@ -17,14 +18,18 @@ what it does is the caller's business.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import time
 import typing as t
 
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _quiesce
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._deps import libvirt
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
 
 # The agent channel test is _quiesce's; one definition of what "has an agent" means.
 has_agent_channel = _quiesce.has_agent_channel
@@ -202,3 +207,151 @@ def fsinfo(dom, timeout: float = 10) -> list[dict[str, t.Any]]:
             "disks": [d.get("dev") for d in fs.get("disk") or [] if isinstance(d, dict) and d.get("dev")],
         })
     return sorted(filesystems, key=lambda f: str(f["mountpoint"]))
+
+
+# ---------------------------------------------------------------------- the health_check module
+AGENT_POLICIES = ("auto", "required", "never")
+MAX_CHECK_TIMEOUT = 3600.0
+RUNNING_STATES = ("running", "blocked")  # blocked: running, waiting on a resource
+
+
+@dataclasses.dataclass
+class HealthParams:
+    name: str | None = None
+    uuid: str | None = None
+    uri: str = "qemu:///system"
+    running: bool = True
+    agent: str = "auto"
+    timeout: float = 60.0
+    probe: list[str] | None = None
+    probe_expect_rc: int = 0
+    probe_expect_stdout: str | None = None
+    probe_timeout: float = 30.0
+
+
+def _check_timeout(value: t.Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= MAX_CHECK_TIMEOUT:
+        raise VmBackupError("INVALID_ARGUMENT", f"{what} must be above 0 and at most {MAX_CHECK_TIMEOUT:g} seconds, not {value!r}")
+    return float(value)
+
+
+def validate_health_params(p: HealthParams) -> None:
+    """Checks that need no I/O (INVALID_ARGUMENT, INVALID_NAME), before the VM is looked up."""
+    if (p.name is None) == (p.uuid is None):
+        raise VmBackupError("INVALID_ARGUMENT", "give exactly one of name and uuid (the VM to check)")
+    if p.name is not None and (not p.name or "\x00" in p.name):
+        raise VmBackupError("INVALID_NAME", "name must be a non-empty string without NUL characters")
+    if p.uuid is not None:
+        p.uuid = _manifest.normalize_uuid(p.uuid)
+    if p.agent not in AGENT_POLICIES:
+        raise VmBackupError("INVALID_ARGUMENT", f"agent {p.agent!r} is not one of {', '.join(AGENT_POLICIES)}")
+    p.timeout = _check_timeout(p.timeout, "timeout")
+    p.probe_timeout = _check_timeout(p.probe_timeout, "probe_timeout")
+    if p.probe is not None:
+        if not p.probe or not all(isinstance(a, str) and "\x00" not in a for a in p.probe) or not p.probe[0]:
+            raise VmBackupError("INVALID_ARGUMENT", "probe must be a non-empty list of strings (the program and its "
+                                "arguments, no shell), its first item the program")
+        if p.agent == "never":
+            raise VmBackupError("INVALID_ARGUMENT", "a probe runs through the guest agent: it cannot be combined with agent=never")
+    if isinstance(p.probe_expect_rc, bool) or not isinstance(p.probe_expect_rc, int) or not 0 <= p.probe_expect_rc <= 255:
+        raise VmBackupError("INVALID_ARGUMENT", f"probe_expect_rc must be an exit code from 0 to 255, not {p.probe_expect_rc!r}")
+    if p.probe is None and p.probe_expect_stdout is not None:
+        raise VmBackupError("INVALID_ARGUMENT", "probe_expect_stdout needs a probe")
+
+
+def plan_checks(p: HealthParams, has_channel: bool) -> list[dict[str, t.Any]]:
+    """The checks in order, each ``{name, run, detail}``: what will be checked, or why not (pure)."""
+    checks = [{"name": "running", "run": p.running,
+               "detail": f"the VM runs (waiting up to {p.timeout:g}s)" if p.running else "running=false: the state is not checked"}]
+    if p.agent == "never":
+        checks.append({"name": "agent", "run": False, "detail": "agent=never"})
+    elif p.agent == "auto" and not has_channel:
+        checks.append({"name": "agent", "run": False, "detail": f"agent=auto and {NO_CHANNEL}"})
+    else:
+        checks.append({"name": "agent", "run": True, "detail": f"the guest agent answers guest-ping (waiting up to {p.timeout:g}s)"})
+    if p.probe is not None:
+        expect = f"exit code {p.probe_expect_rc}" + (f", stdout containing {p.probe_expect_stdout!r}" if p.probe_expect_stdout else "")
+        checks.append({"name": "probe", "run": True, "detail": f"{p.probe!r} run through the guest agent gives {expect} "
+                       f"(within {p.probe_timeout:g}s)"})
+    return checks
+
+
+def probe_verdict(p: HealthParams, outcome: dict[str, t.Any]) -> str | None:
+    """None when the probe's outcome is the expected one, else why not (pure)."""
+    if outcome.get("error"):
+        return outcome["error"]
+    if outcome.get("rc") != p.probe_expect_rc:
+        tail = (outcome.get("stderr") or outcome.get("stdout") or "").strip()[-300:]
+        return f"exit code {outcome.get('rc')}, expected {p.probe_expect_rc}" + (f": {tail}" if tail else "")
+    if p.probe_expect_stdout and p.probe_expect_stdout not in (outcome.get("stdout") or ""):
+        return f"stdout does not contain {p.probe_expect_stdout!r}: {(outcome.get('stdout') or '')[:300]!r}"
+    return None
+
+
+class HealthCheck(Backend):
+    """health_check: wait until the VM runs and its agent answers, run the probe; never changes the VM."""
+
+    def run(self) -> dict[str, t.Any]:
+        p = self.p
+        validate_health_params(p)
+        with lv.session(p.uri) as conn:
+            dom = lv.lookup_domain(conn, name=p.name, vm_uuid=p.uuid)
+            vm = {"name": dom.name(), "uuid": dom.UUIDString(), "state": lv.domain_state(dom)}
+            has_channel = has_agent_channel(dom.XMLDesc(0))
+            plan = plan_checks(p, has_channel)
+            result: dict[str, t.Any] = {"changed": False, "vm": vm, "agent_channel": has_channel, "probe": None}
+            if self.check_mode:
+                # Nothing is waited for or run: a probe is a command in the guest, whatever it does.
+                result.update(healthy=None, checks=[
+                    {"name": c["name"], "outcome": "skipped", "seconds": 0.0,
+                     "detail": ("check mode: would check that " if c["run"] else "") + c["detail"]} for c in plan])
+                return result
+            checks: list[dict[str, t.Any]] = []
+            deadline = time.monotonic() + p.timeout
+            for check in plan:
+                if not check["run"]:
+                    checks.append({"name": check["name"], "outcome": "skipped", "seconds": 0.0, "detail": check["detail"]})
+                    continue
+                start = time.monotonic()
+                try:
+                    detail = getattr(self, f"_check_{check['name']}")(dom, deadline, result)
+                except VmBackupError as exc:
+                    checks.append({"name": check["name"], "outcome": "failed", "seconds": round(time.monotonic() - start, 3),
+                                   "detail": exc.msg})
+                    vm["state"] = lv.domain_state(dom)
+                    exc.details.pop("seconds", None)
+                    exc.details.update(checks=checks, failed_check=check["name"], healthy=False, vm=vm,
+                                       agent_channel=has_channel, probe=result["probe"])
+                    exc.msg = f"health check {check['name']!r} of {vm['name']} failed: {exc.msg}"
+                    raise
+                checks.append({"name": check["name"], "outcome": "ok", "seconds": round(time.monotonic() - start, 3),
+                               "detail": detail})
+            vm["state"] = lv.domain_state(dom)
+            result.update(healthy=True, checks=checks)
+            return result
+
+    def _check_running(self, dom, deadline: float, result: dict[str, t.Any]) -> str:  # pylint: disable=unused-argument
+        while True:
+            state = lv.domain_state(dom)
+            if state in RUNNING_STATES:
+                return f"the VM is {state}"
+            if time.monotonic() >= deadline:
+                raise VmBackupError("HEALTH_CHECK_FAILED", f"the VM is {state}, not running, after {self.p.timeout:g}s")
+            time.sleep(0.2)
+
+    def _check_agent(self, dom, deadline: float, result: dict[str, t.Any]) -> str:  # pylint: disable=unused-argument
+        if not has_agent_channel(dom.XMLDesc(0)):
+            raise VmBackupError("AGENT_UNAVAILABLE", f"agent={self.p.agent} but {NO_CHANNEL}")
+        seconds = wait_agent(dom, max(deadline - time.monotonic(), 1.0))
+        return f"the guest agent answered guest-ping after {seconds:.1f}s"
+
+    def _check_probe(self, dom, deadline: float, result: dict[str, t.Any]) -> str:  # pylint: disable=unused-argument
+        if not has_agent_channel(dom.XMLDesc(0)):
+            raise VmBackupError("AGENT_UNAVAILABLE", f"the probe runs through the guest agent, but {NO_CHANNEL}")
+        outcome = exec_command(dom, list(self.p.probe), self.p.probe_timeout)
+        result["probe"] = outcome
+        why = probe_verdict(self.p, outcome)
+        if why is not None:
+            raise VmBackupError("HEALTH_CHECK_FAILED", f"probe {self.p.probe[0]}: {why}")
+        return f"exit code {outcome['rc']} after {outcome['seconds']:.1f}s"
