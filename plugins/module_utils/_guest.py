@@ -127,6 +127,14 @@ def _decode(data: str | None, truncated: bool) -> tuple[str, bool]:
     return raw.decode("utf-8", errors="replace"), truncated
 
 
+def _kill(dom, pid: int) -> None:
+    """Best effort: SIGKILL a command started with guest-exec (the agent has no call for it)."""
+    try:
+        agent_command(dom, "guest-exec", {"path": "kill", "arg": ["-9", str(pid)]}, timeout=5)
+    except Exception:  # pylint: disable=broad-exception-caught
+        pass
+
+
 def exec_command(dom, argv: list[str], timeout: float, input: bytes | None = None) -> dict[str, t.Any]:  # pylint: disable=redefined-builtin
     """Run ``argv`` in the guest (guest-exec, the guest's PATH searched) and wait for it at most
     ``timeout`` seconds.
@@ -160,23 +168,25 @@ def exec_command(dom, argv: list[str], timeout: float, input: bytes | None = Non
         raise VmBackupError("AGENT_UNAVAILABLE", "the guest agent answered guest-exec without a pid") from None
     deadline = start + timeout
     interval = POLL_MIN
-    while True:
-        try:
-            status = agent_command(dom, "guest-exec-status", {"pid": pid}, timeout=10) or {}
-        except libvirt.libvirtError as exc:
-            raise _agent_error(exc, f"lost the guest agent while {argv[0]} ran (guest pid {pid})") from None
-        if status.get("exited"):
-            break
-        if time.monotonic() >= deadline:
+    try:
+        while True:
             try:
-                agent_command(dom, "guest-exec", {"path": "kill", "arg": ["-9", str(pid)]}, timeout=5)
-            except libvirt.libvirtError:
-                pass
-            result.update(error=f"{argv[0]} did not end within {timeout:g}s (guest pid {pid}; killed)",
-                          seconds=round(time.monotonic() - start, 3))
-            return result
-        time.sleep(interval)
-        interval = min(interval * 2, POLL_MAX)
+                status = agent_command(dom, "guest-exec-status", {"pid": pid}, timeout=10) or {}
+            except libvirt.libvirtError as exc:
+                raise _agent_error(exc, f"lost the guest agent while {argv[0]} ran (guest pid {pid})") from None
+            if status.get("exited"):
+                break
+            if time.monotonic() >= deadline:
+                _kill(dom, pid)
+                result.update(error=f"{argv[0]} did not end within {timeout:g}s (guest pid {pid}; killed)",
+                              seconds=round(time.monotonic() - start, 3))
+                return result
+            time.sleep(interval)
+            interval = min(interval * 2, POLL_MAX)
+    except BaseException as exc:
+        if not isinstance(exc, VmBackupError):
+            _kill(dom, pid)  # a cancel (SIGTERM): the command must not run on in the guest
+        raise
     stdout, out_cut = _decode(status.get("out-data"), bool(status.get("out-truncated")))
     stderr, err_cut = _decode(status.get("err-data"), bool(status.get("err-truncated")))
     rc = status["exitcode"] if "exitcode" in status else 128 + int(status.get("signal", 0))

@@ -6,13 +6,15 @@ path (the harness's own guest-exec), and the VM is checked to be as it was (XML,
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import xml.etree.ElementTree as ET
 
 import libvirt
 
 from guest import AGENT_CHANNEL
-from harness import expect_error
+from harness import expect_error, module_pids, wait_for
 
 
 def expect_ok(result: dict) -> dict:
@@ -75,6 +77,14 @@ def test_health_check(ansible, conn, guests):
     r = expect_error(ansible("health_check", {"name": guest.name, "probe": ["sleep", "600"], "probe_timeout": 2}), "HEALTH_CHECK_FAILED")
     assert 2 <= r["probe"]["seconds"] < 10 and time.monotonic() - start < 20 and "did not end" in r["probe"]["error"]
     assert b"sleep 600" not in guest.sh("ps -o args 2>/dev/null || ps")
+
+    # A cancel (AWX: SIGTERM) while the probe runs: CANCELLED, and the probe does not run on in the guest.
+    pending = ansible.popen_result("health_check", {"name": guest.name, "probe": ["sleep", "601"], "probe_timeout": 300})
+    wait_for(lambda: b"sleep 601" in guest.sh("ps -o args 2>/dev/null || ps"), 30, what="the probe running in the guest")
+    for pid in wait_for(lambda: module_pids(pending.proc, "health_check"), 10, what="the module's process"):
+        os.kill(pid, signal.SIGTERM)
+    r = expect_error(pending.result(60), "CANCELLED")
+    assert b"sleep 601" not in guest.sh("ps -o args 2>/dev/null || ps")
 
     # The agent stopped in the guest: AGENT_UNAVAILABLE after the timeout; agent=never does not ask it.
     guest.stop_agent()

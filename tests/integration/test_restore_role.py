@@ -123,6 +123,7 @@ def test_restore_role(ansible, conn, guests, repo, repo_root):
         for extra, code, step, words in (
                 ({"vmbackup_restore_start": "maybe"}, "INVALID_ARGUMENT", "inputs", ["vmbackup_restore_start", "maybe"]),
                 ({"vmbackup_restore_uuid": source.uuid}, "INVALID_ARGUMENT", "inputs", ["exactly one of vmbackup_restore_name"]),
+                ({"vmbackup_restore_strat": "true"}, "INVALID_ARGUMENT", "inputs", ["vmbackup_restore_strat"]),
                 ({"vmbackup_restore_health_timeout": "soon", "vmbackup_restore_health_agent": "always"}, "INVALID_ARGUMENT", "inputs",
                  ["vmbackup_restore_health_timeout", "vmbackup_restore_health_agent"]),
                 ({"vmbackup_restore_as": f"{target}-2", "vmbackup_restore_network_map": "nosuchnet=isolated"}, "INVALID_ARGUMENT", "plan",

@@ -60,3 +60,8 @@ def test_playbook_wraps_the_role_on_the_named_host():
     assert plays[-1]["hosts"] == "{{ vmbackup_restore_host | default('localhost') }}"
     assert "vmbackup_restore_host" in str(plays[0]["tasks"][0]["ansible.builtin.assert"]["that"])
     assert plays[-1]["roles"] == [{"role": "vmbackup.libvirt.restore"}]
+
+
+def test_known_variables_list_is_complete():
+    known = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())["_vmbackup_restore_known_vars"]
+    assert sorted(known) == sorted(list(DEFAULTS) + ["vmbackup_restore_host"])
