@@ -12,7 +12,7 @@ import uuid
 
 import libvirt
 
-from harness import PREFIX, Domains, expect_ok, listing, make_dir, run_playbook
+from harness import Domains, expect_ok, listing, make_dir, run_playbook
 
 PLAYBOOK = "vmbackup.libvirt.restore"
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
@@ -66,6 +66,7 @@ def test_restore_role(ansible, conn, guests, repo, repo_root):
         assert r.rc == 0, r.text
         s = _summary(r)
         assert s["outcome"] == "planned" and s["set_id"] == backup["set_id"] and s["vm"]["name"] == target and s["health"] is None
+        planned_disks = s["disks"]
         assert _domain_names(conn, target) == names and listing(disk_dir) == [] and _as_found(source.dom) == source_before
 
         # The restore: a new VM, started, healthy; the file written before the backup read back in it.
@@ -76,6 +77,7 @@ def test_restore_role(ansible, conn, guests, repo, repo_root):
         assert s["health"]["healthy"] is True and [(c["name"], c["outcome"]) for c in s["health"]["checks"]] == \
             [("running", "ok"), ("agent", "ok"), ("probe", "ok")]
         assert s["health"]["probe"]["stdout"] == payload.decode()
+        assert s["disks"] == planned_disks  # check mode predicted the same images
         dom = conn.lookupByName(target)
         assert dom.isActive() and dom.UUIDString() != source.uuid
         restored = guests.adopt(dom)
@@ -98,6 +100,13 @@ def test_restore_role(ansible, conn, guests, repo, repo_root):
         s = _summary(r)
         assert s["outcome"] == "ok" and s["changed"] is False and s["health"]["healthy"] is True
         assert _as_found(dom) == restored_before and listing(disk_dir) == files
+
+        # A health check that fails: the host fails at step health, naming the check; the VM is left running as it is.
+        r = run_playbook(ansible.env, PLAYBOOK, dict(base, vmbackup_restore_health_probe_expect_stdout="not in the file"))
+        s = _summary(r)
+        assert r.rc != 0 and (s["error_code"], s["step"], s["failed_check"]) == ("HEALTH_CHECK_FAILED", "health", "probe"), r.text
+        assert s["health"]["healthy"] is False and s["health"]["probe"]["stdout"] == payload.decode()
+        assert _as_found(dom) == restored_before
 
         # Replacing is explicit: the source's name without it is TARGET_VM_EXISTS; a running target is never replaced.
         for extra, code, step in (({"vmbackup_restore_as": source.name}, "TARGET_VM_EXISTS", "plan"),
