@@ -37,7 +37,7 @@ def test_restore_on_another_host(testbed):
     token = uuid.uuid4().hex[:8]
     target = f"{PREFIX}mh-{token}"
     on_hv1, on_hv2 = bed.guests("hv1"), bed.guests("hv2")
-    conn1, conn2 = bed.connect("hv1"), bed.connect("hv2")
+    conn1, conn2, conn3 = bed.connect("hv1"), bed.connect("hv2"), bed.connect("hv3")
     restored_files = []
     try:
         source = on_hv1.create()
@@ -50,7 +50,7 @@ def test_restore_on_another_host(testbed):
         source.shutdown()  # a still disk, for the checksum
         disk = source.paths["vda"]  # hv1's image, as this process sees it
         hv1_before = (source.dom.XMLDesc(INACTIVE), source.dom.state()[0], sha256(disk), _names(conn1))
-        hv2_names = _names(conn2)
+        hv2_names, hv3_names = _names(conn2), _names(conn3)
         repo_before = tree_state(bed.repo_local)
         variables = {
             "vmbackup_restore_host": "hv2",
@@ -69,7 +69,8 @@ def test_restore_on_another_host(testbed):
         assert r.rc == 0, r.stdout[-6000:]
         s = r.custom_stats["_run"]["vmbackup_restore"]["hv2"]
         assert s["outcome"] == "planned" and s["set_id"] == backup["set_id"] and s["vm"]["name"] == target
-        assert _names(conn2) == hv2_names and _names(conn1) == hv1_before[3] and tree_state(bed.repo_local) == repo_before
+        assert _names(conn2) == hv2_names and _names(conn1) == hv1_before[3] and _names(conn3) == hv3_names
+        assert tree_state(bed.repo_local) == repo_before
         assert not bed.path("hv2", "/var/lib/libvirt/images").joinpath(f"{target}-vda-{backup['set_id']}.qcow2").exists()
 
         # The restore on hv2: started, healthy, the file read back through hv2's agent.
@@ -89,7 +90,7 @@ def test_restore_on_another_host(testbed):
 
         # hv1: the source as it was, no copy there; the repository as the backup left it.
         assert (source.dom.XMLDesc(INACTIVE), source.dom.state()[0], sha256(disk), _names(conn1)) == hv1_before
-        assert tree_state(bed.repo_local) == repo_before
+        assert tree_state(bed.repo_local) == repo_before and _names(conn3) == hv3_names
     finally:
         try:
             destroy_vm(conn2.lookupByName(target))

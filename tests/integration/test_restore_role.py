@@ -8,6 +8,7 @@ through libvirt and the restored guest's own agent (harness guest-exec), not the
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import libvirt
@@ -101,6 +102,13 @@ def test_restore_role(ansible, conn, guests, repo, repo_root):
         assert s["outcome"] == "ok" and s["changed"] is False and s["health"]["healthy"] is True
         assert _as_found(dom) == restored_before and listing(disk_dir) == files
 
+        # The same point chosen by set id and by time: the same VM, nothing changes.
+        for point in ({"vmbackup_restore_point": backup["set_id"]},
+                      {"vmbackup_restore_as_of": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))}):
+            r = run_playbook(ansible.env, PLAYBOOK, dict(base, **point))
+            assert r.rc == 0 and r.recap("localhost")["changed"] == 0, r.text
+            assert _summary(r)["set_id"] == backup["set_id"] and _as_found(dom) == restored_before
+
         # A health check that fails: the host fails at step health, naming the check; the VM is left running as it is.
         r = run_playbook(ansible.env, PLAYBOOK, dict(base, vmbackup_restore_health_probe_expect_stdout="not in the file"))
         s = _summary(r)
@@ -137,6 +145,7 @@ def test_restore_role(ansible, conn, guests, repo, repo_root):
                  ["vmbackup_restore_health_timeout", "vmbackup_restore_health_agent"]),
                 ({"vmbackup_restore_as": f"{target}-2", "vmbackup_restore_network_map": "nosuchnet=isolated"}, "INVALID_ARGUMENT", "plan",
                  ["nosuchnet"]),
+                ({"vmbackup_restore_as": f"{target}-2", "vmbackup_restore_as_of": "2026-13-45"}, "INVALID_ARGUMENT", "plan", ["2026-13-45"]),
                 ({"vmbackup_restore_as": f"{target}-2", "vmbackup_restore_point": "20990101T000000Z-001"}, "SET_NOT_FOUND", "plan", [])):
             r = run_playbook(ansible.env, PLAYBOOK, dict(base, **extra))
             s = _summary(r)
