@@ -49,6 +49,8 @@ METADATA_NS = "https://vmbackup.libvirt/xmlns/restore/1"
 DEFAULT_DISK_DIR = "/var/lib/libvirt/images"
 NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 SWTPM_DIR = "/var/lib/libvirt/swtpm"
+# Where a restored copy's file-backed consoles log (relocate_log_files): libvirt's own log directory.
+CHARDEV_LOG_DIR = "/var/log/libvirt/qemu"
 LOCK_DIR = "/run/vmbackup"
 JOURNAL_PREFIX = ".vmbackup-restore-"
 FORMATS = ("qcow2", "raw")
@@ -415,6 +417,32 @@ def restored_xml(
     # whole definition unparsable: it is replaced, the marker is informative.
     ET.SubElement(meta, f"{{{METADATA_NS}}}restore", {k: _XML_INVALID.sub("\ufffd", str(v)) for k, v in sorted(metadata.items())})
     return ET.tostring(root, encoding="unicode"), dropped, warnings
+
+
+def relocate_log_files(xml: str, stem: str, directory: str = CHARDEV_LOG_DIR) -> tuple[str, dict[str, str]]:
+    """A copy's file-backed character devices (``<serial>``, ``<console>``, ``<channel>``,
+    ``<parallel>`` of type file, and any ``<log file=...>``) moved off the original VM's files, to
+    ``<directory>/<stem>-<device><n>.log``: virtlogd refuses a second domain on a file in use
+    (the copy would not start beside the original), a stopped original's log would be written by
+    the copy, and on another host the original's directory may not exist. One old path gets one
+    new path (a console mirrors its serial port). Pure; returns (xml, {old path: new path})."""
+    root = ET.fromstring(xml)
+    devices = root.find("devices")
+    moved: dict[str, str] = {}
+    if devices is None:
+        return xml, moved
+    for kind in ("serial", "console", "channel", "parallel"):
+        for index, dev in enumerate(devices.findall(kind)):
+            places = [(el, "file") for el in dev.findall("log") if el.get("file")]
+            source = dev.find("source")
+            if dev.get("type") == "file" and source is not None and source.get("path"):
+                places.append((source, "path"))
+            for el, attr in places:
+                old = el.get(attr)
+                if old not in moved:
+                    moved[old] = os.path.join(directory, f"{stem}-{kind}{index}{'-log' if attr == 'file' else ''}.log")
+                el.set(attr, moved[old])
+    return (ET.tostring(root, encoding="unicode") if moved else xml), moved
 
 
 def _point_disk(disk: ET.Element, path: str, fmt: str) -> None:
@@ -1036,6 +1064,9 @@ class Restorer(Backend):
             side_jobs.append(FileJob(catalog.vm_uuid, point, rel, os.path.join(set_dir, rel), files_meta[rel]["size"],
                                      files_meta[rel]["sha256"], None))
         saved_xml = self._read_verified(side_jobs[0])
+        if identity.kind in ("new", "target"):
+            # Not the backed-up VM itself: its console logs must not be the original's files.
+            saved_xml, dummy = relocate_log_files(saved_xml, stem)
         nvram = None
         if "nvram.fd" in files_meta:
             nvram = os.path.join(NVRAM_DIR, f"{stem}-{point}_VARS.fd")

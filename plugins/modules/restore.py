@@ -25,6 +25,10 @@ description:
     pointing to the restored images, and no checkpoints. A writable disk that was not in the backup is left out (and so is
     a host directory shared read-write, C(<filesystem>)), so the copy never shares a disk with the original VM, which may
     keep running.
+  - A copy (a new identity, or a replaced VM that is not the backed-up one) does not write the original VM's console
+    files either - a file-backed C(<serial>), C(<console>), C(<channel>) or C(<parallel>), and any C(<log file=...>), is
+    moved to C(/var/log/libvirt/qemu/<restore_as>-<device><n>.log) (virtlogd refuses a second domain on a file in use,
+    and on another host the original's directory may not exist).
   - O(overwrite=replace) replaces an existing shut-off VM of that name - the images are restored into new files, the
     domain is redefined to them, its checkpoints are forgotten, and only then are the old disk files deleted (or kept,
     see O(keep_replaced_disks)). A running VM is never replaced (C(TARGET_VM_RUNNING)).

@@ -441,3 +441,45 @@ def result_and_warnings(runner: AnsibleRunner, module: str, args: dict[str, t.An
     text = " ".join((proc.stdout + "\n" + proc.stderr).split())
     warnings = " ".join(part.split(" localhost | ")[0] for part in text.split("[WARNING]:")[1:])
     return parse_result(proc.stdout, proc.stderr), warnings
+
+
+# ----------------------------------------------------------------------------- playbooks
+@dataclasses.dataclass
+class PlaybookRun:
+    """An ansible-playbook run (default callback): its exit code, stdout and stderr."""
+
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def text(self) -> str:
+        return f"rc={self.rc}\n{self.stdout[-12000:]}\n{self.stderr[-4000:]}"
+
+    def stats(self) -> dict[str, t.Any]:
+        """The set_stats data of the run (what AWX keeps as the job's artifacts); {} when none."""
+        match = re.search(r"^\s*RUN: (\{.*\})\s*$", self.stdout, re.M)
+        return json.loads(match.group(1)) if match else {}
+
+    def recap(self, host: str) -> dict[str, int]:
+        match = re.search(rf"^{re.escape(host)}\s+:\s+(.*)$", self.stdout, re.M)
+        assert match, self.text
+        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+def run_playbook(env: dict[str, str], playbook: str, extra_vars: dict[str, t.Any], check: bool = False,
+                 inventory: str = "localhost,", connection: str | None = "local", timeout: float = 900) -> PlaybookRun:
+    """ansible-playbook with ``extra_vars`` passed the way AWX passes a survey's answers (-e @file),
+    set_stats shown (the default callback; ansible-core 2.19 ships no json callback)."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    env = dict(env, ANSIBLE_STDOUT_CALLBACK="default", ANSIBLE_SHOW_CUSTOM_STATS="1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="vmbt-vars-") as fh:
+        json.dump(extra_vars, fh)
+        fh.flush()
+        argv = [str(pathlib.Path(sys.executable).parent / "ansible-playbook"), "-i", inventory, playbook, "-e", f"@{fh.name}"]
+        if connection:
+            argv += ["-c", connection]
+        if check:
+            argv.append("--check")
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return PlaybookRun(proc.returncode, proc.stdout, proc.stderr)
