@@ -831,6 +831,10 @@ def stale_journals(disk_dir: str, host: str | None = None,
 class Restorer(Backend):
     """Restores one point of one VM."""
 
+    # A caller's last word on the definition (the drill: no network, its own consoles, its marker):
+    # applied to the XML after restored_xml, before anything is written.
+    xml_hook: t.Callable[[str], str] | None = None
+
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
         started = time.monotonic()
@@ -1063,6 +1067,8 @@ class Restorer(Backend):
             new_identity=identity.new_identity, network_map=self.p.network_map, nvram=nvram, metadata=metadata,
             macs=macs, live_xml=live_xml,
         )
+        if self.xml_hook is not None:
+            xml = self.xml_hook(xml)
         self.warnings.extend(warnings)
         self.warnings.extend(self._missing_networks(conn))
         # A backed-up disk the definition cannot carry is not written either (no orphan image).
