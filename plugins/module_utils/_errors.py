@@ -60,6 +60,9 @@ ERROR_CODES: dict[str, str] = {
     "SNAPSHOT_FAILED": "libvirt or qemu-img failed while creating or reverting a snapshot",
     "COMMIT_FAILED": "merging a snapshot back into its base images failed; the VM runs on its overlays and the snapshot is kept",
     "IMAGE_IN_USE": "a file the snapshot module would change or remove is used by another domain (as a disk or a backing file)",
+    "AGENT_UNAVAILABLE": ("the guest agent did not answer (within the timeout), or the VM has no agent channel where one is "
+                          "required (health_check, drill)"),
+    "HEALTH_CHECK_FAILED": "a health check of a VM failed: it did not run, or a probe command's exit code or output was not the expected one",
     "DRILL_FAILED": "a restore drill found the point wanting: one of its checks failed (`failed_check`); the proof records why",
     "DRILL_LEFTOVER": "a restore drill passed but could not remove its throwaway domain or files; the next drill on the host does",
 }
