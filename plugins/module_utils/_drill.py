@@ -46,6 +46,7 @@ import typing as t
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _guest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
@@ -569,7 +570,7 @@ class Driller(Backend):
                       duration_s=proof["duration_s"], restore=ctx.restore)
         if cancelled is not None:
             raise cancelled
-        details = {k: v for k, v in result.items() if k not in ("changed", "msg")}
+        details = {k: v for k, v in result.items() if k != "msg"}  # changed: the proof was written
         who = f"point {point} of {base['vm']['name']}"
         if outcome == "failed":
             raise VmBackupError("DRILL_FAILED", f"drill of {who} failed at check {failed.name}: {failed.detail} (proof "
@@ -702,7 +703,7 @@ class Driller(Backend):
         with lv.session(self.p.uri) as conn:
             dom = self._domain(conn, ctx)
             try:
-                seconds = _guest().wait_agent(dom, self.p.boot_timeout)
+                seconds = _guest.wait_agent(dom, self.p.boot_timeout)
             except VmBackupError as exc:
                 now = lv.domain_state(dom) if _exists(dom) else "gone"
                 raise CheckFailed(f"{exc.msg} (domain {now})" + _console(ctx.workdir), exc.error_code) from None
@@ -714,7 +715,7 @@ class Driller(Backend):
         with lv.session(self.p.uri) as conn:
             dom = self._domain(conn, ctx)
             try:
-                info = _guest().fsinfo(dom)
+                info = _guest.fsinfo(dom)
             except VmBackupError as exc:
                 raise CheckFailed(f"guest-get-fsinfo failed: {exc.msg}", exc.error_code) from None
             if not info:
@@ -728,7 +729,7 @@ class Driller(Backend):
         with lv.session(self.p.uri) as conn:
             dom = self._domain(conn, ctx)
             try:
-                out = _guest().exec_command(dom, list(self.p.probe), self.p.probe_timeout)
+                out = _guest.exec_command(dom, list(self.p.probe), self.p.probe_timeout)
             except VmBackupError as exc:
                 raise CheckFailed(f"the probe {self.p.probe!r} could not run: {exc.msg}", exc.error_code) from None
             rc = out.get("rc")
@@ -923,13 +924,7 @@ def _exists(dom) -> bool:
 
 
 def _has_agent_channel(xml: str) -> bool:
-    return _guest().has_agent_channel(xml)
-
-
-def _guest():
-    """_guest (the agent helpers), imported when first needed: it needs the libvirt binding."""
-    from ansible_collections.vmbackup.libvirt.plugins.module_utils import _guest as guest  # pylint: disable=import-outside-toplevel
-    return guest
+    return _guest.has_agent_channel(xml)
 
 
 def _block_signals() -> set[int]:
