@@ -198,8 +198,8 @@ def planned_checks(p: DrillParams, has_agent: bool) -> list[str]:
             out.append("agent")
             if "fsinfo" in chosen:
                 out.append("fsinfo")
-            if p.probe:
-                out.append("probe")
+    if p.probe:
+        out.append("probe")  # without a booted agent it is listed as skipped, with why: a probe never vanishes silently
     return out
 
 
@@ -726,6 +726,10 @@ class Driller(Backend):
             check.data = {"filesystems": info}
 
     def _check_probe(self, check: Check, ctx: DrillContext) -> None:
+        if "agent" not in ctx.checks:
+            check.outcome, check.detail = "skipped", "not run: the VM's definition has no guest agent channel"
+            self.warnings.append(f"the probe was not run: {ctx.catalog.vm_name()} has no guest agent channel")
+            return
         with lv.session(self.p.uri) as conn:
             dom = self._domain(conn, ctx)
             try:
