@@ -16,8 +16,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -67,6 +70,19 @@ class DefinePoller(threading.Thread):
                 time.sleep(0.01)
         finally:
             conn.close()
+
+
+def playbook(ansible, workdir: pathlib.Path, variables: dict, check: bool = False) -> tuple[int, dict, str]:
+    """playbooks/drill.yml of the installed collection on localhost; (rc, its set_stats data, output)."""
+    vars_file = workdir / f"vars-{uuid.uuid4().hex[:6]}.json"
+    vars_file.write_text(json.dumps(variables))
+    argv = [str(pathlib.Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+            "vmbackup.libvirt.drill", "-e", f"@{vars_file}"] + (["--check"] if check else [])
+    env = dict(ansible.env, ANSIBLE_STDOUT_CALLBACK="default", ANSIBLE_SHOW_CUSTOM_STATS="1")
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
+    match = re.search(r"^\s*RUN: (\{.*\})\s*$", proc.stdout, re.M)
+    assert match, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return proc.returncode, json.loads(match.group(1)), proc.stdout + proc.stderr
 
 
 def test_drill_scenario(ansible, conn, guests, repo):
@@ -153,6 +169,27 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     assert fsck["outcome"] == "ok" and fsck["filesystems"] == ["vda whole disk (data)"], fsck
     assert not (QEMU_LOG_DIR / f"{r['drill_name']}.log").exists()  # never started
     assert drill_domains(conn) == [] and listing(disk_dir) == []
+
+    # --- the role through playbooks/drill.yml on localhost: --check changes nothing, then the real run
+    role_vars = {"vmbackup_drill_repository": str(repo), "vmbackup_drill_disk_dir": str(disk_dir),
+                 "vmbackup_drill_include": n.name[:-3] + "*", "vmbackup_drill_exclude": [g.name]}
+    proof_file = repo / "vms" / n.uuid / "sets" / f"{set_n}.drill.json"
+    before = (proof_file.stat().st_mtime_ns, proof_file.read_bytes())
+    rc, stats, out = playbook(ansible, repo.parent, role_vars, check=True)
+    summary = stats["vmbackup_drill"]["localhost"]
+    assert rc == 0 and summary["outcome"] == "ok" and summary["check_mode"] is True, out[-4000:]
+    assert [(v["name"], v["status"], v["set_id"]) for v in summary["vms"]] == [(n.name, "planned", set_n)]
+    assert (proof_file.stat().st_mtime_ns, proof_file.read_bytes()) == before and listing(disk_dir) == []
+    rc, stats, out = playbook(ansible, repo.parent, role_vars)
+    summary = stats["vmbackup_drill"]["localhost"]
+    assert rc == 0 and [(v["name"], v["status"], v["outcome"]) for v in summary["vms"]] == [(n.name, "ok", "ok")], out[-4000:]
+    assert summary["vms"][0]["checks"] == ["image ok", "restore ok", "fsck ok"]
+    assert json.loads(proof_file.read_bytes())["completed"] >= json.loads(before[1])["completed"] and proof_file.read_bytes() != before[1]
+    assert drill_domains(conn) == [] and listing(disk_dir) == []
+    # a pattern that selects nothing is a typo, not a quiet success
+    rc, stats, out = playbook(ansible, repo.parent, dict(role_vars, vmbackup_drill_include=["no-such-vm*"]))
+    summary = stats["vmbackup_drill"]["localhost"]
+    assert rc != 0 and summary["failures"][0]["error_code"] == "NO_VM_SELECTED" and summary["vms"] == [], out[-3000:]
 
     # --- SIGTERM (an AWX cancel) while the probe runs: cleaned up, the proof records the cancel
     pending = ansible.popen_result("drill", dict(base, name=g.name, probe=["sleep", "300"]))
