@@ -86,3 +86,15 @@ def guests(conn, tiny_guest_image) -> GuestFactory:
     factory = GuestFactory(conn)
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def testbed(ansible, tiny_guest_image):
+    """The multi-host test bed (scripts/testbed.sh, tests/integration/testbed.py; docs/testing.md):
+    hv1..hv3 up once per session, torn down at the end only if this session brought it up.
+    Tests leave it as they found it (libvirtd running, ssh unblocked, their domains and images
+    gone, testbed.fresh_repo() for an empty shared repository)."""
+    from testbed import Testbed  # noqa: E402  (rootdir import; only sessions that use the bed load it)
+    bed = Testbed.session(env=ansible.env)
+    yield bed
+    bed.release()

@@ -127,8 +127,24 @@ class Guest:
     dom: t.Any
     name: str
     workdir: pathlib.Path
-    paths: dict[str, pathlib.Path]  # target -> image path (vda = the data disk)
+    paths: dict[str, pathlib.Path]  # target -> image path (vda = the data disk), as this process sees it
     agent: bool = True             # whether it was booted with the agent running
+    root: pathlib.Path | None = None  # how this process sees the libvirtd host's "/" (a bed host's /proc/<pid>/root)
+
+    def local(self, path: str | os.PathLike) -> pathlib.Path:
+        """A path of the libvirtd host (e.g. from the domain XML) as this process sees it."""
+        return self.root / str(path).lstrip("/") if self.root is not None else pathlib.Path(path)
+
+    def host_path(self, path: str | os.PathLike) -> pathlib.Path:
+        """The inverse of local(): a path this process sees as the libvirtd host sees it."""
+        if self.root is None:
+            return pathlib.Path(path)
+        return pathlib.Path("/") / pathlib.Path(path).relative_to(self.root)
+
+    @property
+    def host_paths(self) -> dict[str, pathlib.Path]:
+        """target -> image path as the domain XML names it."""
+        return {target: self.host_path(path) for target, path in self.paths.items()}
 
     @property
     def uuid(self) -> str:
@@ -144,7 +160,7 @@ class Guest:
         for serial in serials:
             source = serial.find("source")
             if serial.get("type") == "file" and source is not None and source.get("path"):
-                return pathlib.Path(source.get("path"))
+                return self.local(source.get("path"))
         return self.workdir / "console.log"
 
     def console(self, tail: int = 40) -> str:
@@ -308,7 +324,7 @@ class Guest:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
-                sock.connect(path)
+                sock.connect(str(self.local(path)))
                 sock.sendall(command.encode() + b"\n")
                 while not buf.endswith(b"\n"):
                     chunk = sock.recv(4096)
@@ -432,10 +448,16 @@ def domain_xml(name: str, image: GuestImage, disks: dict[str, pathlib.Path], con
 class GuestFactory:
     """Throwaway guests; cleanup() destroys and undefines them and removes their files."""
 
-    def __init__(self, conn, domain_type: str | None = None, memory_mib: int = 128) -> None:
+    def __init__(self, conn, domain_type: str | None = None, memory_mib: int = 128, images: pathlib.Path | None = None,
+                 root: pathlib.Path | None = None) -> None:
+        """``images``: the directory, as the libvirtd host sees it, the guests' directories go in
+        (default /var/lib/libvirt/images); ``root``: how this process sees that host's "/" when
+        it is not this one's (a test bed host: tests/integration/testbed.py)."""
         self.conn = conn
         self.domain_type = domain_type or guest_domain_type(conn)
         self.memory_mib = memory_mib
+        self.images = pathlib.Path(images) if images is not None else IMAGES
+        self.root = pathlib.Path(root) if root is not None else None
         self.guests: list[Guest] = []
         self.adopted: list[Guest] = []
 
@@ -447,7 +469,8 @@ class GuestFactory:
         the agent answers (agent=False: once /init answers on the control port)."""
         image = guest_image()
         token = uuid.uuid4().hex[:10]
-        workdir = IMAGES / f"{PREFIX}g-{token}"
+        host_workdir = self.images / f"{PREFIX}g-{token}"
+        workdir = self._local(host_workdir)
         workdir.mkdir(mode=0o755)
         os.chmod(workdir, 0o755)
         name = name if name is not None else f"{PREFIX}g-{token}"
@@ -464,10 +487,11 @@ class GuestFactory:
             target = "vd" + "bcdefgh"[i]
             paths[target] = workdir / f"{target}.qcow2"
             run(["qemu-img", "create", "-q", "-f", "qcow2", str(paths[target]), "64M"])
-        xml = domain_xml(name, image, paths, workdir / "console.log", agent=agent, domain_type=self.domain_type,
+        host_paths = {target: host_workdir / path.name for target, path in paths.items()}
+        xml = domain_xml(name, image, host_paths, host_workdir / "console.log", agent=agent, domain_type=self.domain_type,
                          memory_mib=self.memory_mib)
         dom = self.conn.defineXML(xml)
-        guest = Guest(self.conn, dom, name, workdir, paths, agent=agent)
+        guest = Guest(self.conn, dom, name, workdir, paths, agent=agent, root=self.root)
         self.guests.append(guest)
         if running and self.domain_type == "kvm":
             guest.start(wait=False)
@@ -495,11 +519,14 @@ class GuestFactory:
         for disk in root.findall("./devices/disk"):
             source, target = disk.find("source"), disk.find("target")
             if source is not None and target is not None and source.get("file"):
-                paths[target.get("dev")] = pathlib.Path(source.get("file"))
-        workdir = paths["vda"].parent if "vda" in paths else IMAGES
-        guest = Guest(self.conn, dom, dom.name(), workdir, paths, agent=agent)
+                paths[target.get("dev")] = self._local(source.get("file"))
+        workdir = paths["vda"].parent if "vda" in paths else self._local(self.images)
+        guest = Guest(self.conn, dom, dom.name(), workdir, paths, agent=agent, root=self.root)
         self.adopted.append(guest)
         return guest
+
+    def _local(self, path: str | os.PathLike) -> pathlib.Path:
+        return self.root / str(path).lstrip("/") if self.root is not None else pathlib.Path(path)
 
     def cleanup(self) -> None:
         for guest in self.adopted:
