@@ -297,3 +297,67 @@ def test_only_trusted_consistent_journals_of_dead_drills_count(tmp_path):
     found = backend._stale_journals(str(disk_dir))  # pylint: disable=protected-access
     assert [path for path, dummy in found] == [dead]
     assert any("0000000006" in w for w in backend.warnings)
+
+
+# ---------------------------------------------------------------------------------- preflight refusals
+def test_disk_dir_must_be_roots_alone(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    backend = _backend(tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o711)
+    os.chown(foreign, 65534, 65534)
+    _raises("UNSAFE_TARGET", backend._check_disk_dir, str(foreign))  # pylint: disable=protected-access
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    os.chmod(writable, 0o777)
+    _raises("UNSAFE_TARGET", backend._check_disk_dir, str(writable / "drills"))  # pylint: disable=protected-access
+    real = tmp_path / "real"
+    real.mkdir(mode=0o711)
+    os.symlink(real, tmp_path / "link")
+    _raises("UNSAFE_TARGET", backend._check_disk_dir, str(tmp_path / "link"))  # pylint: disable=protected-access
+    # check mode does not create a missing one; a real run creates it 0711
+    backend._check_disk_dir(str(tmp_path / "new"))  # pylint: disable=protected-access
+    assert not (tmp_path / "new").exists()
+    backend.check_mode = False
+    backend._check_disk_dir(str(tmp_path / "new"))  # pylint: disable=protected-access
+    assert oct((tmp_path / "new").stat().st_mode & 0o777) == "0o711"
+
+
+class _Net:
+    def __init__(self, xml: str, active: bool = True) -> None:
+        self.xml, self.active = xml, active
+
+    def isActive(self) -> bool:  # noqa: N802 (libvirt's name)
+        return self.active
+
+    def XMLDesc(self, flags: int) -> str:  # noqa: N802
+        return self.xml
+
+
+class _Conn:
+    """Only networkLookupByName, as libvirt answers it (a libvirtError for an unknown name)."""
+
+    def __init__(self, nets: dict[str, _Net]) -> None:
+        self.nets = nets
+
+    def networkLookupByName(self, name: str) -> _Net:  # noqa: N802
+        if name not in self.nets:
+            raise _drill.lv.LibvirtError("Network not found")
+        return self.nets[name]
+
+
+@pytest.mark.parametrize("nets, ok", [
+    ({"vmbackup-isolated": _Net("<network><name>vmbackup-isolated</name><bridge name='virbr9'/></network>")}, True),
+    ({"vmbackup-isolated": _Net("<network><name>x</name><forward mode='nat'/><bridge name='virbr9'/></network>")}, False),
+    ({"vmbackup-isolated": _Net("<network><name>x</name><forward/></network>")}, False),  # no mode: nat
+    ({"vmbackup-isolated": _Net("<network><name>x</name><forward mode='bridge'/><bridge name='br0'/></network>")}, False),
+    ({"vmbackup-isolated": _Net("<network><name>x</name></network>", active=False)}, False),
+    ({}, False),
+])
+def test_isolated_network_must_exist_be_active_and_forward_nowhere(tmp_path, nets, ok):
+    backend = _backend(tmp_path)
+    backend.p.network = "isolated"
+    if ok:
+        backend._check_network(_Conn(nets))  # pylint: disable=protected-access
+    else:
+        _raises("INVALID_ARGUMENT", backend._check_network, _Conn(nets))  # pylint: disable=protected-access
