@@ -540,6 +540,14 @@ class Driller(Backend):
                     outcome = "error"
                 else:
                     outcome = "ok"
+                if failed is not None:
+                    why = (failed.error_code, failed.detail)
+                elif error is not None:
+                    why = (error.error_code, error.msg)
+                elif cancelled is not None:
+                    why = ("CANCELLED", f"cancelled by {cancelled.signal_name}")
+                else:
+                    why = (None, None)
                 proof = {
                     "format": PROOF_FORMAT,
                     "format_version": PROOF_VERSION,
@@ -555,10 +563,8 @@ class Driller(Backend):
                     "duration_s": round(time.monotonic() - started, 3),
                     "outcome": outcome,
                     "failed_check": failed.name if failed is not None else None,
-                    "error_code": failed.error_code if failed is not None else (error.error_code if error else
-                                                                                 ("CANCELLED" if cancelled else None)),
-                    "msg": failed.detail if failed is not None else (error.msg if error else
-                                                                     (f"cancelled by {cancelled.signal_name}" if cancelled else None)),
+                    "error_code": why[0],
+                    "msg": why[1],
                     "checks": [c.public() for c in results],
                     "cleanup": cleanup,
                 }
