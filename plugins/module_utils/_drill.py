@@ -631,6 +631,7 @@ class Driller(Backend):
             return out
 
         restorer.xml_hook = hook
+        restorer.drop_target_locks = True  # the throwaway name is never used again: no lock file left in /run/vmbackup
         try:
             res = restorer.run()
         finally:
@@ -890,6 +891,10 @@ class Driller(Backend):
         if problems:
             self.warnings.extend(problems)
             return
+        # The killed drill's restore locks: its name had a token of its own, nobody else can wait on them.
+        for lock in _restore.target_lock_paths(os.path.basename(workdir), workdir):
+            if _restore.remove_path(lock)[0]:
+                self.cleaned.append(f"removed the restore lock file {lock} of a drill that is gone")
         if _restore.remove_path(journal)[0]:
             self.cleaned.append(f"removed the drill journal {journal} of a drill that is gone")
 

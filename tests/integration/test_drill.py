@@ -13,6 +13,7 @@ as files, not through the module's answer alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -54,6 +55,11 @@ def flip_bit_in_data(image: pathlib.Path) -> int:
     return offset
 
 
+def restore_lock(name: str) -> pathlib.Path:
+    """restore's flock file for a target name (/run/vmbackup/restore-<sha256 of "name\\0<name>">.lock)."""
+    return pathlib.Path("/run/vmbackup") / f"restore-{hashlib.sha256(f'name{chr(0)}{name}'.encode()).hexdigest()[:32]}.lock"
+
+
 class DefinePoller(threading.Thread):
     """Records every drill domain name libvirt lists while it runs (an independent view of "defined")."""
 
@@ -87,9 +93,13 @@ def playbook(ansible, workdir: pathlib.Path, variables: dict, check: bool = Fals
 
 def test_drill_scenario(ansible, conn, guests, repo):
     disk_dir = IMAGES / f"vmbt-drill-{uuid.uuid4().hex[:8]}"  # the drill creates it
+    started = time.time()
     try:
         _scenario(ansible, conn, guests, repo, disk_dir)
     finally:
+        for log in QEMU_LOG_DIR.glob(f"{DRILL_PREFIX}vmbt-g-*.log"):  # libvirt's logs of the drills that ran
+            if log.stat().st_mtime >= started:
+                log.unlink(missing_ok=True)
         for name in drill_domains(conn):
             dom = conn.lookupByName(name)
             if disk_dir.name in dom.XMLDesc(0):
@@ -148,6 +158,7 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     assert "-netdev" not in qemu_log.read_text(errors="replace")  # network: none
     assert drill_domains(conn) == [] and listing(disk_dir) == [], listing(disk_dir)
     assert oct(disk_dir.stat().st_mode & 0o777) == "0o711"
+    assert not restore_lock(r["drill_name"]).exists()  # restore's per-name lock file under /run/vmbackup is not left either
     assert g.dom.isActive() and g.read_file("/data/after") == b"not in the backup\n"  # the original untouched
     qemu_log.unlink()
 
@@ -210,6 +221,8 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     kill_tree(proc)
     assert drill_domains(conn) == killed and conn.lookupByName(killed[0]).isActive()
     assert any(n.startswith(".vmbackup-drill-") and n.endswith(".json") for n in listing(disk_dir)) and killed[0] in listing(disk_dir)
+    # (its restore had ended and dropped its lock files: they remain only when a drill dies inside its restore)
+    assert not restore_lock(killed[0]).exists()
 
     # --- one flipped bit in the set: the restore check fails, nothing is defined, the set stays as it is
     image = sets_dir_g / set_g / "disks" / "vda.qcow2"
@@ -226,6 +239,7 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     assert r["failed_check"] == "restore" and r["cause_code"] == "CHECKSUM_MISMATCH", r
     assert any(killed[0] in c and "domain" in c for c in r["cleaned_up"]), r["cleaned_up"]
     assert any("journal" in c for c in r["cleaned_up"]), r["cleaned_up"]
+    assert not restore_lock(r["drill_name"]).exists()
     assert poller.seen == set(killed), poller.seen  # the killed drill's domain only; this drill defined nothing
     assert tree_state(sets_dir_g / set_g) == before
     proof = proof_of(repo, g.uuid, set_g)
