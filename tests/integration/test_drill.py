@@ -181,6 +181,14 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     assert not (QEMU_LOG_DIR / f"{r['drill_name']}.log").exists()  # never started
     assert drill_domains(conn) == [] and listing(disk_dir) == []
 
+    # --- boot: always for the VM without an agent: it must still run 10 s after its start
+    r = ansible("drill", dict(base, name=n.name, boot="always", checks=[]))
+    assert not r["failed"] and r["planned_checks"] == ["restore", "boot"], json.dumps(r, indent=1)[:4000]
+    boot = next(c for c in r["checks"] if c["name"] == "boot")
+    assert boot["outcome"] == "ok" and boot["seconds"] >= 10 and "no agent channel" in boot["detail"], boot
+    assert (QEMU_LOG_DIR / f"{r['drill_name']}.log").exists()  # it did start
+    assert drill_domains(conn) == [] and listing(disk_dir) == []
+
     # --- the role through playbooks/drill.yml on localhost: --check changes nothing, then the real run
     role_vars = {"vmbackup_drill_repository": str(repo), "vmbackup_drill_disk_dir": str(disk_dir),
                  "vmbackup_drill_include": n.name[:-3] + "*", "vmbackup_drill_exclude": [g.name]}
