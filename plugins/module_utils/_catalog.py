@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
 import typing as t
@@ -311,3 +312,39 @@ def resolve_vms(repo: repo_mod.Repository, name: str | None, vm_uuid: str | None
     if not named:
         raise VmBackupError("SET_NOT_FOUND", f"no VM named {name!r} has a committed set in repository {repo.path}")
     return named
+
+
+# ---------------------------------------------------------------------- drill proofs (sets/<set-id>.drill.json)
+DRILL_PROOF_FORMAT = "vmbackup.libvirt/drill"
+DRILL_PROOF_SUFFIX = ".drill.json"
+DRILL_OUTCOMES = ("ok", "failed", "error")
+
+
+def parse_drill_proof(raw: bytes | None) -> dict[str, t.Any]:
+    """A drill proof's content; ``{"outcome": "unreadable"}`` for bytes that are not a proof of this
+    collection's format (never a pass)."""
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return {"outcome": "unreadable"}
+    if not isinstance(data, dict) or data.get("format") != DRILL_PROOF_FORMAT or data.get("outcome") not in DRILL_OUTCOMES:
+        return {"outcome": "unreadable"}
+    return data
+
+
+def drill_proofs(catalog: Catalog) -> dict[str, dict[str, t.Any]]:
+    """set id -> its drill proof, for the committed sets of ``catalog`` that have one (an orphan proof,
+    whose set is gone, is prune's to remove and is not shown)."""
+    raw = repo_mod.read_sidecars(catalog.repo, catalog.vm_uuid, DRILL_PROOF_SUFFIX)
+    return {sid: parse_drill_proof(data) for sid, data in raw.items() if sid in catalog.sets}
+
+
+def newest_drill(proofs: dict[str, dict[str, t.Any]], outcome: str | None = None) -> tuple[str, dict[str, t.Any]] | None:
+    """(set id, proof) of the drill that completed last (of one ``outcome``, or any readable one); None without any.
+    Ordered by the proof's completion time (UTC, ISO 8601 with Z: they sort as text), then by set id."""
+    readable = [(p.get("completed") if isinstance(p.get("completed"), str) else "", sid, p) for sid, p in proofs.items()
+                if p.get("outcome") in DRILL_OUTCOMES and (outcome is None or p.get("outcome") == outcome)]
+    if not readable:
+        return None
+    _when, sid, proof = max(readable, key=lambda x: (x[0], x[1]))
+    return sid, proof

@@ -63,6 +63,8 @@ ERROR_CODES: dict[str, str] = {
     "AGENT_UNAVAILABLE": ("the guest agent did not answer (within the timeout), or the VM has no agent channel where one is "
                           "required (health_check, drill)"),
     "HEALTH_CHECK_FAILED": "a health check of a VM failed: it did not run, or a probe command's exit code or output was not the expected one",
+    "DRILL_FAILED": "a restore drill found the point wanting: one of its checks failed (`failed_check`); the proof records why",
+    "DRILL_LEFTOVER": "a restore drill passed but could not remove its throwaway domain or files; the next drill on the host does",
 }
 
 

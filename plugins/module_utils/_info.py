@@ -29,7 +29,7 @@ from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms, validate_selection
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, drill_proofs, newest_drill, resolve_vms, validate_selection
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
@@ -89,6 +89,7 @@ def run_query(expression: t.Any, data: dict[str, t.Any]) -> t.Any:
 
 # --------------------------------------------------------------------------- reading
 def read_vms(repo: repo_mod.Repository, name: str | None, vm_uuid: str | None,
+             drills: dict[str, dict[str, dict[str, t.Any]]] | None = None,
              ) -> tuple[list[Catalog], dict[str, dict[str, dict[str, t.Any] | None]], list[str]]:
     """Catalogs and raw verdicts of the VMs asked for, each read without a lock but consistently.
 
@@ -103,6 +104,8 @@ def read_vms(repo: repo_mod.Repository, name: str | None, vm_uuid: str | None,
             if attempt:
                 catalog = Catalog(repo, catalog.vm_uuid)
             raw = {set_id: catalog.verdict(set_id) for set_id in catalog.ids()}
+            if drills is not None:  # the drill proofs, read in the same consistent pass
+                drills[catalog.vm_uuid] = drill_proofs(catalog)
             if repo.set_ids(catalog.vm_uuid) == catalog.ids():
                 break
         else:
@@ -281,8 +284,37 @@ def _series_view(name: str, sets: list[dict[str, t.Any]]) -> dict[str, t.Any]:
     }
 
 
+def drill_view(catalog: Catalog, proofs: dict[str, dict[str, t.Any]], now: dt.datetime) -> dict[str, t.Any]:
+    """The VM's newest drill (any outcome) and its newest passed drill, from the proofs beside its sets.
+
+    ``current`` is true when the proof names the sha256 of the set's manifest as it is now.
+    """
+    def view(found: tuple[str, dict[str, t.Any]] | None) -> dict[str, t.Any] | None:
+        if found is None:
+            return None
+        set_id, proof = found
+        manifest_sha = catalog.sets[set_id].manifest_sha256
+        completed = proof.get("completed") if isinstance(proof.get("completed"), str) else None
+        return {
+            "set_id": set_id,
+            "completed": completed,
+            "age_seconds": _age(now, completed),
+            "outcome": proof.get("outcome"),
+            "host": proof.get("host") if isinstance(proof.get("host"), str) else None,
+            "failed_check": proof.get("failed_check") if isinstance(proof.get("failed_check"), str) else None,
+            "error_code": proof.get("error_code") if isinstance(proof.get("error_code"), str) else None,
+            "current": manifest_sha is not None and proof.get("manifest_sha256") == manifest_sha,
+        }
+
+    return {
+        "drill": view(newest_drill(proofs)),
+        "drill_ok": view(newest_drill(proofs, "ok")),
+        "drills": len(proofs),
+    }
+
+
 def vm_view(catalog: Catalog, raw_verdicts: dict[str, dict[str, t.Any] | None], now: dt.datetime,
-            series: str | None = None) -> dict[str, t.Any]:
+            series: str | None = None, proofs: dict[str, dict[str, t.Any]] | None = None) -> dict[str, t.Any]:
     """One VM: its sets oldest first (of one series, or all, unreadable ones included), series, totals."""
     verdicts = {sid: verdict_view(raw_verdicts.get(sid), catalog.sets[sid].manifest_sha256, now) for sid in catalog.ids()}
     # A set whose manifest is unreadable has no known series: it shows only when no series is asked for.
@@ -306,14 +338,16 @@ def vm_view(catalog: Catalog, raw_verdicts: dict[str, dict[str, t.Any] | None], 
             "completed": newest["completed"], "age_seconds": newest["age_seconds"],
         },
         "totals": {"sets": len(sets), "bytes": sum(s["bytes"] or 0 for s in sets)},
+        **drill_view(catalog, proofs or {}, now),
     }
 
 
 def describe(repo_path: str, catalogs: list[Catalog], raw_verdicts: dict[str, dict[str, dict[str, t.Any] | None]],
-             now: dt.datetime, series: str | None = None, asked_for_vm: bool = False) -> dict[str, t.Any]:
+             now: dt.datetime, series: str | None = None, asked_for_vm: bool = False,
+             drills: dict[str, dict[str, dict[str, t.Any]]] | None = None) -> dict[str, t.Any]:
     """The catalog result (without ``changed``/``msg``). SET_NOT_FOUND when a series is asked for and
     none of the VMs asked for has a readable set of it."""
-    vms = [vm_view(c, raw_verdicts.get(c.vm_uuid, {}), now, series) for c in catalogs]
+    vms = [vm_view(c, raw_verdicts.get(c.vm_uuid, {}), now, series, (drills or {}).get(c.vm_uuid)) for c in catalogs]
     if series is not None:
         vms = [vm for vm in vms if vm["sets"]]
         if not vms:
@@ -341,9 +375,11 @@ class InfoBackend(Backend):
         expression = compile_query(self.p.query) if self.p.query is not None else None
         now = _manifest.utcnow()
         repo = repo_mod.open_repository(path, self.p.allow_unsafe_permissions)
-        catalogs, verdicts, warnings = read_vms(repo, self.p.name, self.p.uuid)
+        drills: dict[str, dict[str, dict[str, t.Any]]] = {}
+        catalogs, verdicts, warnings = read_vms(repo, self.p.name, self.p.uuid, drills)
         self.warnings.extend(warnings)
-        result = describe(path, catalogs, verdicts, now, self.p.series, asked_for_vm=self.p.name is not None or self.p.uuid is not None)
+        result = describe(path, catalogs, verdicts, now, self.p.series, asked_for_vm=self.p.name is not None or self.p.uuid is not None,
+                          drills=drills)
         if expression is not None:
             result["query_result"] = run_query(expression, result)
         totals = result["totals"]

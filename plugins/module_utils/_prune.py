@@ -16,8 +16,9 @@ every moment, whenever the run dies):
 
 1. ``rename(sets/<id>, .removing/<id>)``: one atomic step takes the set out of the catalog;
    fsync both directories.
-2. ``rename(sets/<id>.verify.json, .removing/<id>.verify.json)``, fsync (a sidecar that
-   outlived its set is a harmless orphan the next prune removes).
+2. ``rename(sets/<id>.verify.json, .removing/<id>.verify.json)``, fsync, and the same for the
+   drill proof ``<id>.drill.json`` (a sidecar that outlived its set is a harmless orphan the next
+   prune removes).
 3. The tree under ``.removing/`` is removed through descriptors, never following a link.
 
 ``vms/<uuid>/.removing/`` (mode 0700) exists only while a prune runs or after one was killed;
@@ -47,6 +48,8 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Ba
 
 REMOVING = ".removing"
 SIDECAR_SUFFIX = ".verify.json"
+# Every sidecar a set can have beside it: the verify verdict, the drill proof. Each goes with its set.
+SIDECAR_SUFFIXES = (SIDECAR_SUFFIX, ".drill.json")
 # export's staging record (_export.RUN_FILE; not imported, that module needs libvirt).
 RUN_FILE = "run.json"
 _FAILED_VERDICTS = ("failed", "unreadable")
@@ -181,7 +184,7 @@ class VmPlan:
     faults: dict[str, str | None]
     bytes: dict[str, int]
     unfinished: list[str]  # names in .removing/ (an interrupted prune's)
-    orphan_sidecars: list[str]  # sets/<id>.verify.json without a set <id>
+    orphan_sidecars: list[str]  # sets/<id>.verify.json (or .drill.json) without a set <id>
     staging: list[str]  # .incomplete/<name> of dead runs that prune removes
     staging_left: list[tuple[str, str]]  # (.incomplete/<name>, why it is left to export)
 
@@ -212,10 +215,11 @@ def plan_vm(catalog: Catalog, policy: _retention.Policy, now: dt.datetime, serie
         with _vm_fd(repo, vm_uuid, "sets") as sets_fd:
             for set_id in catalog.sets:
                 sizes[set_id] = _tree_bytes(sets_fd, set_id)
-                if set_id + SIDECAR_SUFFIX in set_names:
-                    sizes[set_id] += _tree_bytes(sets_fd, set_id + SIDECAR_SUFFIX)
-    orphans = [n for n in set_names if n.endswith(SIDECAR_SUFFIX) and _manifest.is_set_id(n[:-len(SIDECAR_SUFFIX)])
-               and n[:-len(SIDECAR_SUFFIX)] not in set_names]
+                for suffix in SIDECAR_SUFFIXES:
+                    if set_id + suffix in set_names:
+                        sizes[set_id] += _tree_bytes(sets_fd, set_id + suffix)
+    orphans = [n for n in set_names for suffix in SIDECAR_SUFFIXES
+               if n.endswith(suffix) and _manifest.is_set_id(n[:-len(suffix)]) and n[:-len(suffix)] not in set_names]
     staging, left = [], []
     for name in _names(repo, vm_uuid, ".incomplete"):
         why = _staging_owned_by_export(repo, vm_uuid, name)
@@ -285,13 +289,14 @@ def remove_set(repo: repo_mod.Repository, vm_uuid: str, set_id: str) -> None:
                                         set_id=set_id)
                 os.fsync(sets_fd)
                 os.fsync(removing)
-                # The set is out of the catalog now; its verdict follows it.
-                if _rename_out(sets_fd, removing, set_id + SIDECAR_SUFFIX):
-                    os.fsync(sets_fd)
-                    os.fsync(removing)
+                # The set is out of the catalog now; its verdict and drill proof follow it.
+                for suffix in SIDECAR_SUFFIXES:
+                    if _rename_out(sets_fd, removing, set_id + suffix):
+                        os.fsync(sets_fd)
+                        os.fsync(removing)
             finally:
                 os.close(sets_fd)
-            for name in (set_id, set_id + SIDECAR_SUFFIX):
+            for name in (set_id,) + tuple(set_id + suffix for suffix in SIDECAR_SUFFIXES):
                 if _exists(removing, name):
                     repo_mod._remove_at(removing, name)  # pylint: disable=protected-access
             os.fsync(removing)
@@ -331,7 +336,7 @@ def remove_orphan_sidecars(repo: repo_mod.Repository, vm_uuid: str, names: list[
         return done
     with _vm_fd(repo, vm_uuid, "sets") as fd:
         for name in names:
-            set_id = name[:-len(SIDECAR_SUFFIX)]
+            set_id = next(name[:-len(sfx)] for sfx in SIDECAR_SUFFIXES if name.endswith(sfx))
             if _exists(fd, name) and not _exists(fd, set_id):
                 repo_mod._remove_at(fd, name)  # pylint: disable=protected-access
                 done.append(os.path.join(repo.sets_dir(vm_uuid), name))

@@ -939,3 +939,24 @@ class Repository:
                 if sets is not None:
                     os.close(sets)
         return self.set_dir(vm_uuid, set_id)
+
+
+# --------------------------------------------------------------------------- sidecars by suffix (drill proofs)
+def read_sidecars(repo: Repository, vm_uuid: str, suffix: str) -> dict[str, bytes | None]:
+    """The bytes of every ``sets/<set-id><suffix>`` of a VM (None when unreadable), through one
+    checked descriptor of ``sets/``, each file opened without following a link; {} when none."""
+    out: dict[str, bytes | None] = {}
+    try:
+        with repo._open("vms", vm_uuid, "sets") as fd:  # pylint: disable=protected-access
+            for name in sorted(os.listdir(fd)):
+                if not name.endswith(suffix) or not _manifest.is_set_id(name[:-len(suffix)]):
+                    continue
+                try:
+                    out[name[:-len(suffix)]] = _read_at(fd, name, 1024 * 1024)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    out[name[:-len(suffix)]] = None
+    except FileNotFoundError:
+        return {}
+    return out

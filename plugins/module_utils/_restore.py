@@ -856,8 +856,22 @@ def stale_journals(disk_dir: str, host: str | None = None,
     return sorted(found)
 
 
+def target_lock_paths(name: str, disk_dir: str) -> list[str]:
+    """The flock files of a restore to domain ``name`` with images in ``disk_dir``, in the order they are taken."""
+    keys = sorted({f"name\0{name}", f"files\0{disk_dir}\0{safe_file_name(name)}"})
+    return [os.path.join(LOCK_DIR, f"restore-{hashlib.sha256(k.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.lock")
+            for k in keys]
+
+
 class Restorer(Backend):
     """Restores one point of one VM."""
+
+    # A caller's last word on the definition (the drill: no network, its own consoles, its marker):
+    # applied to the XML after restored_xml, before anything is written.
+    xml_hook: t.Callable[[str], str] | None = None
+    # A caller whose target names are used once (the drill's carry a random token) removes the
+    # lock files after the release: nobody else can ever wait on them. Never for reusable names.
+    drop_target_locks: bool = False
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
@@ -998,14 +1012,12 @@ class Restorer(Backend):
         names can map to one file name), in a directory only root can write; always taken in the
         same order, so two restores never wait for each other crosswise."""
         name = self._target_name(catalog.sets[point].manifest["vm"].get("name") or catalog.vm_uuid)
-        keys = sorted({f"name\0{name}", f"files\0{disk_dir}\0{safe_file_name(name)}"})
         os.close(open_dir(LOCK_DIR, create_mode=0o700))
         repo_mod.check_trusted_path(LOCK_DIR, "the restore lock directory")
         locks: list[VmLock] = []
         try:
-            for key in keys:
-                digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-                lock = VmLock(os.path.join(LOCK_DIR, f"restore-{digest}.lock"), self.p.lock_timeout, f"restore to {name}")
+            for path in target_lock_paths(name, disk_dir):
+                lock = VmLock(path, self.p.lock_timeout, f"restore to {name}")
                 try:
                     lock.acquire()
                 except VmBackupError as exc:
@@ -1017,6 +1029,9 @@ class Restorer(Backend):
         finally:
             for lock in reversed(locks):
                 lock.release()
+                if self.drop_target_locks:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock.path)
 
     def _plan(self, conn, catalog: Catalog, point: str) -> Plan | None:
         chain = catalog.sets_of_chain(point)  # CHAIN_BROKEN / REPOSITORY_FORMAT before anything else
@@ -1094,6 +1109,8 @@ class Restorer(Backend):
             new_identity=identity.new_identity, network_map=self.p.network_map, nvram=nvram, metadata=metadata,
             macs=macs, live_xml=live_xml,
         )
+        if self.xml_hook is not None:
+            xml = self.xml_hook(xml)
         self.warnings.extend(warnings)
         self.warnings.extend(self._missing_networks(conn))
         # A backed-up disk the definition cannot carry is not written either (no orphan image).

@@ -26,7 +26,9 @@ description:
     repairs no file, only a new M(vmbackup.libvirt.verify) run clears it. This is the same rule
     M(vmbackup.libvirt.export) applies before it extends a chain. A point never verified is restorable as far as the
     catalog knows (see RV(vms[].sets[].verdict)).
-  - Only manifests and verify verdicts are read, never the data files - the catalog is cheap on thousands of sets.
+  - Each VM also has its newest restore drill (RV(vms[].drill), from the proofs M(vmbackup.libvirt.drill) writes beside
+    the sets) and its age, so that a policy can require "drilled within N days".
+  - Only manifests, verify verdicts and drill proofs are read, never the data files - the catalog is cheap on thousands of sets.
     Use M(vmbackup.libvirt.verify) to prove the data.
   - The module writes nothing at all (no lock file, no verdict); the file system may update access times, as for any reader.
   - An empty repository gives an empty RV(vms) list. A VM or series that is asked for and has no committed set fails
@@ -136,6 +138,11 @@ EXAMPLES = r"""
     repository: /srv/vmbackup
     query: "vms[].sets[?!restorable].{set: set_id, why: restore_fault}[]"
   register: broken
+
+- name: VMs not drilled successfully within 7 days (vmbackup.libvirt.drill)
+  vmbackup.libvirt.backup_info:
+    repository: /srv/vmbackup
+    query: "vms[?drill == null || drill.outcome != 'ok' || drill.age_seconds > `604800`].name"
 
 - name: Sets whose verdict is missing or stale
   vmbackup.libvirt.backup_info:
@@ -314,6 +321,45 @@ vms:
     totals:
       description: C(sets) (count) and C(bytes) of the VM's listed sets (unreadable sets count as sets with no bytes).
       type: dict
+    drill:
+      description:
+        - The VM's newest restore drill (M(vmbackup.libvirt.drill)), whatever its outcome, from the proofs
+          C(sets/<set-id>.drill.json) beside its committed sets; null when none of its sets was drilled.
+        - Newest means the proof completed last (a drill of an older point, chosen at random, can be the newest drill).
+        - "A policy of 'drilled within N days': C(drill.outcome == 'ok' and drill.age_seconds < N * 86400), or use
+          RV(vms[].drill_ok) to accept an older passed drill after a failed one."
+      type: dict
+      contains:
+        set_id:
+          description: The drilled set.
+          type: str
+        completed:
+          description: When the drill completed (UTC).
+          type: str
+        age_seconds:
+          description: Seconds since it completed.
+          type: int
+        outcome:
+          description: C(ok), C(failed) (a check found the point wanting), C(error) (the drill could not run) or C(unreadable).
+          type: str
+        host:
+          description: The host the drill ran on.
+          type: str
+        failed_check:
+          description: The check that failed (C(image), C(restore), C(fsck), C(boot), C(agent), C(fsinfo), C(probe)), or null.
+          type: str
+        error_code:
+          description: The error code of the failed check (such as C(CHECKSUM_MISMATCH)), or null.
+          type: str
+        current:
+          description: Whether the proof names the set's manifest as it is now (its sha256).
+          type: bool
+    drill_ok:
+      description: The VM's newest drill whose outcome is C(ok), with the keys of RV(vms[].drill); null when none passed.
+      type: dict
+    drills:
+      description: How many of the VM's committed sets have a drill proof.
+      type: int
 totals:
   description: C(vms), C(sets) and C(bytes) of everything listed.
   returned: success
