@@ -36,6 +36,17 @@ log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "testbed.sh must run as root"
+case $state in
+  /*) ;;
+  *) die "VMBACKUP_TESTBED_DIR must be an absolute path: $state" ;;
+esac
+[[ $state =~ ^[A-Za-z0-9_./-]+$ ]] || die "VMBACKUP_TESTBED_DIR may hold only letters, digits and _ . / - : $state"
+[ "$state" != / ] || die "VMBACKUP_TESTBED_DIR must not be /"
+
+serialize() {  # one up/down/libvirtd/ssh at a time per bed (the test fixture's session lock is another file)
+  exec 9>"$state.cmd.lock"
+  flock -w 120 9 || die "another testbed.sh holds $state.cmd.lock"
+}
 
 host_index() {  # hvN -> N
   [[ $1 =~ ^hv([1-9][0-9]?)$ ]] || die "no such host name: $1 (hv1..hv99)"
@@ -57,7 +68,7 @@ in_host() {  # in_host HOST CMD... : CMD inside all of HOST's namespaces
   local h=$1 pid; shift
   pid=$(host_pid "$h")
   [ -n "$pid" ] || die "$h is not running"
-  nsenter --target "$pid" --mount --net --pid --uts --ipc -- "$@"
+  nsenter --target "$pid" --mount --net --pid --uts --ipc -- "$@" 9>&-  # daemons must not hold the command lock
 }
 virsh_h() {  # virsh against HOST's libvirtd, from the root namespace
   local h=$1 pid; shift
@@ -171,7 +182,7 @@ start_ns() {  # the namespace and its init
   rm -f "$d/init.pid"
   # exec -a names the init (host_pid checks it); setsid: the bed outlives the caller's session
   setsid unshare --mount --net --pid --uts --ipc --fork --mount-proc --propagation private \
-    bash -c "exec -a testbed-init bash $d/init.sh" </dev/null >>"$d/run.log" 2>&1 &
+    bash -c "exec -a testbed-init bash $d/init.sh" </dev/null >>"$d/run.log" 2>&1 9>&- &
   local ushare=$!
   for i in $(seq 1 200); do
     pid=$(pgrep -P "$ushare" 2>/dev/null | head -n1 || true)
@@ -417,6 +428,9 @@ cmd_ssh() {
   esac
 }
 
+case ${1:-} in
+  up|down|libvirtd|ssh) serialize ;;
+esac
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
