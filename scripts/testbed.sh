@@ -97,8 +97,18 @@ daemon_alive() {  # daemon_alive HOST PIDFILE-inside-host
 }
 
 # ---------------------------------------------------------------------------------------------
+is_bed_dir() {  # what down may remove: a directory that up made (its marker file), or an empty one
+  [ -f "$state/.vmbackup-testbed" ] || [ -z "$(ls -A "$state" 2>/dev/null)" ] ||
+    { [ -f "$state/ssh/id_ed25519" ] && [ -d "$state/shared" ] && [ -f "$state/hv1/init.sh" ]; }  # made before the marker
+}
+
 prepare_state() {
-  install -d -m 0711 -o root -g root "$state" "$state/shared"
+  if [ -d "$state" ] && ! is_bed_dir; then
+    die "$state exists and is not a test bed's state directory (no .vmbackup-testbed in it): not touching it"
+  fi
+  install -d -m 0711 -o root -g root "$state"
+  touch "$state/.vmbackup-testbed"
+  install -d -m 0711 -o root -g root "$state/shared"
   chmod 0711 "$state" "$state/shared"
   install -d -m 0700 "$state/ssh" "$state/cp"
   if [ ! -f "$state/ssh/id_ed25519" ]; then
@@ -333,6 +343,7 @@ cmd_down() {
   local h pid ushare d sock t0 i
   t0=$(date +%s.%N)
   [ -d "$state" ] || { log "down: nothing to do"; return 0; }
+  is_bed_dir || die "$state is not a test bed's state directory (no .vmbackup-testbed in it): not removing it"
   # Ansible's SSH control masters for the bed hosts (their sockets live in the state dir)
   for sock in "$state"/cp/*; do
     [ -S "$sock" ] || continue
