@@ -36,6 +36,17 @@ log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "testbed.sh must run as root"
+case $state in
+  /*) ;;
+  *) die "VMBACKUP_TESTBED_DIR must be an absolute path: $state" ;;
+esac
+[[ $state =~ ^[A-Za-z0-9_./-]+$ ]] || die "VMBACKUP_TESTBED_DIR may hold only letters, digits and _ . / - : $state"
+[ "$state" != / ] || die "VMBACKUP_TESTBED_DIR must not be /"
+
+serialize() {  # one up/down/libvirtd/ssh at a time per bed (the test fixture's session lock is another file)
+  exec 9>"$state.cmd.lock"
+  flock -w 120 9 || die "another testbed.sh holds $state.cmd.lock"
+}
 
 host_index() {  # hvN -> N
   [[ $1 =~ ^hv([1-9][0-9]?)$ ]] || die "no such host name: $1 (hv1..hv99)"
@@ -57,7 +68,7 @@ in_host() {  # in_host HOST CMD... : CMD inside all of HOST's namespaces
   local h=$1 pid; shift
   pid=$(host_pid "$h")
   [ -n "$pid" ] || die "$h is not running"
-  nsenter --target "$pid" --mount --net --pid --uts --ipc -- "$@"
+  nsenter --target "$pid" --mount --net --pid --uts --ipc -- "$@" 9>&-  # daemons must not hold the command lock
 }
 virsh_h() {  # virsh against HOST's libvirtd, from the root namespace
   local h=$1 pid; shift
@@ -86,8 +97,18 @@ daemon_alive() {  # daemon_alive HOST PIDFILE-inside-host
 }
 
 # ---------------------------------------------------------------------------------------------
+is_bed_dir() {  # what down may remove: a directory that up made (its marker file), or an empty one
+  [ -f "$state/.vmbackup-testbed" ] || [ -z "$(ls -A "$state" 2>/dev/null)" ] ||
+    { [ -f "$state/ssh/id_ed25519" ] && [ -d "$state/shared" ] && [ -f "$state/hv1/init.sh" ]; }  # made before the marker
+}
+
 prepare_state() {
-  install -d -m 0711 -o root -g root "$state" "$state/shared"
+  if [ -d "$state" ] && ! is_bed_dir; then
+    die "$state exists and is not a test bed's state directory (no .vmbackup-testbed in it): not touching it"
+  fi
+  install -d -m 0711 -o root -g root "$state"
+  touch "$state/.vmbackup-testbed"
+  install -d -m 0711 -o root -g root "$state/shared"
   chmod 0711 "$state" "$state/shared"
   install -d -m 0700 "$state/ssh" "$state/cp"
   if [ ! -f "$state/ssh/id_ed25519" ]; then
@@ -171,7 +192,7 @@ start_ns() {  # the namespace and its init
   rm -f "$d/init.pid"
   # exec -a names the init (host_pid checks it); setsid: the bed outlives the caller's session
   setsid unshare --mount --net --pid --uts --ipc --fork --mount-proc --propagation private \
-    bash -c "exec -a testbed-init bash $d/init.sh" </dev/null >>"$d/run.log" 2>&1 &
+    bash -c "exec -a testbed-init bash $d/init.sh" </dev/null >>"$d/run.log" 2>&1 9>&- &
   local ushare=$!
   for i in $(seq 1 200); do
     pid=$(pgrep -P "$ushare" 2>/dev/null | head -n1 || true)
@@ -322,6 +343,7 @@ cmd_down() {
   local h pid ushare d sock t0 i
   t0=$(date +%s.%N)
   [ -d "$state" ] || { log "down: nothing to do"; return 0; }
+  is_bed_dir || die "$state is not a test bed's state directory (no .vmbackup-testbed in it): not removing it"
   # Ansible's SSH control masters for the bed hosts (their sockets live in the state dir)
   for sock in "$state"/cp/*; do
     [ -S "$sock" ] || continue
@@ -417,6 +439,9 @@ cmd_ssh() {
   esac
 }
 
+case ${1:-} in
+  up|down|libvirtd|ssh) serialize ;;
+esac
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;

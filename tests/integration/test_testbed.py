@@ -111,6 +111,16 @@ def test_bed_hosts_are_separate_hypervisors_reached_over_ssh(testbed: Testbed, c
             assert (shared / host).read_text() == host
             assert sorted(p.name for p in bed.path(host, "/srv/vmbackup").iterdir()) == ["hv1", "hv2", "hv3"]
 
+        # /srv/vmbackup is a valid repository (its trust checks pass): the same name exported on two
+        # hosts at once gives two VMs (uuids) in one repository, each manifest naming its host
+        bed.fresh_repo()
+        res = bed.ansible("hv1:hv2", "vmbackup.libvirt.export", {"repository": bed.repo, "name": g2.name})
+        assert res.returncode == 0, res.stdout + res.stderr
+        manifests = {json.loads(m.read_text())["vm"]["uuid"]: json.loads(m.read_text())
+                     for m in (shared / "vms").glob("*/sets/*/manifest.json")}
+        assert {u: m["host"] for u, m in manifests.items()} == {g1.uuid: "hv1", g2.uuid: "hv2"}
+        assert {m["vm"]["name"] for m in manifests.values()} == {g2.name}
+
         # faults: hv1's libvirtd stopped (its QEMU keeps running, the other hosts are unaffected) ...
         qemu_pid = bed.path("hv1", f"/run/libvirt/qemu/{g1.name}.pid").read_text().strip()
         with bed.libvirtd_stopped("hv1"):
@@ -161,7 +171,7 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_down_leaves_nothing(tiny_guest_image):
     """A bed of its own (one host, its own state dir and addresses) with a QEMU running: `down`
     leaves no process, veth, mount or state directory behind, and the root's /srv is untouched."""
-    state = pathlib.Path(f"/var/lib/vmbackup-testbed-downcheck")
+    state = pathlib.Path("/var/lib/vmbackup-testbed-downcheck")
     lock = _try_lock(state.with_name(state.name + ".lock"), wait=True)
     srv_before = sorted(os.listdir("/srv"))
     bed = Testbed(state, "10.240")

@@ -109,7 +109,13 @@ class Testbed:
         # owner pid gone), which this session takes down at the end as its owner would have. A bed
         # brought up by hand (`testbed.sh up`: no owner) stays up.
         bed.brought_up = not bed._healthy(hosts) and not existed or (owner is not None and not _alive(owner))
-        bed.up(hosts)
+        try:
+            bed.up(hosts)
+        except TestbedError:
+            if bed.brought_up:  # nothing half-built left behind by this session
+                bed.script("down", check=False)
+            bed.release()
+            raise
         if bed.brought_up:
             (bed.state / "owner").write_text(f"{os.getpid()}\n")
         if existed:
