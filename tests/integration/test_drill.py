@@ -181,6 +181,14 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     assert not (QEMU_LOG_DIR / f"{r['drill_name']}.log").exists()  # never started
     assert drill_domains(conn) == [] and listing(disk_dir) == []
 
+    # --- two drills of one VM at once on one host: each its own name and directory, both pass, nothing left
+    runs = [ansible.popen_result("drill", dict(base, name=n.name)) for dummy in range(2)]
+    both = [run_.result(timeout=300) for run_ in runs]
+    assert all(not x["failed"] and x["outcome"] == "ok" for x in both), [x.get("msg") for x in both]
+    assert len({x["drill_name"] for x in both}) == 2
+    assert proof_of(repo, n.uuid, set_n)["drill_name"] in {x["drill_name"] for x in both}  # one proof per set: the last
+    assert drill_domains(conn) == [] and listing(disk_dir) == []
+
     # --- boot: always for the VM without an agent: it must still run 10 s after its start
     r = ansible("drill", dict(base, name=n.name, boot="always", checks=[]))
     assert not r["failed"] and r["planned_checks"] == ["restore", "boot"], json.dumps(r, indent=1)[:4000]
