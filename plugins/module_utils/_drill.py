@@ -81,6 +81,7 @@ _JOURNAL_NAME = re.compile(r"^" + re.escape(JOURNAL_PREFIX) + r"(?P<token>[0-9a-
 INFRA_CODES = frozenset({
     "LIBVIRT_UNAVAILABLE", "VM_LOCKED", "TARGET_NO_SPACE", "UNSAFE_TARGET", "PATH_ESCAPE", "IO_ERROR", "TARGET_PATH_EXISTS",
     "TARGET_VM_EXISTS", "INVALID_ARGUMENT", "INVALID_NAME", "MISSING_DEPENDENCY", "CANCELLED",
+    "SET_NOT_FOUND",  # the point was chosen, then pruned while the drill waited for the lock: gone, not damaged
 })
 # Partition types that hold no file system of their own (MBR): empty, extended (logical partitions are not read).
 _MBR_SKIP = {0x00, 0x05, 0x0F, 0x85, 0xEE}
