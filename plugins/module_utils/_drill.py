@@ -81,6 +81,7 @@ _JOURNAL_NAME = re.compile(r"^" + re.escape(JOURNAL_PREFIX) + r"(?P<token>[0-9a-
 INFRA_CODES = frozenset({
     "LIBVIRT_UNAVAILABLE", "VM_LOCKED", "TARGET_NO_SPACE", "UNSAFE_TARGET", "PATH_ESCAPE", "IO_ERROR", "TARGET_PATH_EXISTS",
     "TARGET_VM_EXISTS", "INVALID_ARGUMENT", "INVALID_NAME", "MISSING_DEPENDENCY", "CANCELLED",
+    "SET_NOT_FOUND",  # the point was chosen, then pruned while the drill waited for the lock: gone, not damaged
 })
 # Partition types that hold no file system of their own (MBR): empty, extended (logical partitions are not read).
 _MBR_SKIP = {0x00, 0x05, 0x0F, 0x85, 0xEE}
@@ -692,6 +693,7 @@ class Driller(Backend):
             try:
                 dom.create()
             except lv.LibvirtError as exc:
+                _unless_libvirt_gone(conn, exc.get_error_message())
                 raise CheckFailed(f"the restored VM did not start: {exc.get_error_message()}", "RESTORE_FAILED") from None
             if "agent" in ctx.checks:
                 check.outcome, check.detail = "ok", "started"
@@ -711,9 +713,11 @@ class Driller(Backend):
             dom = self._domain(conn, ctx)
             try:
                 seconds = _guest.wait_agent(dom, self.p.boot_timeout)
-            except VmBackupError as exc:
+            except (VmBackupError, lv.LibvirtError) as exc:
+                _unless_libvirt_gone(conn, str(getattr(exc, "msg", exc)))
                 now = lv.domain_state(dom) if _exists(dom) else "gone"
-                raise CheckFailed(f"{exc.msg} (domain {now})" + _console(ctx.workdir), exc.error_code) from None
+                raise CheckFailed(f"{getattr(exc, 'msg', exc)} (domain {now})" + _console(ctx.workdir),
+                                  getattr(exc, "error_code", "AGENT_UNAVAILABLE")) from None
             check.outcome = "ok"
             check.detail = f"the guest agent answered {seconds:.1f}s after it was first asked"
             check.data = {"agent_s": round(seconds, 3)}
@@ -724,6 +728,7 @@ class Driller(Backend):
             try:
                 info = _guest.fsinfo(dom)
             except VmBackupError as exc:
+                _unless_libvirt_gone(conn, exc.msg)
                 raise CheckFailed(f"guest-get-fsinfo failed: {exc.msg}", exc.error_code) from None
             if not info:
                 raise CheckFailed("the guest reports no mounted file system (guest-get-fsinfo is empty)", None)
@@ -742,6 +747,7 @@ class Driller(Backend):
             try:
                 out = _guest.exec_command(dom, list(self.p.probe), self.p.probe_timeout)
             except VmBackupError as exc:
+                _unless_libvirt_gone(conn, exc.msg)
                 raise CheckFailed(f"the probe {self.p.probe!r} could not run: {exc.msg}", exc.error_code) from None
             rc = out.get("rc")
             text = {k: _tail(_text(out.get(k)), 500) for k in ("stdout", "stderr")}
@@ -928,6 +934,15 @@ def _remove_domain(dom) -> None:
                  "VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA", "VIR_DOMAIN_UNDEFINE_MANAGED_SAVE"):
         flags |= getattr(lv.libvirt, flag, 0)
     dom.undefineFlags(flags)
+
+
+def _unless_libvirt_gone(conn, what: str) -> None:
+    """A failed call is the restored VM's fault only while libvirt itself still answers; else the
+    drill could not run (LIBVIRT_UNAVAILABLE, outcome error), which says nothing about the set."""
+    try:
+        conn.getLibVersion()
+    except lv.LibvirtError:
+        raise VmBackupError("LIBVIRT_UNAVAILABLE", f"libvirt stopped answering during the drill ({what})") from None
 
 
 def _exists(dom) -> bool:

@@ -7,7 +7,8 @@
 
 This module is private to the vmbackup.libvirt collection; it is not a public API.
 
-Everything is read through ``_catalog.Catalog`` (manifests, parent links, verify verdicts);
+Everything is read through ``_catalog.Catalog`` (manifests, parent links, verify verdicts, and
+the drill proofs of ``_catalog.drill_proofs``: each VM's newest drill and newest passed drill);
 nothing is written, not even a lock file. ``describe`` is pure given the catalogs and the
 clock, so the whole result format is tested on synthetic repositories.
 

@@ -181,6 +181,35 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     assert not (QEMU_LOG_DIR / f"{r['drill_name']}.log").exists()  # never started
     assert drill_domains(conn) == [] and listing(disk_dir) == []
 
+    # --- harm to what exists: a domain that starts using an image in the drill directory keeps it (and the
+    # directory); the drill passes but fails with DRILL_LEFTOVER; once that domain is gone the next drill removes it
+    pending = ansible.popen_result("drill", dict(base, name=g.name, probe=["sleep", "12"], checks=[]))
+    running = wait_for(lambda: [d for d in drill_domains(conn) if conn.lookupByName(d).isActive()], 120, 0.2, "the drill domain")
+    image = next((disk_dir / running[0]).glob("*.img"))
+    user_name = f"vmbt-drill-user-{uuid.uuid4().hex[:6]}"
+    user = conn.defineXML(f"<domain type='qemu'><name>{user_name}</name><memory unit='MiB'>32</memory><os><type arch='x86_64' "
+                          f"machine='pc'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                          f"<source file='{image}'/><target dev='vda' bus='virtio'/><readonly/></disk></devices></domain>")
+    try:
+        r = pending.result(timeout=300)
+        expect_error(r, "DRILL_LEFTOVER")
+        assert r["outcome"] == "ok" and r["cleanup"]["complete"] is False and image.exists(), r["cleanup"]
+        assert any(str(image) in problem and user_name in problem for problem in r["cleanup"]["problems"]), r["cleanup"]
+        assert drill_domains(conn) == []  # its own domain is gone all the same
+    finally:
+        user.undefine()
+    r = ansible("drill", dict(base, name=n.name))
+    assert not r["failed"] and any(f"directory {image.parent}" in c for c in r["cleaned_up"]), r["cleaned_up"]
+    assert drill_domains(conn) == [] and listing(disk_dir) == [], listing(disk_dir)
+
+    # --- two drills of one VM at once on one host: each its own name and directory, both pass, nothing left
+    runs = [ansible.popen_result("drill", dict(base, name=n.name)) for dummy in range(2)]
+    both = [run_.result(timeout=300) for run_ in runs]
+    assert all(not x["failed"] and x["outcome"] == "ok" for x in both), [x.get("msg") for x in both]
+    assert len({x["drill_name"] for x in both}) == 2
+    assert proof_of(repo, n.uuid, set_n)["drill_name"] in {x["drill_name"] for x in both}  # one proof per set: the last
+    assert drill_domains(conn) == [] and listing(disk_dir) == []
+
     # --- boot: always for the VM without an agent: it must still run 10 s after its start
     r = ansible("drill", dict(base, name=n.name, boot="always", checks=[]))
     assert not r["failed"] and r["planned_checks"] == ["restore", "boot"], json.dumps(r, indent=1)[:4000]

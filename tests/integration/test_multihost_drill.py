@@ -11,15 +11,17 @@ libvirtd and files, not the module's answer alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
 
 import libvirt
 
-from harness import listing, run, tree_state
+from harness import destroy_vm, listing, run, tree_state, wait_for
 
 DRILL_PREFIX = "vmbackup-drill-"
 DRILL_HOST = "hv3"
@@ -74,6 +76,7 @@ def nothing_left(bed, conn3) -> None:
 def test_drill_every_vm_of_the_shared_repository_on_another_host(testbed):
     bed = testbed
     repo_local = bed.fresh_repo()
+    shutil.rmtree(bed.path(DRILL_HOST, DISK_DIR), ignore_errors=True)  # the drill makes it (check mode must not)
     conn1, conn3 = bed.connect("hv1"), bed.connect(DRILL_HOST)
     f1, f2 = bed.guests("hv1"), bed.guests("hv2")
     prodnet = None
@@ -167,19 +170,45 @@ def test_drill_every_vm_of_the_shared_repository_on_another_host(testbed):
         assert proof(g2.uuid)["outcome"] == "ok"
         nothing_left(bed, conn3)
 
+        # --- hv3's libvirtd stops in the middle of a drill: the drill fails (its cleanup cannot reach libvirt, the
+        # proof says so), the domain is left running; once libvirtd is back, the next drill on hv3 removes it all
+        args = {"name": g2.name, "repository": bed.repo, "boot": "always", "checks": []}
+        outcome: dict = {}
+        worker = threading.Thread(target=lambda: outcome.update(adhoc(bed, DRILL_HOST, "drill", args)), daemon=True)
+        worker.start()
+        running = wait_for(lambda: [d for d in drill_domains(conn3) if conn3.lookupByName(d).isActive()], 120, 0.2, "the drill domain")
+        with bed.libvirtd_stopped(DRILL_HOST):
+            worker.join(timeout=180)
+        assert outcome.get("failed") and outcome.get("error_code") == "LIBVIRT_UNAVAILABLE", outcome
+        conn3 = bed.connect(DRILL_HOST)  # the old connection died with libvirtd
+        assert drill_domains(conn3) == running and conn3.lookupByName(running[0]).isActive()
+        p = proof(g2.uuid)
+        assert p["outcome"] == "error" and p["failed_check"] == "boot" and p["cleanup"]["complete"] is False, p
+        res = bed.playbook("drill", dict(variables, vmbackup_drill_include=[g2.name]))
+        summary = res.json["global_custom_stats"]["vmbackup_drill"][DRILL_HOST]
+        assert res.rc == 0 and summary["vms"][0]["outcome"] == "ok", res.stdout[-4000:]
+        assert any(running[0] in c for c in summary["vms"][0]["cleaned_up"]), summary["vms"][0]["cleaned_up"]
+        nothing_left(bed, conn3)
+
         # --- backup_info on any host: each VM's newest drill
         info = adhoc(bed, "hv1", "backup_info", {"repository": bed.repo})
         drills = {vm["uuid"]: vm["drill"] for vm in info["vms"]}
         assert (drills[g1.uuid]["outcome"], drills[g1.uuid]["host"], drills[g1.uuid]["failed_check"]) == ("failed", DRILL_HOST, "restore")
         assert drills[g2.uuid]["outcome"] == "ok" and 0 <= drills[g2.uuid]["age_seconds"] < 600
     finally:
-        for name in drill_domains(conn3):
-            dom = conn3.lookupByName(name)
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-        f1.cleanup()
-        f2.cleanup()
-        if prodnet is not None:
-            prodnet.destroy()
-        bed.fresh_repo()
+        # Each step on its own: one that fails (a connection that died with a stopped libvirtd) must not
+        # keep the others from leaving the bed as it was.
+        with contextlib.suppress(Exception):
+            bed.start_libvirtd(DRILL_HOST)
+        with contextlib.suppress(Exception):
+            fresh = libvirt.open(bed.uri(DRILL_HOST))
+            for name in drill_domains(fresh):
+                destroy_vm(fresh.lookupByName(name))
+            fresh.close()
+        for step in (f1.cleanup, f2.cleanup, (prodnet.destroy if prodnet is not None else None), bed.fresh_repo):
+            if step is not None:
+                with contextlib.suppress(Exception):
+                    step()
+        shutil.rmtree(bed.path(DRILL_HOST, DISK_DIR), ignore_errors=True)
+        for log in bed.path(DRILL_HOST, "/var/log/libvirt/qemu").glob(f"{DRILL_PREFIX}*.log"):
+            log.unlink(missing_ok=True)
