@@ -273,6 +273,7 @@ def test_weekly_across_the_bed(testbed):
     summary names the host and why."""
     bed = testbed
     repo = bed.fresh_repo()
+    close_ssh_masters(bed)  # none left by an earlier session on this bed
     token = uuid.uuid4().hex[:6]
     conns = {h: bed.connect(h) for h in bed.hosts}
     made: dict[str, list[tuple[str, pathlib.Path]]] = {h: [] for h in bed.hosts}  # host -> [(uuid, image)]
