@@ -2,7 +2,9 @@
 # Prepare this Debian host for the demo and the test suite. Idempotent; run as root.
 #  - apt packages: libvirt daemon, QEMU, qemu-img, libvirt-dev + pkg-config (to build the binding),
 #    faketime (the tests run weeks of schedules under a shifted clock), and a kernel, busybox-static,
-#    qemu-guest-agent and cpio for the tiny test guest (scripts/build-test-guest.sh)
+#    qemu-guest-agent and cpio for the tiny test guest (scripts/build-test-guest.sh), and
+#    openssh-server, iproute2, procps and util-linux for the multi-host test bed (scripts/testbed.sh;
+#    sshd runs only inside the bed's hosts, never started here)
 #  - a virtualenv at .venv with the pinned tool chain (requirements/test.txt)
 #  - virtlogd and libvirtd running (started with -d when there is no systemd; a running one is left alone)
 set -euo pipefail
@@ -18,7 +20,8 @@ fi
 
 packages=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients
           libvirt-dev pkg-config python3-venv python3-dev gcc rsync git shellcheck faketime
-          linux-image-amd64 busybox-static qemu-guest-agent cpio)
+          linux-image-amd64 busybox-static qemu-guest-agent cpio
+          openssh-server iproute2 procps util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -12,7 +12,8 @@
 #   testbed.sh status              JSON: per host whether its namespace, libvirtd and sshd are alive
 #   testbed.sh exec HOST CMD...    run CMD inside all of HOST's namespaces
 #   testbed.sh libvirtd HOST stop|start
-#   testbed.sh ssh HOST block|unblock   (block: the root-side veth down -> "Network is unreachable")
+#   testbed.sh ssh HOST block|unblock   (block: the root-side veth down and an unreachable route:
+#                                  "No route to host" at once; open connections to HOST are reset)
 #
 # State directory: VMBACKUP_TESTBED_DIR (default /var/lib/vmbackup-testbed): inventory.ini,
 # hosts.json, ssh/id_ed25519, shared/, hvN/{etc,lib,cache,log,run.log,...}. VMBACKUP_TESTBED_NET
@@ -25,13 +26,27 @@ state=${VMBACKUP_TESTBED_DIR:-/var/lib/vmbackup-testbed}
 venv=${VENV:-${VMBACKUP_VENV:-$here/.venv}}
 # the first two octets of the hosts' addresses; a second bed on the same machine needs its own
 net_prefix=${VMBACKUP_TESTBED_NET:-10.231}
-[[ $net_prefix =~ ^10\.([0-9]{1,3})$ ]] && [ "${BASH_REMATCH[1]}" -le 255 ] || { echo "VMBACKUP_TESTBED_NET wants 10.X" >&2; exit 1; }
+if ! [[ $net_prefix =~ ^10\.([0-9]{1,3})$ ]] || [ "${BASH_REMATCH[1]}" -gt 255 ]; then
+  echo "VMBACKUP_TESTBED_NET wants 10.X" >&2
+  exit 1
+fi
 veth_of() { echo "vb${net_prefix#10.}-$1"; }  # the root-side veth of a host: vb231-hv1
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "testbed.sh must run as root"
+case $state in
+  /*) ;;
+  *) die "VMBACKUP_TESTBED_DIR must be an absolute path: $state" ;;
+esac
+[[ $state =~ ^[A-Za-z0-9_./-]+$ ]] || die "VMBACKUP_TESTBED_DIR may hold only letters, digits and _ . / - : $state"
+[ "$state" != / ] || die "VMBACKUP_TESTBED_DIR must not be /"
+
+serialize() {  # one up/down/libvirtd/ssh at a time per bed (the test fixture's session lock is another file)
+  exec 9>"$state.cmd.lock"
+  flock -w 120 9 || die "another testbed.sh holds $state.cmd.lock"
+}
 
 host_index() {  # hvN -> N
   [[ $1 =~ ^hv([1-9][0-9]?)$ ]] || die "no such host name: $1 (hv1..hv99)"
@@ -42,7 +57,10 @@ host_pid() {  # the namespace's init (PID 1 inside) as seen from here; empty whe
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
   # alive and still our init (not a recycled pid)
-  if [ -n "$pid" ] && [ -d "/proc/$pid" ] && [ "$({ tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null)" = "testbed-init $state/$1/init.sh " ]; then
+  [ -n "$pid" ] || return 0
+  local args=()
+  mapfile -d '' -t args 2>/dev/null < "/proc/$pid/cmdline" || return 0
+  if [ "${args[*]}" = "testbed-init $state/$1/init.sh" ]; then
     echo "$pid"
   fi
 }
@@ -50,7 +68,7 @@ in_host() {  # in_host HOST CMD... : CMD inside all of HOST's namespaces
   local h=$1 pid; shift
   pid=$(host_pid "$h")
   [ -n "$pid" ] || die "$h is not running"
-  nsenter --target "$pid" --mount --net --pid --uts --ipc -- "$@"
+  nsenter --target "$pid" --mount --net --pid --uts --ipc -- "$@" 9>&-  # daemons must not hold the command lock
 }
 virsh_h() {  # virsh against HOST's libvirtd, from the root namespace
   local h=$1 pid; shift
@@ -58,12 +76,9 @@ virsh_h() {  # virsh against HOST's libvirtd, from the root namespace
   virsh -q -c "qemu+unix:///system?socket=/proc/$pid/root/run/libvirt/libvirt-sock" "$@"
 }
 find_inits() {  # the pids of this state dir's host inits, also those no init.pid names
-  local p cmd
-  for p in /proc/[0-9]*; do
-    cmd=$({ tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null) || continue
-    [[ $cmd =~ ^testbed-init\ $state/hv[0-9]+/init\.sh\ $ ]] && echo "${p#/proc/}"
-  done
-  return 0
+  local re
+  re=$(printf '%s' "$state" | sed 's/[].[\\*^$+?(){}|]/\\&/g')
+  pgrep -f "^testbed-init $re/hv[0-9]+/init\\.sh\$" || true
 }
 existing_hosts() {
   local d
@@ -82,8 +97,18 @@ daemon_alive() {  # daemon_alive HOST PIDFILE-inside-host
 }
 
 # ---------------------------------------------------------------------------------------------
+is_bed_dir() {  # what down may remove: a directory that up made (its marker file), or an empty one
+  [ -f "$state/.vmbackup-testbed" ] || [ -z "$(ls -A "$state" 2>/dev/null)" ] ||
+    { [ -f "$state/ssh/id_ed25519" ] && [ -d "$state/shared" ] && [ -f "$state/hv1/init.sh" ]; }  # made before the marker
+}
+
 prepare_state() {
-  install -d -m 0711 -o root -g root "$state" "$state/shared"
+  if [ -d "$state" ] && ! is_bed_dir; then
+    die "$state exists and is not a test bed's state directory (no .vmbackup-testbed in it): not touching it"
+  fi
+  install -d -m 0711 -o root -g root "$state"
+  touch "$state/.vmbackup-testbed"
+  install -d -m 0711 -o root -g root "$state/shared"
   chmod 0711 "$state" "$state/shared"
   install -d -m 0700 "$state/ssh" "$state/cp"
   if [ ! -f "$state/ssh/id_ed25519" ]; then
@@ -113,7 +138,7 @@ prepare_host() {  # the host's directories, configuration and init script
     install -d -m 0711 "$d/lib/images"
     # /var/cache/libvirt: the QEMU capabilities cache saves each libvirtd the probe (seconds)
     mkdir -p "$d/cache"
-    rsync -a /var/cache/libvirt/ "$d/cache/"
+    [ ! -d /var/cache/libvirt ] || rsync -a /var/cache/libvirt/ "$d/cache/"
     install -d -m 0755 "$d/log"
     install -d -m 0755 "$d/log/qemu"
     # sshd
@@ -167,7 +192,7 @@ start_ns() {  # the namespace and its init
   rm -f "$d/init.pid"
   # exec -a names the init (host_pid checks it); setsid: the bed outlives the caller's session
   setsid unshare --mount --net --pid --uts --ipc --fork --mount-proc --propagation private \
-    bash -c "exec -a testbed-init bash $d/init.sh" </dev/null >>"$d/run.log" 2>&1 &
+    bash -c "exec -a testbed-init bash $d/init.sh" </dev/null >>"$d/run.log" 2>&1 9>&- &
   local ushare=$!
   for i in $(seq 1 200); do
     pid=$(pgrep -P "$ushare" 2>/dev/null | head -n1 || true)
@@ -177,7 +202,9 @@ start_ns() {  # the namespace and its init
     kill -0 "$ushare" 2>/dev/null || die "$h: its namespace did not come up (see $d/run.log)"
     sleep 0.05
   done
-  [ -n "$pid" ] && [ -e "/proc/$pid/root/run/testbed-ready" ] || die "$h: its namespace did not come up in 10 s"
+  if [ -z "$pid" ] || [ ! -e "/proc/$pid/root/run/testbed-ready" ]; then
+    die "$h: its namespace did not come up in 10 s"
+  fi
   echo "$pid" > "$d/init.pid"
   echo "$ushare" > "$d/unshare.pid"
 }
@@ -195,6 +222,7 @@ setup_net() {
     # the other bed hosts (10.231.0.0/16) through the root namespace
     in_host "$h" ip route add "$net_prefix.0.0/16" via "$net_prefix.$n.1" 2>/dev/null || true
   fi
+  ip route del unreachable "$net_prefix.$n.0/30" 2>/dev/null || true  # 'ssh HOST block' put it there
   ip addr replace "$net_prefix.$n.1/30" dev "$veth"
   ip link set "$veth" up
 }
@@ -243,7 +271,8 @@ write_meta() {
     echo "[hypervisors:vars]"
     echo "ansible_user=root"
     echo "ansible_ssh_private_key_file=$state/ssh/id_ed25519"
-    echo "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5'"
+    echo "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5 -o GSSAPIAuthentication=no'"
+    echo "ansible_pipelining=true"
     echo "ansible_control_path_dir=$state/cp"
     echo "ansible_python_interpreter=$py"
   } > "$state/inventory.ini.tmp"
@@ -314,6 +343,7 @@ cmd_down() {
   local h pid ushare d sock t0 i
   t0=$(date +%s.%N)
   [ -d "$state" ] || { log "down: nothing to do"; return 0; }
+  is_bed_dir || die "$state is not a test bed's state directory (no .vmbackup-testbed in it): not removing it"
   # Ansible's SSH control masters for the bed hosts (their sockets live in the state dir)
   for sock in "$state"/cp/*; do
     [ -S "$sock" ] || continue
@@ -335,11 +365,12 @@ cmd_down() {
     if [ -f "$d/unshare.pid" ]; then
       ushare=$(cat "$d/unshare.pid")
       for i in $(seq 1 100); do
-        [ -d "/proc/$ushare" ] && [ "$(cat "/proc/$ushare/comm" 2>/dev/null)" = unshare ] || break
+        if [ ! -d "/proc/$ushare" ] || [ "$(cat "/proc/$ushare/comm" 2>/dev/null)" != unshare ]; then break; fi
         sleep 0.05
       done
     fi
     ip link del "$(veth_of "$h")" 2>/dev/null || true
+    ip route del unreachable "$net_prefix.$(host_index "$h").0/30" 2>/dev/null || true
   done
   rm -rf "$state"
   log "down: done in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
@@ -395,12 +426,22 @@ cmd_ssh() {
   host_index "$h" >/dev/null
   [ -n "$(host_pid "$h")" ] || die "$h is not running"
   case $what in
-    block) ip link set "$(veth_of "$h")" down ;;
+    block)
+      ip link set "$(veth_of "$h")" down
+      # without its link route the address would go to the default gateway and hang: refuse at once
+      ip route replace unreachable "$net_prefix.$(host_index "$h").0/30"
+      # connections already open (Ansible's SSH control masters) break as in a network failure,
+      # instead of hanging for TCP's retransmission timeout (minutes)
+      ss -K dst "$net_prefix.$(host_index "$h").2" >/dev/null 2>&1 || log "ss -K failed: open connections to $h may hang"
+      ;;
     unblock) setup_net "$h"; check_ssh "$h" ;;
     *) die "ssh HOST block|unblock" ;;
   esac
 }
 
+case ${1:-} in
+  up|down|libvirtd|ssh) serialize ;;
+esac
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;

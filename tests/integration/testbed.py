@@ -25,6 +25,7 @@ import typing as t
 import libvirt
 
 from guest import GuestFactory
+from harness import destroy_vm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "testbed.sh"
@@ -68,6 +69,8 @@ class PlaybookResult:
 class Testbed:
     """A running bed (``Testbed.up`` brings one up, or attaches to the one running there)."""
 
+    __test__ = False  # not a test class
+
     def __init__(self, state: pathlib.Path = DEFAULT_DIR, net: str = DEFAULT_NET, env: dict[str, str] | None = None) -> None:
         self.state = pathlib.Path(state)
         self.net = net
@@ -100,9 +103,54 @@ class Testbed:
                     break
             else:
                 raise TestbedError(f"all {SLOTS} test bed slots are in use")
-        bed.brought_up = not bed._healthy(hosts)
-        bed.up(hosts)
+        existed = (bed.state / "hosts.json").exists()
+        owner = bed._owner()
+        # brought up here: when it is not running; also a bed left by a session that died (its
+        # owner pid gone), which this session takes down at the end as its owner would have. A bed
+        # brought up by hand (`testbed.sh up`: no owner) stays up.
+        bed.brought_up = not bed._healthy(hosts) and not existed or (owner is not None and not _alive(owner))
+        try:
+            bed.up(hosts)
+        except TestbedError:
+            if bed.brought_up:  # nothing half-built left behind by this session
+                bed.script("down", check=False)
+            bed.release()
+            raise
+        if bed.brought_up:
+            (bed.state / "owner").write_text(f"{os.getpid()}\n")
+        if existed:
+            bed.reset()
         return bed
+
+    def _owner(self) -> int | None:
+        try:
+            return int((self.state / "owner").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def reset(self) -> None:
+        """What a killed test session may have left on a running bed: every domain of every bed host
+        (destroyed, undefined), every file in their /var/lib/libvirt/images, the shared repository's
+        content; libvirtd started and SSH unblocked. The bed belongs to the tests."""
+        status = self.status()
+        for host, st in status.items():
+            if host not in self.hosts_info:
+                continue
+            if st.get("ssh_blocked"):
+                self.unblock_ssh(host)
+            if not st.get("libvirtd"):
+                self.start_libvirtd(host)
+            hconn = self.connect(host)
+            for dom in hconn.listAllDomains():
+                destroy_vm(dom)
+            images = self.path(host, "/var/lib/libvirt/images")
+            for child in images.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        self.close()
+        self.fresh_repo()
 
     def _healthy(self, hosts: int) -> bool:
         try:
@@ -284,6 +332,18 @@ class Testbed:
         if args is not None:
             argv += ["-a", args if isinstance(args, str) else json.dumps(args)]
         return subprocess.run(argv, env=self.ansible_env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _try_lock(path: pathlib.Path, wait: bool) -> t.IO | None:
