@@ -268,10 +268,12 @@ class BedRun:
 def test_weekly_across_the_bed(testbed):
     """Two running disk-only VMs on every bed host, the weekly playbook over the three hosts into
     the shared /srv/vmbackup: (1) all backed up, two hosts writing at once and never three (the
-    playbook's cap); (2) hv2's libvirtd stopped; (3) hv3 unreachable over SSH. In (2) and (3) the
-    other two hosts are backed up, the run fails, and the summary names the host and why."""
+    playbook's cap); (2) hv2's libvirtd stopped; (3) hv3 unreachable over SSH; (4) hv3 lost in the
+    middle of an export. In (2)-(4) the other two hosts are backed up, the run fails, and the
+    summary names the host and why."""
     bed = testbed
     repo = bed.fresh_repo()
+    close_ssh_masters(bed)  # none left by an earlier session on this bed
     token = uuid.uuid4().hex[:6]
     conns = {h: bed.connect(h) for h in bed.hosts}
     made: dict[str, list[tuple[str, pathlib.Path]]] = {h: [] for h in bed.hosts}  # host -> [(uuid, image)]
@@ -350,6 +352,51 @@ def test_weekly_across_the_bed(testbed):
         assert out.failed("hv3") == 1 and out.failed("hv1") == out.failed("hv2") == 0, out.text
         for h in bed.hosts:  # the newest checkpoint of each VM only; hv3's untouched
             assert [len(d.listAllCheckpoints(0)) for d in doms(h)] == [1, 1]
+
+        # 4. hv3 lost in the middle of its export (its link goes down once its staging directory
+        #    appears): with an SSH keepalive (README, "Hosts that fail") the run does not hang; hv1
+        #    and hv2 finish, the summary lists hv3 as lost at the export of that VM. hv3 takes a
+        #    full (a long enough write to be caught), the others an incremental.
+        overlay = bed.state / "runs" / f"overlay-{token}.yml"
+        overlay.write_text(json.dumps({"all": {"hosts": {"hv3": {
+            "vmbackup_weekly_full_every_sets": 1,
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+                                       "-o ConnectTimeout=5 -o ServerAliveInterval=1 -o ServerAliveCountMax=2"}}}}))
+        first_of_hv3 = made["hv3"][0][0]
+        cut = threading.Event()
+
+        def cut_when_hv3_writes() -> None:
+            while not cut.is_set():
+                with contextlib.suppress(OSError):
+                    if os.listdir(repo / "vms" / first_of_hv3 / ".incomplete"):
+                        bed.block_ssh("hv3")
+                        cut.set()
+                time.sleep(0.005)
+
+        close_ssh_masters(bed)
+        watcher = threading.Thread(target=cut_when_hv3_writes, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            out = BedRun(bed.playbook(WEEKLY, dict(variables, vmbackup_backup_period="2026-W52"),
+                                      args=["-i", str(overlay)], timeout=300))
+        finally:
+            took = time.monotonic() - started
+            was_cut = cut.is_set()
+            cut.set()
+            watcher.join()
+            if was_cut:
+                bed.unblock_ssh("hv3")
+            overlay.unlink()
+        assert was_cut and out.rc != 0 and took < 150, (was_cut, took, out.text)
+        assert out.result.stats["hv3"]["unreachable"] == 1, out.text
+        assert periods("hv1")[0][-1] == periods("hv1")[1][-1] == "2026-W52"
+        assert periods("hv2")[0][-1] == periods("hv2")[1][-1] == "2026-W52"
+        entry = out.run_summary()["hosts"]["hv3"]
+        name = conns["hv3"].lookupByUUIDString(first_of_hv3).name()
+        assert (entry["outcome"], entry["step"]) == ("lost", "export"), entry
+        assert entry["line"].startswith(f"hv3: FAILED or UNREACHABLE at step export of {name}: the run stopped there"), entry
+        assert out.run_summary()["failed_hosts"] == ["hv3"]
     finally:
         for h in bed.hosts:
             for vm_uuid, image in made[h]:

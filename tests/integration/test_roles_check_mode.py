@@ -19,7 +19,7 @@ import uuid
 import libvirt
 
 from harness import PREFIX, destroy_vm, pick_domain_type, tree_state
-from test_multihost_backup import WEEKLY, BedRun, bed_vm, committed
+from test_multihost_backup import WEEKLY, BedRun, bed_vm, close_ssh_masters, committed
 
 PATHS = ("/var/lib/libvirt/images", "/run/vmbackup", "/run/vmbackup-libvirt")
 
@@ -59,6 +59,7 @@ def diff(before: dict, after: dict) -> list[str]:
 def test_check_mode_changes_nothing_on_any_host(testbed):
     bed = testbed
     repo = bed.fresh_repo()
+    close_ssh_masters(bed)
     token = uuid.uuid4().hex[:6]
     conns = {h: bed.connect(h) for h in bed.hosts}
     made: list[tuple[str, str, pathlib.Path]] = []  # (host, uuid, image)
