@@ -339,6 +339,17 @@ cmd_up() {
   log "up: $(existing_hosts | tr '\n' ' ')in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s; inventory $state/inventory.ini"
 }
 
+# in_ns "NS...": true while any process is in one of the mount namespaces (readlink of ns/mnt)
+in_ns() {
+  local p ns
+  [ -n "${1// /}" ] || return 1
+  for p in /proc/[0-9]*; do
+    ns=$(readlink "$p/ns/mnt" 2>/dev/null) || continue
+    case " $1 " in *" $ns "*) return 0 ;; esac
+  done
+  return 1
+}
+
 cmd_down() {
   local h pid ushare d sock t0 i
   t0=$(date +%s.%N)
@@ -349,14 +360,21 @@ cmd_down() {
     [ -S "$sock" ] || continue
     ssh -o ControlPath="$sock" -O exit dummy >/dev/null 2>&1 || true
   done
+  local namespaces=""
   for h in $(existing_hosts); do
     d=$state/$h
     pid=$(host_pid "$h")
     if [ -n "$pid" ]; then
+      namespaces="$namespaces $(readlink "/proc/$pid/ns/mnt" 2>/dev/null || true)"
       # killing a PID namespace's init kills everything in it (libvirtd, QEMU, sshd); then its
       # mounts and its network namespace (the veth pair with it) go
       kill -KILL "$pid" 2>/dev/null || true
     fi
+  done
+  # the kill is asynchronous: wait (at most 10 s) until no process is left in those namespaces
+  for i in $(seq 1 200); do
+    in_ns "$namespaces" || break
+    sleep 0.05
   done
   # an init whose pid file was lost (an interrupted 'up'): found by its exact command line
   for pid in $(find_inits); do kill -KILL "$pid" 2>/dev/null || true; done
