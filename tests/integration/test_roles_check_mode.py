@@ -1,4 +1,5 @@
-"""--check of the collection's playbooks on the 3-host bed changes nothing on any host.
+"""--check of the collection's playbooks on the 3-host bed changes nothing on any host: the weekly
+backup, the restore (a new VM on another host, and replacing the original) and the drill.
 
 After a real weekly backup of a VM on every host (so that there is something to plan with), each
 playbook runs in check mode over the bed, and everything it could touch is compared before and
@@ -88,6 +89,42 @@ def test_check_mode_changes_nothing_on_any_host(testbed):
         assert out.run_summary()["ok_hosts"] == bed.hosts, out.run_summary()
         plans = {h: r["msg"] for _t, h, r in out.results("Show the outcome of each VM")}
         assert sorted(plans) == bed.hosts and all(re.match(r".*: planned, incremental ", m[0]) for m in plans.values()), plans
+        after = bed_state(bed, conns, (reports,))
+        assert after == before, diff(before, after)
+
+        # The restore of hv1's VM onto hv2 under a new name, started and health-checked, in check mode.
+        name_hv1 = conns["hv1"].lookupByUUIDString(made[0][1]).name()
+        out = BedRun(bed.playbook("restore", {"vmbackup_restore_host": "hv2", "vmbackup_restore_repository": bed.repo,
+                                              "vmbackup_restore_name": name_hv1, "vmbackup_restore_start": True}, check=True))
+        assert out.rc == 0, out.text
+        planned = out.result.json["global_custom_stats"]["vmbackup_restore"]["hv2"]
+        assert (planned["outcome"], planned["set_id"]) == ("planned", committed(repo, made[0][1])[0]["set_id"]), planned
+        after = bed_state(bed, conns, (reports,))
+        assert after == before, diff(before, after)
+        # ... and replacing the original on hv1 (explicit), in check mode: refused while it runs,
+        # as the real run would be; planned once it is shut off. Nothing changes either way.
+        replace = {"vmbackup_restore_host": "hv1", "vmbackup_restore_repository": bed.repo, "vmbackup_restore_name": name_hv1,
+                   "vmbackup_restore_replace": True, "vmbackup_restore_as": name_hv1}
+        out = BedRun(bed.playbook("restore", replace, check=True))
+        assert out.rc != 0 and "TARGET_VM_RUNNING" in out.result.stdout, out.text
+        after = bed_state(bed, conns, (reports,))
+        assert after == before, diff(before, after)
+        conns["hv1"].lookupByUUIDString(made[0][1]).destroy()
+        before = bed_state(bed, conns, (reports,))
+        out = BedRun(bed.playbook("restore", replace, check=True))
+        assert out.rc == 0, out.text
+        assert out.result.json["global_custom_stats"]["vmbackup_restore"]["hv1"]["outcome"] == "planned", out.text
+        after = bed_state(bed, conns, (reports,))
+        assert after == before, diff(before, after)
+
+        # The drill of every VM of the repository on hv3, in check mode: no drill domain, image,
+        # directory or proof.
+        out = BedRun(bed.playbook("drill", {"vmbackup_drill_host": "hv3", "vmbackup_drill_repository": bed.repo,
+                                            "vmbackup_drill_include": [f"{PREFIX}ckm-{token}-*"]}, check=True))
+        assert out.rc == 0, out.text
+        drills = out.result.json["global_custom_stats"]["vmbackup_drill"]["hv3"]["vms"]
+        assert sorted(d["name"] for d in drills) == sorted(f"{PREFIX}ckm-{token}-{h}" for h in bed.hosts), drills
+        assert {d["status"] for d in drills} == {"planned"}, drills
         after = bed_state(bed, conns, (reports,))
         assert after == before, diff(before, after)
     finally:
