@@ -1,0 +1,275 @@
+"""The policy check (module + playbooks/policy_check.yml) on a repository made by real exports,
+verifies and drills of disk-only domains on the root libvirtd: one module-scoped scenario.
+
+VMs: healthy (two copies, verified, drilled, tier gold), stale (exported under faketime three
+days ago), failed-verify (a flipped byte in its newest copy, then verify), never drilled, one
+defined in libvirt but never backed up, one opted out by its metadata, one excluded by the policy.
+Asserted through other paths than the module's answer: the JUnit file parsed with xml.etree,
+policy.json and policy.md read from disk, the playbook's exit status and set_stats, the
+repository tree (contents, modes, inodes, mtimes) hashed before and after every run, --check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+
+from harness import IMAGES, PREFIX, DiskSpec, VmFactory, expect_error, make_dir, parse_result, tree_state
+from test_backup_info import stat_state
+from test_drill import flip_bit_in_data
+
+METADATA_NS = "https://vmbackup.libvirt/schema/1"
+REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
+RULES = ["rpo_hours", "verify_days", "chain", "min_points", "consistency", "drill_days", "two_copies"]
+SETUP = """
+- name: Back up and drill the policy test's VMs
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Export
+      vmbackup.libvirt.export:
+        name: "{{ item }}"
+        repository: "{{ repo }}"
+        skip_unchanged: false
+      loop: "{{ export_vms }}"
+    - name: Drill (offline checks)
+      vmbackup.libvirt.drill:
+        name: "{{ item }}"
+        repository: "{{ repo }}"
+        boot: never
+        disk_dir: "{{ disk_dir }}"
+      loop: "{{ drill_vms }}"
+"""
+
+
+def ansible_bin(name: str) -> str:
+    return str(pathlib.Path(sys.executable).parent / name)
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess) -> None:
+        self.rc, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+    @property
+    def text(self) -> str:
+        return f"rc={self.rc}\n{self.stdout[-12000:]}\n{self.stderr[-4000:]}"
+
+    def stats(self) -> dict:
+        match = re.search(r"^\s*RUN: (\{.*\})\s*$", self.stdout, re.M)
+        assert match, self.text
+        return json.loads(match.group(1))
+
+
+def playbook(env: dict, workdir: pathlib.Path, book: str, variables: dict, check: bool = False,
+             faketime: str | None = None, cwd: pathlib.Path | None = None) -> Run:
+    vars_file = workdir / f"vars-{uuid.uuid4().hex[:6]}.json"
+    vars_file.write_text(json.dumps(variables))
+    argv = [ansible_bin("ansible-playbook"), "-i", "localhost,", "-c", "local", book, "-e", f"@{vars_file}"]
+    argv += ["--check"] if check else []
+    argv = (["faketime", faketime] if faketime else []) + argv
+    env = dict(env, ANSIBLE_STDOUT_CALLBACK="default", ANSIBLE_SHOW_CUSTOM_STATS="1")
+    return Run(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False, cwd=cwd))
+
+
+def module(env: dict, args: dict, check: bool = False, faketime: str | None = None) -> dict:
+    argv = [ansible_bin("ansible"), "localhost", "-m", "vmbackup.libvirt.policy_check", "-a", json.dumps(args)]
+    argv += ["--check"] if check else []
+    argv = (["faketime", faketime] if faketime else []) + argv
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return parse_result(proc.stdout, proc.stderr)
+
+
+def junit_cases(path: pathlib.Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """(classname, name) -> (outcome, message), read from the JUnit file with xml.etree."""
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites"
+    out = {}
+    for suite in root.findall("testsuite"):
+        for case in suite.findall("testcase"):
+            failure, skipped = case.find("failure"), case.find("skipped")
+            if failure is not None:
+                outcome, message = "failed", failure.get("message")
+            elif skipped is not None:
+                outcome, message = "skipped", skipped.get("message")
+            else:
+                outcome, message = "passed", (case.findtext("system-out") or "")
+            key = (case.get("classname"), case.get("name"))
+            assert key not in out, key
+            out[key] = (outcome, message)
+    return out
+
+
+def repo_state(repo: pathlib.Path) -> tuple[dict, dict]:
+    return tree_state(repo), stat_state(repo)
+
+
+@pytest.fixture(scope="module")
+def world(ansible, conn, domain_type, tmp_path_factory):
+    token = uuid.uuid4().hex[:6]
+    prefix = f"{PREFIX}pol-{token}-"
+    workdir = tmp_path_factory.mktemp("policy")
+    REPO_BASE.mkdir(mode=0o711, exist_ok=True)
+    base = make_dir(REPO_BASE / f"pol-{token}")
+    repo = make_dir(base / "repo")
+    disk_dir = IMAGES / f"{prefix}drill"
+    factory = VmFactory(conn, domain_type)
+    try:
+        vm = {role: factory.create([DiskSpec("16M", fill=[(0x41 + i, "0", "1M")])], running=False, name=f"{prefix}{role}")
+              for i, role in enumerate(["healthy", "stale", "failedverify", "nodrill", "nobackup", "optout", "scratch"])}
+        vm["healthy"].dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<backup tier="gold"/>', "vmbackup", METADATA_NS,
+                                      libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        vm["optout"].dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<backup enabled="no"/>', "vmbackup", METADATA_NS,
+                                     libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        setup = workdir / "setup.yml"
+        setup.write_text(SETUP)
+        common = {"repo": str(repo), "disk_dir": str(disk_dir)}
+        # The stale VM's two copies three days ago (faketime shifts ansible and the modules, not QEMU).
+        past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)).strftime("%Y-%m-%d %H:%M:%S")
+        out = playbook(ansible.env, workdir, str(setup), dict(common, export_vms=[vm["stale"].name] * 2, drill_vms=[]),
+                       faketime=past)
+        assert out.rc == 0, out.text
+        names = [vm[r].name for r in ("healthy", "failedverify", "nodrill")]
+        out = playbook(ansible.env, workdir, str(setup), dict(
+            common, export_vms=[n for n in names for dummy in (1, 2)],
+            drill_vms=[vm[r].name for r in ("healthy", "stale", "failedverify")]))
+        assert out.rc == 0, out.text
+        # A flipped byte in the newest copy of failedverify (after its drill), then verify everything.
+        sets_dir = repo / "vms" / vm["failedverify"].uuid / "sets"
+        newest = sorted(p.name for p in sets_dir.iterdir() if p.is_dir())[-1]
+        flip_bit_in_data(sets_dir / newest / "disks" / "vda.qcow2")
+        verify = subprocess.run([ansible_bin("ansible"), "localhost", "-m", "vmbackup.libvirt.verify", "-a",
+                                 json.dumps({"repository": str(repo), "fail_on_error": False})],
+                                env=ansible.env, capture_output=True, text=True, timeout=300, check=False)
+        assert not parse_result(verify.stdout, verify.stderr)["failed"], verify.stdout[-4000:]
+        verdict = json.loads((sets_dir / f"{newest}.verify.json").read_text())
+        assert verdict["outcome"] == "failed" and "CHECKSUM_MISMATCH" in verdict["codes"], verdict
+        yield {"repo": repo, "vm": vm, "prefix": prefix, "workdir": workdir, "failed_set": newest, "token": token}
+    finally:
+        factory.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(disk_dir, ignore_errors=True)
+
+
+def policy_for(prefix: str) -> dict:
+    return {
+        "rules": {"rpo_hours": 26, "verify_days": 8, "min_points": 2, "drill_days": 35,
+                  "expressions": [{"name": "two_copies", "expr": "length(sets[?type=='copy']) >= `2`",
+                                   "message": "fewer than two copies"}]},
+        "classes": [{"name": "gold", "match": {"tier": "gold"}, "rules": {"drill_days": 7}}],
+        "include": [f"{prefix}*"],
+        "exclude": [f"{prefix}scratch"],
+    }
+
+
+def expected_outcomes(vm: dict) -> dict[tuple[str, str], str]:
+    failing = {"healthy": set(), "stale": {"rpo_hours"}, "failedverify": {"verify_days", "chain", "min_points"},
+               "nodrill": {"drill_days"}, "nobackup": set(RULES)}
+    out = {}
+    for role, v in vm.items():
+        for rule in RULES:
+            if role in ("optout", "scratch"):
+                out[(v.name, rule)] = "skipped"
+            else:
+                out[(v.name, rule)] = "failed" if rule in failing[role] else "passed"
+    return out
+
+
+def test_policy_check_scenario(ansible, world):
+    repo, vm, prefix, workdir = world["repo"], world["vm"], world["prefix"], world["workdir"]
+    policy = policy_for(prefix)
+    before = repo_state(repo)
+    variables = {"vmbackup_policy_hosts": "localhost", "vmbackup_policy_repository": str(repo), "vmbackup_policy": policy}
+
+    # --- the playbook, reports in the default directory (policy-report under the current directory)
+    cwd = make_dir(workdir / "ci", 0o755)
+    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", variables, cwd=cwd)
+    assert out.rc == 2, out.text
+    assert "backup policy violated" in out.stdout, out.text
+    report = cwd / "policy-report"
+    cases = junit_cases(report / "policy.junit.xml")
+    assert {k: v[0] for k, v in cases.items()} == expected_outcomes(vm), json.dumps({f"{k[0]}/{k[1]}": v for k, v in cases.items()}, indent=1)
+    # Why, in words an operator acts on.
+    stale = cases[(vm["stale"].name, "rpo_hours")][1]
+    match = re.fullmatch(r"newest point (\S+) \(set \S+\) is (\d+) h old, the policy allows 26 h", stale)
+    assert match and 71 <= int(match.group(2)) <= 73, stale
+    failed_set = world["failed_set"]
+    assert re.search(rf"newest point \(set {failed_set}\) failed verification on \S+ \(CHECKSUM_MISMATCH\)",
+                     cases[(vm["failedverify"].name, "verify_days")][1]), cases[(vm["failedverify"].name, "verify_days")]
+    assert cases[(vm["failedverify"].name, "chain")][1].startswith(f"newest point {failed_set} is not restorable: ")
+    assert "the newest restorable point is" in cases[(vm["failedverify"].name, "chain")][1]
+    assert cases[(vm["failedverify"].name, "min_points")][1].startswith("1 restorable point (of 2 sets), the policy requires at least 2")
+    assert cases[(vm["nodrill"].name, "drill_days")][1].startswith("never drilled")
+    assert cases[(vm["healthy"].name, "drill_days")][1].endswith("the policy allows 7 days")  # the gold class
+    assert all(f"has no backup in repository {repo}" in cases[(vm["nobackup"].name, r)][1] for r in RULES)
+    assert cases[(vm["nobackup"].name, "two_copies")][0] == "failed"
+    assert "opted out" in cases[(vm["optout"].name, "chain")][1] and "excluded" in cases[(vm["scratch"].name, "chain")][1]
+    # The suite's counts agree with its cases (what CI systems show in their headers).
+    suite = ET.parse(report / "policy.junit.xml").getroot().find("testsuite")
+    assert suite.get("name") == str(repo)
+    assert (int(suite.get("tests")), int(suite.get("failures")), int(suite.get("skipped"))) == (
+        len(cases), sum(v[0] == "failed" for v in cases.values()), sum(v[0] == "skipped" for v in cases.values()))
+
+    # policy.json: the same cases; policy.md: a failure table first, then the counts.
+    data = json.loads((report / "policy.json").read_text())
+    assert data["passed"] is False and data["summary"]["failed"] == sum(v[0] == "failed" for v in cases.values())
+    assert {(c["vm"], c["rule"]): c["outcome"] for c in data["repositories"][0]["cases"]} == {k: v[0] for k, v in cases.items()}
+    md = (report / "policy.md").read_text()
+    assert md.startswith("## Backup policy check: FAILED\n")
+    rows = [line for line in md.splitlines() if line.startswith(f"| {repo} | ")]
+    assert len(rows) == data["summary"]["failed"], md
+    assert any(f"| {vm['failedverify'].name} | localhost | chain | newest point {failed_set} is not restorable" in row for row in rows), md
+    assert f"{data['summary']['failed']} failed, {data['summary']['passed']} passed, 14 skipped" in md
+    # set_stats: what AWX keeps.
+    stats = out.stats()["vmbackup_policy"]
+    assert stats["passed"] is False and stats["summary"] == data["summary"]
+    assert {(c["vm"], c["rule"]) for c in stats["failed"]} == {k for k, v in cases.items() if v[0] == "failed"}
+    assert repo_state(repo) == before
+    assert not (repo / "vms" / vm["nobackup"].uuid).exists()
+
+    # --- --check: the same verdict and exit status, no report written, nothing changed
+    check_dir = workdir / "check-report"
+    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", dict(variables, vmbackup_policy_report_dir=str(check_dir)),
+                   check=True)
+    assert out.rc == 2 and "backup policy violated" in out.stdout, out.text
+    assert out.stats()["vmbackup_policy"]["summary"] == data["summary"]
+    assert not check_dir.exists() and repo_state(repo) == before
+
+    # --- without hypervisors only the repository's VMs are judged: the healthy one alone passes (rc 0)
+    ok_dir = workdir / "ok-report"
+    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", {
+        "vmbackup_policy_hosts": [], "vmbackup_policy_repositories": str(repo), "vmbackup_policy_report_dir": str(ok_dir),
+        "vmbackup_policy": json.dumps(dict(policy, include=[vm["healthy"].name, vm["nobackup"].name]))})  # as a survey's text
+    assert out.rc == 0, out.text
+    ok_cases = junit_cases(ok_dir / "policy.junit.xml")
+    # The healthy VM has no tier without libvirt: the default class (drill_days 35) judges it.
+    assert {k: v[0] for k, v in ok_cases.items()} == {(vm["healthy"].name, r): "passed" for r in RULES}, ok_cases
+    assert ok_cases[(vm["healthy"].name, "drill_days")][1].endswith("the policy allows 35 days")
+    assert out.stats()["vmbackup_policy"]["passed"] is True
+    assert repo_state(repo) == before
+
+    # --- the module: the managed host's clock (two days on, the healthy VM is stale too), POLICY_VIOLATED, check mode
+    args = {"repository": str(repo), "policy": dict(policy, include=[vm["healthy"].name])}
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S")
+    r = expect_error(module(ansible.env, args, faketime=later), "POLICY_VIOLATED")
+    assert r["changed"] is False and r["passed"] is False and r["summary"]["failed"] >= 1
+    assert [(c["rule"], c["outcome"]) for c in r["cases"] if c["outcome"] == "failed"] == [("rpo_hours", "failed")], r["cases"]
+    assert 47 <= r["cases"][0]["value"] <= 50 and r["cases"][0]["limit"] == 26
+    real = module(ansible.env, args)
+    checked = module(ansible.env, args, check=True)
+    assert real["passed"] is True and not real["failed"] and real["changed"] is False
+    assert [c["outcome"] for c in checked["cases"]] == [c["outcome"] for c in real["cases"]]
+    # A misspelt rule is an error naming the key, before the repository is read.
+    r = expect_error(module(ansible.env, {"repository": str(repo), "policy": {"rules": {"rpo_hour": 26}}}), "INVALID_ARGUMENT")
+    assert "rules.rpo_hour" in r["msg"], r["msg"]
+    assert repo_state(repo) == before
