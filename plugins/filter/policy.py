@@ -78,8 +78,9 @@ def _counts(results: list[dict[str, t.Any]]) -> dict[str, int]:
         "cases": len(cases),
         **{o: sum(1 for c in cases if c["outcome"] == o) for o in OUTCOMES},
         "errors": sum(1 for r in results if r["error"] is not None),
-        "vms": len({(r["repository"], c.get("uuid") or c.get("vm")) for r in results for c in r["cases"] or [] if c.get("vm")}),
-        "failed_vms": len({(r["repository"], c.get("uuid") or c.get("vm")) for r in results for c in r["cases"] or []
+        # A VM backed up into two repositories is one VM (by UUID, by name for one never backed up).
+        "vms": len({c.get("uuid") or c.get("vm") for r in results for c in r["cases"] or [] if c.get("vm")}),
+        "failed_vms": len({c.get("uuid") or c.get("vm") for r in results for c in r["cases"] or []
                            if c.get("vm") and c["outcome"] == "failed"}),
     }
 

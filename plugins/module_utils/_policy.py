@@ -237,10 +237,10 @@ def parse_policy(raw: t.Any) -> Policy:
     """The policy, validated and normalised: INVALID_ARGUMENT naming the key at the first fault."""
     raw = {} if raw is None else raw
     _check_keys("policy", raw, POLICY_KEYS)
-    rules_raw = _check_keys("rules", raw.get("rules") or {}, RULE_KEYS)
+    rules_raw = _check_keys("rules", {} if raw.get("rules") is None else raw["rules"], RULE_KEYS)
     defaults = RuleSet(_rule_values("rules", rules_raw, DEFAULT_RULES), _expressions("rules.expressions", rules_raw.get("expressions")))
     classes: list[PolicyClass] = []
-    classes_raw = raw.get("classes") or []
+    classes_raw = [] if raw.get("classes") is None else raw["classes"]
     if not isinstance(classes_raw, list):
         raise _bad("classes", f"must be a list of {{name, match, rules}} dicts, not {classes_raw!r}")
     for i, item in enumerate(classes_raw):
@@ -255,7 +255,7 @@ def parse_policy(raw: t.Any) -> Policy:
         if not match_raw:
             raise _bad(f"{at}.match", "is empty; give tier, names or groups (a class for every VM is what rules are for)")
         match = {key: _patterns(f"{at}.match.{key}", value) for key, value in match_raw.items()}
-        rules = _check_keys(f"{at}.rules", item.get("rules") or {}, RULE_KEYS)
+        rules = _check_keys(f"{at}.rules", {} if item.get("rules") is None else item["rules"], RULE_KEYS)
         # A class's expressions replace the default ones (listing them again keeps them).
         expressions = _expressions(f"{at}.rules.expressions", rules["expressions"]) if "expressions" in rules else list(defaults.expressions)
         classes.append(PolicyClass(name, match, RuleSet(_rule_values(f"{at}.rules", rules, defaults.values), expressions)))
@@ -547,11 +547,12 @@ def evaluate(policy: Policy, catalog: dict[str, t.Any], libvirt_vms: list[Subjec
     """The policy_check result (without changed/msg) and its warnings; pure given its inputs."""
     warnings: list[str] = []
     repo_path = catalog["repository"]
-    subjects = [s for s in merge_subjects(libvirt_vms, catalog, warnings)
-                if any(fnmatch.fnmatchcase(s.name or "", p) for p in policy.include)]
+    everyone = merge_subjects(libvirt_vms, catalog, warnings)
+    # A VM without a readable name is judged unless include narrows the selection (it may be anyone).
+    subjects = [s for s in everyone if policy.include == ["*"] or any(fnmatch.fnmatchcase(s.name or "", p) for p in policy.include)]
     for what, patterns in (("include", [p for p in policy.include if p != "*"]), ("exclude", policy.exclude)):
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(s.name or "", pattern) for s in merge_subjects(libvirt_vms, catalog, [])):
+            if not any(fnmatch.fnmatchcase(s.name or "", pattern) for s in everyone):
                 warnings.append(f"policy {what} pattern {pattern!r} matches no VM")
     cases: list[dict[str, t.Any]] = []
     for failure in discovery_failures or []:
