@@ -414,9 +414,12 @@ def rule_verify(entry: dict[str, t.Any], limit: float) -> Case:
     if age is None:
         return Case("failed", f"the newest ok verdict (set {best['set_id']}) has no valid time ({verdict['verified']!r})")
     days = round(age / 86400, 3)
+    if age < 0:
+        return Case("failed", f"the newest ok verdict (set {best['set_id']}, verified {verdict['verified']}) is dated "
+                              f"{_days(-age)} in the future: a clock is wrong (this host's or the verifying host's)", days)
     text = (f"newest ok verdict (set {best['set_id']}, verified {verdict['verified']}) is {_days(age)} old, "
             f"the policy allows {_limit_text(limit, 'days')}")
-    return Case("passed" if 0 <= age < limit * 86400 else "failed", text, days)
+    return Case("passed" if age < limit * 86400 else "failed", text, days)
 
 
 def rule_chain(entry: dict[str, t.Any]) -> Case:
@@ -468,9 +471,12 @@ def rule_drill(entry: dict[str, t.Any], limit: float) -> Case:
     if age is None:
         return Case("failed", f"the newest passed drill (set {passed['set_id']}) has no valid time ({passed['completed']!r})")
     days = round(age / 86400, 3)
+    if age < 0:
+        return Case("failed", f"the newest passed drill (set {passed['set_id']}, {passed['completed']} on {passed['host']}) is "
+                              f"dated {_days(-age)} in the future: a clock is wrong (this host's or the drill host's)", days)
     text = (f"newest passed drill (set {passed['set_id']}, {passed['completed']} on {passed['host']}) is {_days(age)} old, "
             f"the policy allows {_limit_text(limit, 'days')}")
-    return Case("passed" if 0 <= age < limit * 86400 else "failed", text, days)
+    return Case("passed" if age < limit * 86400 else "failed", text, days)
 
 
 def _truthy(value: t.Any) -> bool:

@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
+import yaml
 
 from harness import IMAGES, PREFIX, DiskSpec, VmFactory, expect_error, make_dir, parse_result, tree_state
 from test_backup_info import stat_state
@@ -31,6 +32,7 @@ from test_drill import flip_bit_in_data
 
 METADATA_NS = "https://vmbackup.libvirt/schema/1"
 REPO_BASE = pathlib.Path("/var/tmp/vmbackup-tests")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = ["rpo_hours", "verify_days", "chain", "min_points", "consistency", "drill_days", "two_copies"]
 SETUP = """
 - name: Back up and drill the policy test's VMs
@@ -237,6 +239,23 @@ def test_policy_check_scenario(ansible, world):
     assert repo_state(repo) == before
     assert not (repo / "vms" / vm["nobackup"].uuid).exists()
 
+    # --- the generic CI step of docs/examples/ci: installs the tarball, runs the check, keeps the status
+    ci = make_dir(workdir / "ci-step", 0o755)
+    (ci / "policy.json").write_text(json.dumps(variables))
+    (ci / "summary.md").write_text("")
+    dist = pathlib.Path(ansible.env["ANSIBLE_COLLECTIONS_PATH"]).parent / "dist"
+    env = dict(ansible.env, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", INVENTORY="localhost,",
+               POLICY_FILE="policy.json", BECOME="", COLLECTION_SOURCE=str(next(dist.glob("vmbackup-libvirt-*.tar.gz"))),
+               GITHUB_STEP_SUMMARY=str(ci / "summary.md"), ANSIBLE_COLLECTIONS_PATH="")
+    step = subprocess.run(["sh", str(ROOT / "docs" / "examples" / "ci" / "policy-check.sh"), "-c", "local"], cwd=ci, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert step.returncode == 2, step.stdout[-6000:] + step.stderr[-3000:]
+    assert "backup policy: VIOLATED (see policy-report/policy.junit.xml)" in step.stderr
+    assert (ci / ".ci-collections" / "ansible_collections" / "vmbackup" / "libvirt" / "MANIFEST.json").is_file()
+    assert junit_cases(ci / "policy-report" / "policy.junit.xml") == cases
+    assert (ci / "summary.md").read_text() == (ci / "policy-report" / "policy.md").read_text() and md.splitlines()[0] in step.stdout
+    assert repo_state(repo) == before
+
     # --- --check: the same verdict and exit status, no report written, nothing changed
     check_dir = workdir / "check-report"
     out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", dict(variables, vmbackup_policy_report_dir=str(check_dir)),
@@ -273,3 +292,20 @@ def test_policy_check_scenario(ansible, world):
     r = expect_error(module(ansible.env, {"repository": str(repo), "policy": {"rules": {"rpo_hour": 26}}}), "INVALID_ARGUMENT")
     assert "rules.rpo_hour" in r["msg"], r["msg"]
     assert repo_state(repo) == before
+
+
+def test_ci_examples_publish_what_the_step_writes():
+    """The pipeline files run the generic step and publish the JUnit file where it writes it."""
+    examples = ROOT / "docs" / "examples" / "ci"
+    step = (examples / "policy-check.sh").read_text()
+    assert 'REPORT_DIR="${REPORT_DIR:-policy-report}"' in step
+    gitlab = yaml.safe_load((examples / "gitlab-ci.yml").read_text())["backup-policy"]
+    assert gitlab["script"] == ["sh ci/policy-check.sh"]
+    assert gitlab["artifacts"]["reports"]["junit"] == "policy-report/policy.junit.xml" and gitlab["artifacts"]["when"] == "always"
+    github = yaml.safe_load((examples / "github-actions.yml").read_text())
+    steps = github["jobs"]["policy-check"]["steps"]
+    assert any(s.get("run") == "sh ci/policy-check.sh" for s in steps)
+    junit = next(s for s in steps if "action-junit-report" in s.get("uses", ""))
+    assert junit["with"]["report_paths"] == "policy-report/policy.junit.xml" and junit["if"] == "always()"
+    policy = yaml.safe_load((examples / "policy.yml").read_text())
+    assert set(policy) == {"vmbackup_policy", "vmbackup_policy_repository_host", "vmbackup_policy_repositories"}

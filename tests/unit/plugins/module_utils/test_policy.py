@@ -184,6 +184,7 @@ def test_point_dated_in_the_future_fails_as_a_clock_fault():
     (lambda: [a_set(1, 30)], "failed", "no set of the VM was ever verified ok (1 sets)"),
     (lambda: [a_set(1, 300, verdict_=verdict(hours_ago=9 * 24))], "failed", "is 9.0 days old, the policy allows 8 days"),
     (lambda: [a_set(1, 30, verdict_=verdict(current=False))], "failed", "is stale: the set's manifest changed after it was verified"),
+    (lambda: [a_set(1, 30, verdict_=verdict(hours_ago=-36))], "failed", "is dated 1.5 days in the future: a clock is wrong"),
     # the newest ok verdict of any set counts for freshness (a new chain not verified yet)
     (lambda: [a_set(1, 60, verdict_=verdict(hours_ago=50)), a_set(2, 3)], "passed", "newest ok verdict (set {0}, verified"),
     # a failed verdict on another chain does not block the newest point's path
@@ -241,6 +242,7 @@ def test_consistency(have, required, outcome):
     (drill("error", 1), drill("ok", 24 * 3), "passed", "is 3.0 days old, the policy allows 35 days"),
     (drill("error", 1), None, "failed", "no drill passed: the newest drill"),
     (drill("ok", 24 * 40), drill("ok", 24 * 40), "failed", "is 40 days old, the policy allows 35 days"),
+    (drill("ok", -48), drill("ok", -48), "failed", "is dated 2.0 days in the future: a clock is wrong"),
 ])
 def test_drill_rule(newest, passed, outcome, words):
     case = by_rule(run(entries=[entry([a_set(1, 3)], drill_=newest, drill_ok=passed)])[0])["drill_days"]
@@ -408,3 +410,23 @@ def test_backend_checks_the_policy_before_reading(tmp_path):
     with pytest.raises(VmBackupError) as err:
         _policy.PolicyBackend(_policy.PolicyParams(repository="relative/repo"), run=None, qemu_img_path="x", check_mode=False).run()
     assert err.value.error_code == "PATH_ESCAPE"
+
+
+# --------------------------------------------------------------------------- the documented policies
+DOCS = pathlib.Path(__file__).resolve().parents[4] / "docs"
+
+
+def test_documented_policies_are_valid():
+    """The policies users copy (the CI example's policy file, the YAML blocks of docs/policy-check.md) parse."""
+    import re  # pylint: disable=import-outside-toplevel
+
+    import yaml  # pylint: disable=import-outside-toplevel
+
+    example = yaml.safe_load((DOCS / "examples" / "ci" / "policy.yml").read_text())
+    assert _policy.parse_policy(example["vmbackup_policy"]).classes[0].name == "gold"
+    blocks = re.findall(r"^```yaml\n(.*?)^```", (DOCS / "policy-check.md").read_text(), re.S | re.M)
+    policies = [yaml.safe_load(b) for b in blocks]
+    assert _policy.parse_policy(policies[0]["vmbackup_policy"]).as_dict()["rules"]["min_points"] == 2
+    parsed = _policy.parse_policy({"rules": policies[1]})
+    assert [e.name for e in parsed.rules.expressions] == ["monthly_series", "weekly_recent", "all_verified"]
+    assert by_rule(run({"rules": policies[1]}, entries=[healthy()])[0])["all_verified"]["outcome"] == "passed"
