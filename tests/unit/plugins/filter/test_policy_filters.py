@@ -50,8 +50,8 @@ def parse(xml: str):
 def test_junit_one_suite_per_repository_one_case_per_vm_and_rule():
     root = parse(policy_junit({"results": [RESULT, OTHER, BROKEN_ITEM, {"skipped": True, "item": "/x"}]}))
     assert root.tag == "testsuites"
-    assert {k: root.get(k) for k in ("tests", "failures", "errors", "skipped")} == {"tests": "7", "failures": "3", "errors": "1",
-                                                                                  "skipped": "1"}
+    totals = {k: root.get(k) for k in ("tests", "failures", "errors", "skipped")}
+    assert totals == {"tests": "7", "failures": "3", "errors": "1", "skipped": "1"}
     suites = root.findall("testsuite")
     assert [s.get("name") for s in suites] == ["/srv/vmbackup", "/mnt/offsite", "/mnt/gone"]
     assert suites[0].get("timestamp") == "2026-11-27T08:00:00"

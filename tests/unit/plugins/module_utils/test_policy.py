@@ -392,8 +392,8 @@ def test_backend_reads_the_catalog_and_writes_nothing(builder):
     real = backend(builder, policy={"rules": {"min_points": 2}}, fail_on_violation=False).run()
     checked = backend(builder, check=True, policy={"rules": {"min_points": 2}}, fail_on_violation=False).run()
     assert real["changed"] is False and real["passed"] is False and real["msg"].startswith("policy violated in ")
-    assert [(c["rule"], c["outcome"], c["message"]) for c in checked["cases"]] == [(c["rule"], c["outcome"], c["message"])
-                                                                                  for c in real["cases"]]
+    seen = [(c["rule"], c["outcome"], c["message"]) for c in checked["cases"]]
+    assert seen == [(c["rule"], c["outcome"], c["message"]) for c in real["cases"]]
     assert {c["uuid"] for c in real["cases"]} == {VM}
     assert tree(builder.repo.path) == before
 
@@ -430,3 +430,21 @@ def test_documented_policies_are_valid():
     parsed = _policy.parse_policy({"rules": policies[1]})
     assert [e.name for e in parsed.rules.expressions] == ["monthly_series", "weekly_recent", "all_verified"]
     assert by_rule(run({"rules": policies[1]}, entries=[healthy()])[0])["all_verified"]["outcome"] == "passed"
+
+
+def test_scale_thousands_of_vms_in_linear_time():
+    """2 000 VMs of 12 sets each, 2 000 more in libvirt without a backup: well under a second's work per thousand."""
+    import time  # pylint: disable=import-outside-toplevel
+
+    entries = []
+    for i in range(2000):
+        sets = [a_set(1, 300, verdict_=verdict(hours_ago=200))]
+        for n in range(2, 13):
+            sets.append(a_set(n, 300 - n * 20, "incremental", parent=sets[-1]["set_id"]))
+        entries.append(entry(sets, f"vm{i:05d}", f"{i:08x}-2222-4333-8444-555555555555", drill(), drill()))
+    vms = [{"name": f"new{i:05d}", "uuid": f"{i:08x}-9999-4333-8444-555555555555", "host": "hv1"} for i in range(2000)]
+    started = time.monotonic()
+    result, dummy = run({"rules": {"expressions": [{"name": "n", "expr": "length(sets) > `1`"}]}}, entries=entries, vms=vms)
+    elapsed = time.monotonic() - started
+    assert result["summary"]["vms"] == 4000 and result["summary"]["cases"] == 4000 * 7
+    assert elapsed < 20, elapsed  # about 1 s here; a quadratic join or path walk would take minutes
