@@ -99,8 +99,10 @@ def junit_cases(path: pathlib.Path) -> dict[tuple[str, str], tuple[str, str]]:
     out = {}
     for suite in root.findall("testsuite"):
         for case in suite.findall("testcase"):
-            failure, skipped = case.find("failure"), case.find("skipped")
-            if failure is not None:
+            failure, skipped, error = case.find("failure"), case.find("skipped"), case.find("error")
+            if error is not None:
+                outcome, message = "error", error.get("message")
+            elif failure is not None:
                 outcome, message = "failed", failure.get("message")
             elif skipped is not None:
                 outcome, message = "skipped", skipped.get("message")
@@ -156,7 +158,7 @@ def world(ansible, conn, domain_type, tmp_path_factory):
         assert not parse_result(verify.stdout, verify.stderr)["failed"], verify.stdout[-4000:]
         verdict = json.loads((sets_dir / f"{newest}.verify.json").read_text())
         assert verdict["outcome"] == "failed" and "CHECKSUM_MISMATCH" in verdict["codes"], verdict
-        yield {"repo": repo, "vm": vm, "prefix": prefix, "workdir": workdir, "failed_set": newest, "token": token}
+        yield {"repo": repo, "base": base, "vm": vm, "prefix": prefix, "workdir": workdir, "failed_set": newest, "token": token}
     finally:
         factory.cleanup()
         shutil.rmtree(base, ignore_errors=True)
@@ -191,7 +193,10 @@ def test_policy_check_scenario(ansible, world):
     repo, vm, prefix, workdir = world["repo"], world["vm"], world["prefix"], world["workdir"]
     policy = policy_for(prefix)
     before = repo_state(repo)
-    variables = {"vmbackup_policy_hosts": "localhost", "vmbackup_policy_repository": str(repo), "vmbackup_policy": policy}
+    # A second "repository" that root must not trust (world-writable): reported as an error, never read.
+    unsafe = make_dir(world["base"] / "unsafe", 0o777)
+    variables = {"vmbackup_policy_hosts": "localhost", "vmbackup_policy_repositories": [str(repo), str(unsafe)],
+                 "vmbackup_policy": policy}
 
     # --- the playbook, reports in the default directory (policy-report under the current directory)
     cwd = make_dir(workdir / "ci", 0o755)
@@ -200,7 +205,9 @@ def test_policy_check_scenario(ansible, world):
     assert "backup policy violated" in out.stdout, out.text
     report = cwd / "policy-report"
     cases = junit_cases(report / "policy.junit.xml")
-    assert {k: v[0] for k, v in cases.items()} == expected_outcomes(vm), json.dumps({f"{k[0]}/{k[1]}": v for k, v in cases.items()}, indent=1)
+    expected = {**expected_outcomes(vm), (str(unsafe), "read repository"): "error"}
+    assert {k: v[0] for k, v in cases.items()} == expected, json.dumps({f"{k[0]}/{k[1]}": v for k, v in cases.items()}, indent=1)
+    assert cases[(str(unsafe), "read repository")][1].startswith("UNSAFE_TARGET: "), cases[(str(unsafe), "read repository")]
     # Why, in words an operator acts on.
     stale = cases[(vm["stale"].name, "rpo_hours")][1]
     match = re.fullmatch(r"newest point (\S+) \(set \S+\) is (\d+) h old, the policy allows 26 h", stale)
@@ -217,24 +224,27 @@ def test_policy_check_scenario(ansible, world):
     assert cases[(vm["nobackup"].name, "two_copies")][0] == "failed"
     assert "opted out" in cases[(vm["optout"].name, "chain")][1] and "excluded" in cases[(vm["scratch"].name, "chain")][1]
     # The suite's counts agree with its cases (what CI systems show in their headers).
-    suite = ET.parse(report / "policy.junit.xml").getroot().find("testsuite")
-    assert suite.get("name") == str(repo)
-    assert (int(suite.get("tests")), int(suite.get("failures")), int(suite.get("skipped"))) == (
-        len(cases), sum(v[0] == "failed" for v in cases.values()), sum(v[0] == "skipped" for v in cases.values()))
+    suites = ET.parse(report / "policy.junit.xml").getroot().findall("testsuite")
+    assert [s.get("name") for s in suites] == [str(repo), str(unsafe)] and suites[1].get("errors") == "1"
+    assert (int(suites[0].get("tests")), int(suites[0].get("failures")), int(suites[0].get("skipped"))) == (
+        len(cases) - 1, sum(v[0] == "failed" for v in cases.values()), sum(v[0] == "skipped" for v in cases.values()))
 
     # policy.json: the same cases; policy.md: a failure table first, then the counts.
     data = json.loads((report / "policy.json").read_text())
     assert data["passed"] is False and data["summary"]["failed"] == sum(v[0] == "failed" for v in cases.values())
-    assert {(c["vm"], c["rule"]): c["outcome"] for c in data["repositories"][0]["cases"]} == {k: v[0] for k, v in cases.items()}
+    assert {(c["vm"], c["rule"]): c["outcome"] for c in data["repositories"][0]["cases"]} == expected_outcomes(vm)
+    assert data["repositories"][1]["error"] == cases[(str(unsafe), "read repository")][1]
     md = (report / "policy.md").read_text()
     assert md.startswith("## Backup policy check: FAILED\n")
     rows = [line for line in md.splitlines() if line.startswith(f"| {repo} | ")]
     assert len(rows) == data["summary"]["failed"], md
+    assert f"| {unsafe} | - | - | read repository | UNSAFE_TARGET: " in md and "2 repositories, 1 could not be read." in md
     assert any(f"| {vm['failedverify'].name} | localhost | chain | newest point {failed_set} is not restorable" in row for row in rows), md
     assert f"{data['summary']['failed']} failed, {data['summary']['passed']} passed, 14 skipped" in md
     # set_stats: what AWX keeps.
     stats = out.stats()["vmbackup_policy"]
     assert stats["passed"] is False and stats["summary"] == data["summary"]
+    assert [e["repository"] for e in stats["errors"]] == [str(unsafe)] and data["errors"] == stats["errors"]
     assert {(c["vm"], c["rule"]) for c in stats["failed"]} == {k for k, v in cases.items() if v[0] == "failed"}
     assert repo_state(repo) == before
     assert not (repo / "vms" / vm["nobackup"].uuid).exists()
