@@ -30,31 +30,39 @@ SUITES_NAME = "vmbackup.libvirt policy check"
 
 def _results(data: t.Any, what: str) -> list[dict[str, t.Any]]:
     """The policy_check results in ``data``, each with ``repository``, ``cases`` (None for an error) and ``error``."""
-    if isinstance(data, t.Mapping) and "cases" not in data and isinstance(data.get("results"), list):
-        data = data["results"]  # a registered loop
     if isinstance(data, t.Mapping):
         data = [data]
     if not isinstance(data, (list, tuple)):
         raise AnsibleFilterError(f"{what}: give a policy_check result, a list of them or a registered loop of them, "
                                  f"not {type(data).__name__}")
+    items: list[t.Any] = []
+    for item in data:  # a registered loop (also one per repository host) stands for its items
+        if isinstance(item, t.Mapping) and "cases" not in item and isinstance(item.get("results"), list):
+            items.extend(item["results"])
+        else:
+            items.append(item)
     out = []
-    for i, item in enumerate(data):
+    for i, item in enumerate(items):
         if not isinstance(item, t.Mapping):
             raise AnsibleFilterError(f"{what}: item {i} is not a policy_check result")
         if item.get("skipped") is True and "cases" not in item:
             continue  # a loop item skipped by a condition judged nothing
         repository = item.get("repository") or (item.get("item") if isinstance(item.get("item"), str) else None) or f"result {i}"
+        host = item.get("repository_host") if isinstance(item.get("repository_host"), str) else None
+        # The playbook labels each result with the host that read it: one path on two hosts is two repositories.
+        label = f"{host}:{repository}" if host else repository
         cases = item.get("cases")
         if not isinstance(cases, list):
             msg = item.get("msg") or "policy_check returned no cases"
             code = item.get("error_code")
-            out.append({"repository": repository, "generated": item.get("generated"), "cases": None,
+            out.append({"repository": repository, "host": host, "label": label, "generated": item.get("generated"), "cases": None,
                         "error": f"{code}: {msg}" if code else str(msg)})
             continue
         for case in cases:
             if not isinstance(case, t.Mapping) or case.get("outcome") not in OUTCOMES or not case.get("rule"):
                 raise AnsibleFilterError(f"{what}: a case of {repository} is not a policy_check case: {case!r}")
-        out.append({"repository": repository, "generated": item.get("generated"), "cases": list(cases), "error": None})
+        out.append({"repository": repository, "host": host, "label": label, "generated": item.get("generated"), "cases": list(cases),
+                    "error": None})
     return out
 
 
@@ -95,7 +103,7 @@ def policy_junit(data: t.Any) -> str:
     for result in results:
         cases = result["cases"] or []
         suite = ET.SubElement(root, "testsuite", {
-            "name": _text(result["repository"]),
+            "name": _text(result["label"]),
             "tests": str(len(cases) if result["error"] is None else 1),
             "failures": str(sum(1 for c in cases if c["outcome"] == "failed")),
             "errors": "0" if result["error"] is None else "1",
@@ -105,7 +113,7 @@ def policy_junit(data: t.Any) -> str:
         if isinstance(result["generated"], str) and result["generated"].endswith("Z"):
             suite.set("timestamp", result["generated"][:-1])  # the JUnit schema's timestamp has no zone (it is UTC)
         if result["error"] is not None:
-            case_el = ET.SubElement(suite, "testcase", {"classname": _text(result["repository"]), "name": "read repository",
+            case_el = ET.SubElement(suite, "testcase", {"classname": _text(result["label"]), "name": "read repository",
                                                         "time": "0"})
             ET.SubElement(case_el, "error", {"message": _text(result["error"]), "type": "error"}).text = _text(result["error"])
             continue
@@ -139,8 +147,8 @@ def policy_markdown(data: t.Any, max_rows: int = 50) -> str:
     totals = _counts(results)
     ok = totals["failed"] == 0 and totals["errors"] == 0
     lines = [f"## Backup policy check: {'PASSED' if ok else 'FAILED'}", ""]
-    rows = [(r["repository"], "-", "-", "read repository", r["error"]) for r in results if r["error"] is not None]
-    rows += [(r["repository"], _classname(c), c.get("host"), c["rule"], c.get("message"))
+    rows = [(r["label"], "-", "-", "read repository", r["error"]) for r in results if r["error"] is not None]
+    rows += [(r["label"], _classname(c), c.get("host"), c["rule"], c.get("message"))
              for r in results for c in r["cases"] or [] if c["outcome"] == "failed"]
     if rows:
         lines += ["| Repository | VM | Host | Rule | Why |", "|---|---|---|---|---|"]
@@ -165,7 +173,7 @@ def policy_summary(data: t.Any, details: bool = False) -> dict[str, t.Any]:
     repositories = []
     for r in results:
         cases = r["cases"] or []
-        entry = {"repository": r["repository"], "generated": r["generated"], "error": r["error"],
+        entry = {"repository": r["repository"], "repository_host": r["host"], "generated": r["generated"], "error": r["error"],
                  "passed": r["error"] is None and not any(c["outcome"] == "failed" for c in cases),
                  "summary": {o: sum(1 for c in cases if c["outcome"] == o) for o in OUTCOMES}}
         if details:
@@ -174,8 +182,10 @@ def policy_summary(data: t.Any, details: bool = False) -> dict[str, t.Any]:
     return {
         "passed": totals["failed"] == 0 and totals["errors"] == 0,
         "summary": totals,
-        "failed": [dict(c, repository=r["repository"]) for r in results for c in r["cases"] or [] if c["outcome"] == "failed"],
-        "errors": [{"repository": r["repository"], "error": r["error"]} for r in results if r["error"] is not None],
+        "failed": [dict(c, repository=r["repository"], repository_host=r["host"]) for r in results for c in r["cases"] or []
+                   if c["outcome"] == "failed"],
+        "errors": [{"repository": r["repository"], "repository_host": r["host"], "error": r["error"]} for r in results
+                   if r["error"] is not None],
         "repositories": repositories,
     }
 

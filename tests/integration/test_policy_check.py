@@ -74,10 +74,10 @@ class Run:
 
 
 def playbook(env: dict, workdir: pathlib.Path, book: str, variables: dict, check: bool = False,
-             faketime: str | None = None, cwd: pathlib.Path | None = None) -> Run:
+             faketime: str | None = None, cwd: pathlib.Path | None = None, inventory: str = "localhost,") -> Run:
     vars_file = workdir / f"vars-{uuid.uuid4().hex[:6]}.json"
     vars_file.write_text(json.dumps(variables))
-    argv = [ansible_bin("ansible-playbook"), "-i", "localhost,", "-c", "local", book, "-e", f"@{vars_file}"]
+    argv = [ansible_bin("ansible-playbook"), "-i", inventory, "-c", "local", book, "-e", f"@{vars_file}"]
     argv += ["--check"] if check else []
     argv = (["faketime", faketime] if faketime else []) + argv
     env = dict(env, ANSIBLE_STDOUT_CALLBACK="default", ANSIBLE_SHOW_CUSTOM_STATS="1")
@@ -92,12 +92,13 @@ def module(env: dict, args: dict, check: bool = False, faketime: str | None = No
     return parse_result(proc.stdout, proc.stderr)
 
 
-def junit_cases(path: pathlib.Path) -> dict[tuple[str, str], tuple[str, str]]:
-    """(classname, name) -> (outcome, message), read from the JUnit file with xml.etree."""
+def junit_suites(path: pathlib.Path) -> dict[str, dict[tuple[str, str], tuple[str, str]]]:
+    """suite name -> {(classname, name) -> (outcome, message)}, read from the JUnit file with xml.etree."""
     root = ET.parse(path).getroot()
     assert root.tag == "testsuites"
-    out = {}
+    suites = {}
     for suite in root.findall("testsuite"):
+        out = suites.setdefault(suite.get("name"), {})
         for case in suite.findall("testcase"):
             failure, skipped, error = case.find("failure"), case.find("skipped"), case.find("error")
             if error is not None:
@@ -111,6 +112,15 @@ def junit_cases(path: pathlib.Path) -> dict[tuple[str, str], tuple[str, str]]:
             key = (case.get("classname"), case.get("name"))
             assert key not in out, key
             out[key] = (outcome, message)
+    return suites
+
+
+def junit_cases(path: pathlib.Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """(classname, name) -> (outcome, message) over every suite (each case once)."""
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for cases in junit_suites(path).values():
+        assert not set(cases) & set(out), set(cases) & set(out)
+        out.update(cases)
     return out
 
 
@@ -205,9 +215,9 @@ def test_policy_check_scenario(ansible, world):
     assert "backup policy violated" in out.stdout, out.text
     report = cwd / "policy-report"
     cases = junit_cases(report / "policy.junit.xml")
-    expected = {**expected_outcomes(vm), (str(unsafe), "read repository"): "error"}
+    expected = {**expected_outcomes(vm), (f"localhost:{unsafe}", "read repository"): "error"}
     assert {k: v[0] for k, v in cases.items()} == expected, json.dumps({f"{k[0]}/{k[1]}": v for k, v in cases.items()}, indent=1)
-    assert cases[(str(unsafe), "read repository")][1].startswith("UNSAFE_TARGET: "), cases[(str(unsafe), "read repository")]
+    assert cases[(f"localhost:{unsafe}", "read repository")][1].startswith("UNSAFE_TARGET: ")
     # Why, in words an operator acts on.
     stale = cases[(vm["stale"].name, "rpo_hours")][1]
     match = re.fullmatch(r"newest point (\S+) \(set \S+\) is (\d+) h old, the policy allows 26 h", stale)
@@ -225,7 +235,7 @@ def test_policy_check_scenario(ansible, world):
     assert "opted out" in cases[(vm["optout"].name, "chain")][1] and "excluded" in cases[(vm["scratch"].name, "chain")][1]
     # The suite's counts agree with its cases (what CI systems show in their headers).
     suites = ET.parse(report / "policy.junit.xml").getroot().findall("testsuite")
-    assert [s.get("name") for s in suites] == [str(repo), str(unsafe)] and suites[1].get("errors") == "1"
+    assert [s.get("name") for s in suites] == [f"localhost:{repo}", f"localhost:{unsafe}"] and suites[1].get("errors") == "1"
     assert (int(suites[0].get("tests")), int(suites[0].get("failures")), int(suites[0].get("skipped"))) == (
         len(cases) - 1, sum(v[0] == "failed" for v in cases.values()), sum(v[0] == "skipped" for v in cases.values()))
 
@@ -233,12 +243,12 @@ def test_policy_check_scenario(ansible, world):
     data = json.loads((report / "policy.json").read_text())
     assert data["passed"] is False and data["summary"]["failed"] == sum(v[0] == "failed" for v in cases.values())
     assert {(c["vm"], c["rule"]): c["outcome"] for c in data["repositories"][0]["cases"]} == expected_outcomes(vm)
-    assert data["repositories"][1]["error"] == cases[(str(unsafe), "read repository")][1]
+    assert data["repositories"][1]["error"] == cases[(f"localhost:{unsafe}", "read repository")][1]
     md = (report / "policy.md").read_text()
     assert md.startswith("## Backup policy check: FAILED\n")
-    rows = [line for line in md.splitlines() if line.startswith(f"| {repo} | ")]
+    rows = [line for line in md.splitlines() if line.startswith(f"| localhost:{repo} | ")]
     assert len(rows) == data["summary"]["failed"], md
-    assert f"| {unsafe} | - | - | read repository | UNSAFE_TARGET: " in md and "2 repositories, 1 could not be read." in md
+    assert f"| localhost:{unsafe} | - | - | read repository | UNSAFE_TARGET: " in md and "2 repositories, 1 could not be read." in md
     assert any(f"| {vm['failedverify'].name} | localhost | chain | newest point {failed_set} is not restorable" in row for row in rows), md
     assert f"{data['summary']['failed']} failed, {data['summary']['passed']} passed, 14 skipped" in md
     # set_stats: what AWX keeps.
@@ -268,22 +278,30 @@ def test_policy_check_scenario(ansible, world):
 
     # --- --check: the same verdict and exit status, no report written, nothing changed
     check_dir = workdir / "check-report"
-    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", dict(variables, vmbackup_policy_report_dir=str(check_dir)),
-                   check=True)
+    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", dict(
+        variables, vmbackup_policy_report_dir=str(check_dir), vmbackup_policy_per_host=True), check=True)
     assert out.rc == 2 and "backup policy violated" in out.stdout, out.text
     assert out.stats()["vmbackup_policy"]["summary"] == data["summary"]
     assert not check_dir.exists() and repo_state(repo) == before
 
-    # --- without hypervisors only the repository's VMs are judged: the healthy one alone passes (rc 0)
+    # --- without hypervisors only the repository's VMs are judged: the healthy one alone passes (rc 0);
+    # two repository hosts read it, each a suite of the one report
     ok_dir = workdir / "ok-report"
+    inventory = workdir / "two-hosts.ini"
+    inventory.write_text("repo-a ansible_connection=local\nrepo-b ansible_connection=local\n")
     out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", {
-        "vmbackup_policy_hosts": [], "vmbackup_policy_repositories": str(repo), "vmbackup_policy_report_dir": str(ok_dir),
-        "vmbackup_policy": json.dumps(dict(policy, include=[vm["healthy"].name, vm["nobackup"].name]))})  # as a survey's text
+        "vmbackup_policy_hosts": [], "vmbackup_policy_repository_host": "repo-a,repo-b", "vmbackup_policy_repositories": str(repo),
+        "vmbackup_policy_report_dir": str(ok_dir),
+        "vmbackup_policy": json.dumps(dict(policy, include=[vm["healthy"].name, vm["nobackup"].name]))},  # as a survey's text
+        inventory=str(inventory))
     assert out.rc == 0, out.text
-    ok_cases = junit_cases(ok_dir / "policy.junit.xml")
+    suites = junit_suites(ok_dir / "policy.junit.xml")
+    assert sorted(suites) == [f"repo-a:{repo}", f"repo-b:{repo}"], suites
+    ok_cases = suites[f"repo-a:{repo}"]
     # The healthy VM has no tier without libvirt: the default class (drill_days 35) judges it.
     assert {k: v[0] for k, v in ok_cases.items()} == {(vm["healthy"].name, r): "passed" for r in RULES}, ok_cases
     assert ok_cases[(vm["healthy"].name, "drill_days")][1].endswith("the policy allows 35 days")
+    assert suites[f"repo-b:{repo}"] == ok_cases
     assert out.stats()["vmbackup_policy"]["passed"] is True
     assert repo_state(repo) == before
 

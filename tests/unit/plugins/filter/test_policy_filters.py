@@ -115,10 +115,22 @@ def test_summary_for_set_stats():
                             "failed_vms": 2}
     assert [(c["repository"], c["vm"], c["rule"]) for c in s["failed"]] == [
         ("/srv/vmbackup", None, "discovery"), ("/srv/vmbackup", "web01", "rpo_hours"), ("/srv/vmbackup", "db|01", "drill_days")]
-    assert s["errors"] == [{"repository": "/mnt/gone", "error": "REPOSITORY_NOT_FOUND: repository /mnt/gone does not exist"}]
+    assert s["errors"] == [{"repository": "/mnt/gone", "repository_host": None,
+                            "error": "REPOSITORY_NOT_FOUND: repository /mnt/gone does not exist"}]
     assert [r["passed"] for r in s["repositories"]] == [False, True, False] and "cases" not in s["repositories"][0]
     assert policy_summary(OTHER, details=True)["repositories"][0]["cases"] == OTHER["cases"]
     assert policy_summary(OTHER)["passed"] is True
+
+
+def test_results_of_several_repository_hosts_are_labelled():
+    """The playbook's per-host loops, each item labelled with its host: one path on two hosts is two suites."""
+    loops = [{"results": [dict(OTHER, repository_host=host, item=OTHER["repository"])]} for host in ("hv1", "hv2")]
+    root = parse(policy_junit(loops))
+    assert [s.get("name") for s in root.findall("testsuite")] == ["hv1:/mnt/offsite", "hv2:/mnt/offsite"]
+    assert "| hv2:/mnt/gone | - | - | read repository |" in policy_markdown(loops + [dict(BROKEN_ITEM, repository_host="hv2")])
+    s = policy_summary(loops)
+    assert [(r["repository_host"], r["repository"]) for r in s["repositories"]] == [("hv1", "/mnt/offsite"), ("hv2", "/mnt/offsite")]
+    assert s["summary"]["repositories"] == 2 and s["summary"]["vms"] == 1  # the same VM (UUID) in both
 
 
 DOMAINS = {"domains": [
