@@ -26,7 +26,7 @@ import libvirt
 import pytest
 import yaml
 
-from harness import IMAGES, PREFIX, DiskSpec, VmFactory, expect_error, make_dir, parse_result, tree_state
+from harness import IMAGES, PREFIX, DiskSpec, VmFactory, destroy_vm, expect_error, make_dir, parse_result, tree_state
 from test_backup_info import stat_state
 from test_drill import flip_bit_in_data
 
@@ -52,6 +52,10 @@ SETUP = """
         boot: never
         disk_dir: "{{ disk_dir }}"
       loop: "{{ drill_vms }}"
+      register: drilled
+      # The drill passed and its proof is written; a file it keeps because a foreign domain's disk on this
+      # shared libvirtd cannot be read (another test's deliberately broken image) is removed below.
+      failed_when: drilled.failed and drilled.error_code | default('') != 'DRILL_LEFTOVER'
 """
 
 
@@ -171,6 +175,9 @@ def world(ansible, conn, domain_type, tmp_path_factory):
         yield {"repo": repo, "base": base, "vm": vm, "prefix": prefix, "workdir": workdir, "failed_set": newest, "token": token}
     finally:
         factory.cleanup()
+        for dom in conn.listAllDomains(0):
+            if dom.name().startswith(f"vmbackup-drill-{prefix}"):
+                destroy_vm(dom)
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(disk_dir, ignore_errors=True)
 
@@ -303,6 +310,23 @@ def test_policy_check_scenario(ansible, world):
     assert ok_cases[(vm["healthy"].name, "drill_days")][1].endswith("the policy allows 35 days")
     assert suites[f"repo-b:{repo}"] == ok_cases
     assert out.stats()["vmbackup_policy"]["passed"] is True
+    assert repo_state(repo) == before
+
+    # --- a hypervisor that cannot be reached, one whose libvirt does not answer: the check fails, saying which
+    bad_dir = workdir / "bad-hosts-report"
+    inventory = workdir / "hypervisors.ini"
+    inventory.write_text("[hypervisors]\nlocalhost ansible_connection=local\n"
+                         "hv-gone ansible_host=127.0.0.1 ansible_port=1 ansible_connection=ssh\n"
+                         "hv-nolibvirt ansible_connection=local vmbackup_policy_uri=qemu+unix:///system?socket=/nonexistent/sock\n")
+    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", {
+        "vmbackup_policy_repository": str(repo), "vmbackup_policy_report_dir": str(bad_dir),
+        "vmbackup_policy": dict(policy, include=[vm["healthy"].name])}, inventory=str(inventory))
+    assert out.rc == 2, out.text
+    bad = junit_cases(bad_dir / "policy.junit.xml")
+    assert {k: v[0] for k, v in bad.items()} == {("host hv-gone", "discovery"): "failed", ("host hv-nolibvirt", "discovery"): "failed",
+                                                 **{(vm["healthy"].name, r): "passed" for r in RULES}}, bad
+    assert "could not be listed (unreachable: " in bad[("host hv-gone", "discovery")][1]
+    assert "could not be listed (LIBVIRT_UNAVAILABLE " in bad[("host hv-nolibvirt", "discovery")][1]
     assert repo_state(repo) == before
 
     # --- the module: the managed host's clock (two days on, the healthy VM is stale too), POLICY_VIOLATED, check mode
