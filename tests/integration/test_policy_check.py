@@ -327,6 +327,14 @@ def test_policy_check_scenario(ansible, world):
                                                  **{(vm["healthy"].name, r): "passed" for r in RULES}}, bad
     assert "could not be listed (unreachable: " in bad[("host hv-gone", "discovery")][1]
     assert "could not be listed (LIBVIRT_UNAVAILABLE " in bad[("host hv-nolibvirt", "discovery")][1]
+    # A misspelt hypervisor pattern does not pass on the repository alone.
+    out = playbook(ansible.env, workdir, "vmbackup.libvirt.policy_check", {
+        "vmbackup_policy_hosts": "hypervisor", "vmbackup_policy_repository": str(repo), "vmbackup_policy_report_dir": str(bad_dir),
+        "vmbackup_policy": dict(policy, include=[vm["healthy"].name])}, inventory=str(inventory))
+    assert out.rc == 2, out.text
+    typo = junit_cases(bad_dir / "policy.junit.xml")
+    assert typo[("host hypervisor", "discovery")][0] == "failed" and "matched no host" in typo[("host hypervisor", "discovery")][1]
+    assert sorted(k for k, v in typo.items() if v[0] == "failed") == [("host hypervisor", "discovery")]
     assert repo_state(repo) == before
 
     # --- the module: the managed host's clock (two days on, the healthy VM is stale too), POLICY_VIOLATED, check mode
