@@ -15,8 +15,8 @@ author:
 description:
   - Reads the catalog of a repository exactly as M(vmbackup.libvirt.backup_info) does (no lock, nothing written) and
     judges every VM against a backup policy - one case per VM and rule, C(passed), C(failed) or C(skipped), with a
-    message saying why in words an operator acts on (for instance C(newest point 2026-11-20T02:00:07Z (set ...) is 171 h
-    old, the policy allows 26 h)), the measured RV(cases[].value) and the policy's RV(cases[].limit).
+    message saying why in words an operator acts on (for instance that the newest point, of 2026-11-20T02:00:07Z, is
+    171 h old while the policy allows 26 h), the measured RV(cases[].value) and the policy's RV(cases[].limit).
   - "The built-in rules (C(rules)): C(rpo_hours) - the newest readable point started less than this many hours
     ago; C(verify_days) - no verify verdict other than C(ok) on the restore path of the newest point, and the newest
     C(ok) verdict of the VM (of any of its sets) is younger than this many days and C(current) (recorded for the manifest
