@@ -160,6 +160,8 @@ def policy_markdown(data: t.Any, max_rows: int = 50) -> str:
                  f"{totals['failed_vms']} of {totals['vms']} VMs fail; {totals['repositories']} "
                  f"repositor{'y' if totals['repositories'] == 1 else 'ies'}"
                  + (f", {totals['errors']} could not be read" if totals["errors"] else "") + ".")
+    if totals["cases"] == 0 and totals["errors"] == 0:
+        lines.append("**No VM was judged**: check the repositories, the hypervisors (vmbackup_policy_hosts) and the policy's include.")
     generated = sorted({r["generated"] for r in results if isinstance(r["generated"], str)})
     if generated:
         lines.append(f"Judged at {', '.join(generated)} (the repository host's clock).")

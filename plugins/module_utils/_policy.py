@@ -584,6 +584,9 @@ def evaluate(policy: Policy, catalog: dict[str, t.Any], libvirt_vms: list[Subjec
         cases.extend(vm_cases)
         vms_out.append({"name": vm.name, "uuid": vm.uuid, "host": vm.host, "class": cls, "in_libvirt": vm.in_libvirt,
                         "in_repository": vm.entry is not None, "skipped": skip, "passed": not failed, "failed_rules": failed})
+    if not vms_out:
+        warnings.append(f"no VM was judged: repository {repo_path} has no VM, no VM was listed by libvirt, or the policy's "
+                        "include matches none - a check of nothing passes")
     for cls in policy.classes:
         if cls.name not in used_classes:
             warnings.append(f"policy class {cls.name!r} matches no VM")

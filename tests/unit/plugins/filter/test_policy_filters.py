@@ -106,6 +106,8 @@ def test_markdown_failures_first_then_counts():
     assert policy_markdown(OTHER).startswith("## Backup policy check: PASSED\n\n0 failed, 1 passed")
     with pytest.raises(AnsibleFilterError):
         policy_markdown(RESULT, max_rows=-1)
+    empty = policy_markdown(dict(OTHER, cases=[]))
+    assert empty.startswith("## Backup policy check: PASSED\n") and "**No VM was judged**" in empty
 
 
 def test_summary_for_set_stats():

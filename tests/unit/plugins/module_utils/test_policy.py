@@ -348,6 +348,12 @@ def test_discovery_failure_is_a_failed_case_and_duplicates_are_judged_once():
     assert _policy.summary_message(result).startswith("policy violated in /srv/vmbackup: 1 of 7 cases failed, 0 of 1 VMs (host hv3: discovery)")
 
 
+def test_nothing_judged_is_a_warning():
+    result, warnings = run({"include": ["nothing-*"]}, entries=[healthy()])
+    assert result["passed"] is True and result["cases"] == []
+    assert any(w.startswith("no VM was judged") for w in warnings), warnings
+
+
 def test_summary_message_when_met():
     result, dummy = run(entries=[healthy()])
     assert _policy.summary_message(result) == "policy met in /srv/vmbackup: 1 VMs, 6 cases passed, 0 skipped"
