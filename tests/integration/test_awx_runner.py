@@ -18,11 +18,13 @@ the nine are not backed up again, the tenth is, the job is successful.
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import os
 import pathlib
 import shutil
 import sys
+import threading
 import uuid
 
 import ansible_runner
@@ -55,13 +57,13 @@ class Job:
     """One ansible-runner run, and what AWX keeps of it, read back from the artifacts directory
     (never from the Runner object alone)."""
 
-    def __init__(self, pdd: pathlib.Path, ident: str, playbook: str, extravars: dict, env: dict) -> None:
+    def __init__(self, pdd: pathlib.Path, ident: str, playbook: str, extravars: dict, env: dict, **envvars: str) -> None:
         self.runner = ansible_runner.run(
             private_data_dir=str(pdd), ident=ident, playbook=playbook, extravars=extravars, quiet=True,
             timeout=600,
             # The venv's ansible-playbook first on PATH (runner starts "ansible-playbook" by name).
             envvars=dict({k: env[k] for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_LOCAL_TEMP", "ANSIBLE_HOST_KEY_CHECKING")},
-                         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"),
+                         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **envvars),
         )
         self.dir = pdd / "artifacts" / ident
         # job_events/<counter>-<uuid>.json, one event per file: parsed here independently.
@@ -126,7 +128,7 @@ def weekly(ansible, conn, domain_type, tmp_path_factory):
 def test_failed_vm_fails_the_job_visibly(weekly):
     job, bad = weekly["job"], weekly["bad"]
     # Exit status and status as AWX stores them (the artifacts' rc and status files too).
-    assert job.runner.rc not in (0, None) and job.runner.status == "failed", job.text
+    assert job.runner.rc == 2 and job.runner.status == "failed", job.text  # ansible-playbook's "a host failed"
     assert (job.dir / "rc").read_text() == str(job.runner.rc)
     assert (job.dir / "status").read_text() == "failed"
     assert (job.dir / "command").exists() and json.loads((job.dir / "command").read_text())["command"][0] == "ansible-playbook"
@@ -171,6 +173,7 @@ def test_job_events(weekly):
     assert len(final) == 1, [(e["event_data"]["task"], e["event_data"]["host"]) for e in final]
     data = final[0]["event_data"]
     assert data["host"] == HOST and data["play"] == "Fail the hosts whose weekly backup failed"
+    assert data["task"] == "Fail the host when a VM or the preflight failed" and data["task_action"] == "ansible.builtin.fail"
     assert f"{bad.name} at preflight: BACKUP_FAILED" in data["res"]["msg"], data["res"]["msg"]
     # The nine exports: one runner_on_ok each, changed, with the set id the repository holds.
     exports = {e["event_data"]["task"][len("Export "):]: e["event_data"]["res"] for e in job.of("runner_on_ok")
@@ -200,6 +203,54 @@ def test_the_other_nine_are_in_the_repository(weekly):
         ok, out = images_equal(str(repo / "vms" / vm.uuid / "sets" / set_id / "disks" / "vda.qcow2"), str(vm.disks["vda"]))
         assert ok, (vm.name, out)
         assert (repo / "vms" / vm.uuid / "sets" / f"{set_id}.verify.json").exists()  # verified by the job
+
+
+class Webhook(http.server.BaseHTTPRequestHandler):
+    """A chat webhook: records what is posted to it."""
+    received: list[tuple[str, dict]] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Webhook.received.append((self.path, json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+def test_workflow_failure_branch_notifies(weekly):
+    """The workflow's failure node (docs/examples/awx/project/notify.yml) gets the failed job's
+    artifacts as extra vars, as AWX passes them, plus the webhook credential's secret URL: it
+    posts the summary, hides the secret from every event and from stdout, and fails (the
+    workflow stays red)."""
+    secret = uuid.uuid4().hex
+    server = http.server.HTTPServer(("127.0.0.1", 0), Webhook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        extravars = dict(weekly["job"].stats["artifact_data"],
+                         vmbackup_notify_webhook_url=f"http://127.0.0.1:{server.server_port}/hooks/{secret}")
+        # Even with task arguments shown in the output (an AWX setting some admins turn on).
+        job = Job(weekly["pdd"], "notify-1", "notify.yml", extravars, weekly["env"], ANSIBLE_DISPLAY_ARGS_TO_STDOUT="True")
+    finally:
+        server.shutdown()
+        thread.join()
+    bad = weekly["bad"]
+    assert job.runner.rc == 2 and job.runner.status == "failed", job.text
+    (path, body), = Webhook.received
+    assert path == f"/hooks/{secret}"
+    lines = body["text"].splitlines()
+    assert lines[0] == f"vmbackup: the backup FAILED on {HOST}", lines
+    assert lines[1].startswith(f"{HOST}: FAILED: 1 of 10 VM(s): {bad.name} at preflight: BACKUP_FAILED"), lines
+    # The last task fails with the message's first line; nothing else failed.
+    failed = job.of("runner_on_failed")
+    assert [(e["event_data"]["task"], e["event_data"]["res"]["msg"]) for e in failed] == [
+        ("Fail when what was reported failed (keeps the workflow red)", lines[0])]
+    # The secret is in no event and not in the job output AWX stores and shows.
+    for event in job.events:
+        assert secret not in json.dumps(event), event["event"]
+    assert secret not in job.stdout and "the webhook took the message (HTTP 204)" in job.stdout
 
 
 def test_relaunch_after_the_repair(weekly):
