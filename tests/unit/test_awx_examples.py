@@ -22,6 +22,7 @@ DELIBERATE = {
     "vmbackup_hosts": "hypervisors",      # the inventory group of docs/awx.md, not every host
     "vmbackup_restore_host": "",          # required: one host; the playbook's localhost is the EE in AWX
     "vmbackup_drill_host": "",            # required: one host, as above
+    "vmbackup_policy_repository_host": "",  # required: a host that mounts the repositories, not the EE
 }
 SECRET_WORDS = ("password", "token", "secret", "key", "webhook")
 
@@ -77,18 +78,50 @@ def role_options(path: pathlib.Path) -> dict[str, dict]:
     return out
 
 
-_DEFAULT_RE = re.compile(r"^\{\{\s*(\w+)\s*\|\s*default\((.*?)\)\s*\}\}$")
+_MAPPING_RE = re.compile(r"^\{\{\s*(\w+)\s*\|\s*default\(")
 
 
-def playbook_mappings(path: pathlib.Path) -> dict[str, tuple[str, object]]:
-    """playbook variable -> (the role variable it sets, its default), from `role_var: "{{ var | default(X) }}"`."""
+def default_calls(text: str, var: str) -> list[tuple[str, bool]]:
+    """Every `var | default(X[, true])` of a playbook: (X as written, whether an empty value means unset)."""
+    out = []
+    for match in re.finditer(rf"\b{re.escape(var)}\s*\|\s*default\(", text):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        args = text[match.end():i - 1]
+        parts, depth, last = [], 0, 0
+        for j, ch in enumerate(args):
+            depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                parts.append(args[last:j])
+                last = j + 1
+        parts.append(args[last:])
+        out.append((parts[0].strip(), len(parts) > 1 and parts[1].strip() == "true"))
+    return out
+
+
+def literal(expr: str):
+    """The value of a literal default expression (none, numbers, strings, {} and []); KeyError otherwise."""
+    if expr == "none":
+        return None
+    try:
+        value = yaml.safe_load(expr)
+    except yaml.YAMLError as exc:
+        raise KeyError(expr) from exc
+    if isinstance(value, str) and not re.fullmatch(r"""(['"]).*\1""", expr):
+        raise KeyError(expr)  # a variable name, not a string literal
+    return value
+
+
+def playbook_mappings(path: pathlib.Path) -> dict[str, str]:
+    """playbook variable -> the role variable it sets, from `role_var: "{{ var | default(X) }}"`."""
     out = {}
     for play in yaml.safe_load(path.read_text()):
         for role_var, value in (play.get("vars") or {}).items():
-            match = _DEFAULT_RE.match(str(value).strip())
+            match = _MAPPING_RE.match(str(value).strip())
             if match:
-                default = match.group(2)
-                out[match.group(1)] = (role_var, None if default == "none" else yaml.safe_load(default))
+                out[match.group(1)] = role_var
     return out
 
 
@@ -114,12 +147,20 @@ def test_survey_asks_for_documented_variables(template):
         # Documented: in the playbook's header or its role's README, or an option of its role (argument_specs).
         assert var in doc or var in options, f"{template['survey']}: {var} is not documented by {playbook.name}"
         # What the variable ends up as: a role option (directly, or through the playbook's mapping).
-        role_var, play_default = mappings.get(var, (var, None))
+        role_var = mappings.get(var, var)
         spec = options.get(role_var)
+        calls = default_calls(playbook.read_text(), var)
         if var in DELIBERATE:
             assert q["default"] == DELIBERATE[var], q
-        elif var in mappings:
-            assert q["default"] == play_default, (var, q["default"], play_default)
+        elif q["default"] == "" and calls:
+            # An empty answer must mean "unset": default(X, true) everywhere the playbook reads it.
+            assert all(empty for dummy, empty in calls), (var, calls)
+        elif calls:
+            defaults = {json.dumps(literal(expr)) for expr, dummy in calls}
+            assert len(defaults) == 1, (var, calls)
+            expected = json.loads(defaults.pop())
+            expected = str(expected).lower() if isinstance(expected, bool) else expected
+            assert q["default"] == expected, (var, q["default"], expected)
         elif spec is not None:
             expected = spec.get("default")
             if spec.get("type") in ("bool", "raw") and isinstance(expected, bool):
@@ -129,6 +170,8 @@ def test_survey_asks_for_documented_variables(template):
             elif spec.get("type") == "list":
                 expected = ",".join(expected)
             assert q["default"] == expected, (var, q["default"], expected)
+        else:
+            raise AssertionError(f"{var}: no default to compare with in {playbook.name}")
         # Types and choices the variable accepts.
         if q["type"] in ("integer", "float"):
             assert isinstance(q["default"], int) and q.get("min", q["default"]) <= q["default"] <= q.get("max", q["default"]), q
