@@ -12,7 +12,10 @@ event's artifact_data (set_stats) names the failed VM, its step and its error co
 events carry the failed task and the nine exports, and the nine other VMs are backed up (read
 from the repository on disk and compared with qemu-img, not taken from the job's word). Then
 the disk is repaired and the job relaunched in the same week, as an operator does from AWX:
-the nine are not backed up again, the tenth is, the job is successful.
+the nine are not backed up again, the tenth is, the job is successful. The workflow's other
+nodes run the same way with the artifacts AWX passes them: the notify playbook (failure branch)
+and the policy check (fails while a VM libvirt has lacks a backup, passes after the relaunch;
+the repository byte-identical).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import shutil
 import sys
 import threading
 import uuid
+import xml.etree.ElementTree as ET
 
 import ansible_runner
 import pytest
 
-from harness import PREFIX, DiskSpec, VmFactory, images_equal, listing, make_dir
+from harness import PREFIX, DiskSpec, VmFactory, images_equal, listing, make_dir, tree_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "docs" / "examples" / "awx" / "project"
@@ -118,7 +122,7 @@ def weekly(ansible, conn, domain_type, tmp_path_factory):
         survey = {"vmbackup_hosts": "hypervisors", "vmbackup_weekly_keep_weekly": 5, "vmbackup_weekly_full_every_sets": 4,
                   "vmbackup_weekly_verify_level": "data"}
         job = Job(pdd, "weekly-1", "backup_weekly.yml", survey, ansible.env)
-        yield {"job": job, "vms": vms, "bad": bad, "repo": repo, "root": root, "pdd": pdd, "survey": survey,
+        yield {"token": token, "job": job, "vms": vms, "bad": bad, "repo": repo, "root": root, "pdd": pdd, "survey": survey,
                "env": ansible.env, "period": "%d-W%02d" % dt.datetime.now(dt.timezone.utc).isocalendar()[:2]}
     finally:
         factory.cleanup()
@@ -253,6 +257,46 @@ def test_workflow_failure_branch_notifies(weekly):
     assert secret not in job.stdout and "the webhook took the message (HTTP 204)" in job.stdout
 
 
+def policy_survey(weekly) -> dict:
+    """The policy check's survey answers (docs/examples/awx/surveys/policy_check.json): the policy
+    as YAML text from the textarea; only this test's VMs (include), one point is enough, no drill yet."""
+    return {"vmbackup_policy": f"include: ['{PREFIX}awx-{weekly['token']}-*']\nrules: {{min_points: 1, drill_days: null}}\n",
+            "vmbackup_policy_hosts": "hypervisors", "vmbackup_policy_repository_host": HOST,
+            "vmbackup_policy_repositories": str(weekly["repo"])}
+
+
+def test_policy_check_fails_on_the_vm_without_a_backup(weekly):
+    """The workflow's success node, run on the failed week: the VM libvirt has and the repository
+    lacks fails its rules; the job fails with the artifact vmbackup_policy; the repository is
+    byte-identical afterwards. Then its failure branch: notify gets the policy's artifacts."""
+    bad, repo = weekly["bad"], weekly["repo"]
+    before = tree_state(repo)
+    job = Job(weekly["pdd"], "policy-1", "policy_check.yml", policy_survey(weekly), weekly["env"])
+    assert job.runner.rc == 2 and job.runner.status == "failed", job.text
+    assert (job.dir / "status").read_text() == "failed"
+    assert tree_state(repo) == before
+    policy = job.stats["artifact_data"]["vmbackup_policy"]
+    assert policy["passed"] is False and policy["errors"] in ([], 0, None), policy
+    assert {c["vm"] for c in policy["failed"]} == {bad.name}, policy["failed"]
+    assert all(c["outcome"] == "failed" and c["message"] for c in policy["failed"])
+    assert policy["summary"]["vms"] == 10 and policy["summary"]["failed_vms"] == 1, policy["summary"]
+    final = [e for e in job.of("runner_on_failed") if not e["event_data"].get("ignore_errors")]
+    assert [e["event_data"]["task"] for e in final] == ["Fail when the policy is not met"], final
+    weekly["policy_failed"] = job.stats["artifact_data"]
+    # The reports land in the job's working directory, the project checkout (in AWX: inside the
+    # job's container, gone with it; what stays is the artifacts and the output).
+    junit = ET.parse(weekly["pdd"] / "project" / "policy-report" / "policy.junit.xml")
+    failing = {c.get("classname") for c in junit.iter("testcase") if c.find("failure") is not None}
+    assert failing == {bad.name}, failing
+
+    notify = Job(weekly["pdd"], "notify-2", "notify.yml", dict(weekly["job"].stats["artifact_data"], **weekly["policy_failed"]),
+                 weekly["env"])
+    assert notify.runner.rc == 2, notify.text
+    shown = [e["event_data"]["res"]["msg"] for e in notify.of("runner_on_ok") if e["event_data"]["task"] == "Show the message"]
+    assert len(shown) == 1 and any(line.startswith("vmbackup: the policy check FAILED: ") for line in shown[0]), shown
+    assert [c["message"] for c in policy["failed"]] == shown[0][-len(policy["failed"]):], shown
+
+
 def test_relaunch_after_the_repair(weekly):
     """The operator repairs the disk and relaunches the job (same survey answers, same week)."""
     repo, bad = weekly["repo"], weekly["bad"]
@@ -275,3 +319,11 @@ def test_relaunch_after_the_repair(weekly):
             assert after == before[vm.name], vm.name  # same period: not backed up again
     # The first run's artifacts are still there, beside the second's (AWX keeps every job).
     assert (weekly["pdd"] / "artifacts" / "weekly-1" / "status").read_text() == "failed"
+
+    # The workflow's success edge: the policy check passes now, and says so in its artifacts.
+    before = tree_state(repo)
+    job = Job(weekly["pdd"], "policy-2", "policy_check.yml", policy_survey(weekly), weekly["env"])
+    assert job.runner.rc == 0 and job.runner.status == "successful", job.text
+    policy = job.stats["artifact_data"]["vmbackup_policy"]
+    assert policy["passed"] is True and policy["failed"] == [] and policy["summary"]["vms"] == 10, policy
+    assert tree_state(repo) == before
