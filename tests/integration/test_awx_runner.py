@@ -43,6 +43,12 @@ HOST = "hv-local"  # an inventory name that is not "localhost": the summary must
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+def survey_defaults(name: str) -> dict:
+    """The answers of a survey of docs/examples/awx/surveys left at their defaults."""
+    spec = json.loads((ROOT / "docs" / "examples" / "awx" / "surveys" / name).read_text())["spec"]
+    return {q["variable"]: q["default"] for q in spec}
+
+
 def private_data_dir(root: pathlib.Path, group_vars: dict) -> pathlib.Path:
     """The layout AWX writes for a job: the project checkout and the inventory (a host of group
     hypervisors with its group variables, as an AWX inventory source or a constructed inventory
@@ -118,9 +124,9 @@ def weekly(ansible, conn, domain_type, tmp_path_factory):
             "vmbackup_backup_include": [f"{PREFIX}awx-{token}-*"],
             "vmbackup_backup_report_dir": str(root / "reports"),
         })
-        # The survey's answers (docs/examples/awx/surveys/backup_weekly.json): strings and integers.
-        survey = {"vmbackup_hosts": "hypervisors", "vmbackup_weekly_keep_weekly": 5, "vmbackup_weekly_full_every_sets": 4,
-                  "vmbackup_weekly_verify_level": "data"}
+        # The survey's answers as AWX sends them: its defaults (an empty "Pin the period" included).
+        survey = survey_defaults("backup_weekly.json")
+        assert survey["vmbackup_hosts"] == "hypervisors" and survey["vmbackup_backup_period"] == ""
         job = Job(pdd, "weekly-1", "backup_weekly.yml", survey, ansible.env)
         yield {"token": token, "job": job, "vms": vms, "bad": bad, "repo": repo, "root": root, "pdd": pdd, "survey": survey,
                "env": ansible.env, "period": "%d-W%02d" % dt.datetime.now(dt.timezone.utc).isocalendar()[:2]}
@@ -260,9 +266,9 @@ def test_workflow_failure_branch_notifies(weekly):
 def policy_survey(weekly) -> dict:
     """The policy check's survey answers (docs/examples/awx/surveys/policy_check.json): the policy
     as YAML text from the textarea; only this test's VMs (include), one point is enough, no drill yet."""
-    return {"vmbackup_policy": f"include: ['{PREFIX}awx-{weekly['token']}-*']\nrules: {{min_points: 1, drill_days: null}}\n",
-            "vmbackup_policy_hosts": "hypervisors", "vmbackup_policy_repository_host": HOST,
-            "vmbackup_policy_repositories": str(weekly["repo"])}
+    return dict(survey_defaults("policy_check.json"),
+                vmbackup_policy=f"include: ['{PREFIX}awx-{weekly['token']}-*']\nrules: {{min_points: 1, drill_days: null}}\n",
+                vmbackup_policy_repository_host=HOST, vmbackup_policy_repositories=str(weekly["repo"]))
 
 
 def test_policy_check_fails_on_the_vm_without_a_backup(weekly):
