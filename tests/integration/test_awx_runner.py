@@ -15,7 +15,7 @@ the disk is repaired and the job relaunched in the same week, as an operator doe
 the nine are not backed up again, the tenth is, the job is successful. The workflow's other
 nodes run the same way with the artifacts AWX passes them: the notify playbook (failure branch)
 and the policy check (fails while a VM libvirt has lacks a backup, passes after the relaunch;
-the repository byte-identical).
+the repository byte-identical), and the restore job template from its survey.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 import ansible_runner
 import pytest
 
-from harness import PREFIX, DiskSpec, VmFactory, images_equal, listing, make_dir, tree_state
+from harness import PREFIX, DiskSpec, Domains, VmFactory, images_equal, listing, make_dir, parse_disk_sources, tree_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "docs" / "examples" / "awx" / "project"
@@ -123,12 +123,14 @@ def weekly(ansible, conn, domain_type, tmp_path_factory):
             "vmbackup_backup_repository": str(repo),
             "vmbackup_backup_include": [f"{PREFIX}awx-{token}-*"],
             "vmbackup_backup_report_dir": str(root / "reports"),
+            # Where a restore puts its disks on this host (inventory, not a survey question).
+            "vmbackup_restore_disk_dir": str(make_dir(root / "disks")),
         })
         # The survey's answers as AWX sends them: its defaults (an empty "Pin the period" included).
         survey = survey_defaults("backup_weekly.json")
         assert survey["vmbackup_hosts"] == "hypervisors" and survey["vmbackup_backup_period"] == ""
         job = Job(pdd, "weekly-1", "backup_weekly.yml", survey, ansible.env)
-        yield {"token": token, "job": job, "vms": vms, "bad": bad, "repo": repo, "root": root, "pdd": pdd, "survey": survey,
+        yield {"token": token, "job": job, "vms": vms, "conn": conn, "bad": bad, "repo": repo, "root": root, "pdd": pdd, "survey": survey,
                "env": ansible.env, "period": "%d-W%02d" % dt.datetime.now(dt.timezone.utc).isocalendar()[:2]}
     finally:
         factory.cleanup()
@@ -333,3 +335,31 @@ def test_relaunch_after_the_repair(weekly):
     policy = job.stats["artifact_data"]["vmbackup_policy"]
     assert policy["passed"] is True and policy["failed"] == [] and policy["summary"]["vms"] == 10, policy
     assert tree_state(repo) == before
+
+
+def test_restore_job_from_its_survey(weekly):
+    """The restore job template: its survey's defaults plus the required answers, text as AWX
+    sends it ("false"); the VM defined under the new name from the newest set, shut off, its disk
+    equal to the source's (qemu-img compare), the source untouched."""
+    vm, repo, conn = weekly["vms"][3], weekly["repo"], weekly["conn"]
+    domains = Domains(conn)
+    target = domains.new_name(f"awx-{weekly['token']}-restored")
+    answers = dict(survey_defaults("restore.json"), vmbackup_restore_host=HOST, vmbackup_restore_repository=str(repo),
+                   vmbackup_restore_name=vm.name, vmbackup_restore_as=target)
+    assert answers["vmbackup_restore_start"] == "false" and answers["vmbackup_restore_point"] == "latest"
+    source_xml = vm.dom.XMLDesc(0)
+    try:
+        job = Job(weekly["pdd"], "restore-1", "restore.yml", answers, weekly["env"])
+        assert job.runner.rc == 0 and job.runner.status == "successful", job.text
+        summary = job.stats["artifact_data"]["vmbackup_restore"][HOST]
+        (newest,) = sets_of(repo, vm.uuid)
+        assert summary["outcome"] == "ok" and summary["set_id"] == newest and summary["vm"]["name"] == target, summary
+        dom = domains.lookup(target)
+        assert dom is not None and not dom.isActive() and dom.UUIDString() != vm.uuid
+        (disk,) = parse_disk_sources(dom.XMLDesc(0)).values()
+        assert disk.startswith(str(weekly["root"] / "disks") + "/"), disk
+        ok, out = images_equal(disk, str(vm.disks["vda"]))
+        assert ok, out
+        assert vm.dom.XMLDesc(0) == source_xml
+    finally:
+        domains.cleanup()
