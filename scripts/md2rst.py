@@ -76,7 +76,16 @@ def escape_text(text: str) -> str:
     text = text.replace("\\", "\\\\")
     for char in "*`|_":
         text = text.replace(char, "\\" + char)
-    return text
+    return text.replace("::", ":\\:")  # "text::" would start a literal block
+
+
+# Paragraph starts that RST reads as a block of its own (an enumerated or bullet list, a comment or
+# directive, a field or option list), where Markdown had plain text: the first character is escaped.
+BLOCK_START = re.compile(r"^(?:[-*+]( |$)|(?:[A-Za-z]|[ivxlcdmIVXLCDM]+|\d+|#)[.)]( |$)|\(\w+\)( |$)|\.\.( |$)|:\w[^:]*:( |$)|--?\w)")
+
+
+def guard_block_start(text: str) -> str:
+    return "\\" + text if BLOCK_START.match(text) else text
 
 
 def plain_text(node: SyntaxTreeNode) -> str:
@@ -200,7 +209,7 @@ class Converter:
         if kind == "heading":
             return self.heading(node)
         if kind == "paragraph":
-            return self.inline(node.children[0])
+            return guard_block_start(self.inline(node.children[0]))
         if kind in ("bullet_list", "ordered_list"):
             return self.listing(node)
         if kind in ("fence", "code_block"):
@@ -267,7 +276,8 @@ class Converter:
         header = 0
         for section in node.children:
             for row in section.children:
-                cells = [self.inline(cell.children[0]).replace("\n", " ") if cell.children else "" for cell in row.children]
+                cells = [guard_block_start(self.inline(cell.children[0]).replace("\n", " ")) if cell.children else ""
+                         for cell in row.children]
                 rows.append(cells)
                 if section.type == "thead":
                     header += 1
