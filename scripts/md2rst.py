@@ -217,7 +217,9 @@ class Converter:
         if kind == "table":
             return self.table(node)
         if kind == "blockquote":
-            return indent("\n\n".join(self.blocks(node.children)), "    ")
+            # An empty comment ends whatever came before (a table, a list, a code block), so the
+            # indented quote is not read as part of it.
+            return "..\n\n" + indent("\n\n".join(self.blocks(node.children)), "    ")
         if kind == "hr":
             return "----"
         if kind == "html_block":
@@ -243,7 +245,7 @@ class Converter:
         width = max(len(title), 3)
         lines = [f".. _{doc_label(self.doc, anchor)}:", ""]
         if not self.title_seen:
-            if depth != 1:
+            if level != 1:
                 raise ConversionError(f"{self.doc}.md: the first heading must be the page title (#)")
             lines = [f".. _{doc_label(self.doc)}:"] + lines
             self.title_seen = True
