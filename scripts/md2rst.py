@@ -43,7 +43,7 @@ LABEL_PREFIX = "ansible_collections.vmbackup.libvirt.docsite."
 SECTIONS = [
     ("Scenario guides", ["guide", "policy-check", "awx"]),
     ("Topics", ["consistency", "snapshots", "snapshots-and-backups", "retention", "drills"]),
-    ("Reference", ["repository-format", "error-codes"]),
+    ("Reference", ["guarantees", "repository-format", "error-codes"]),
     ("Development", ["testing"]),
 ]
 OTHER_SECTION = "More guides"
@@ -185,10 +185,10 @@ class Converter:
                 rel = path
         else:
             rel = href
+        if text in (rel, path, href):
+            return ("markup", self.literal(rel))  # the path itself (an anchor in it is GitHub's, dropped)
         if anchor:
             rel += "#" + anchor
-        if text in (rel, path, href):
-            return ("markup", self.literal(rel))
         return ("text", escape_text(text) + " (" + self.literal(rel) + ")")
 
     @staticmethod
