@@ -17,7 +17,7 @@ description:
     judges every VM against a backup policy - one case per VM and rule, C(passed), C(failed) or C(skipped), with a
     message saying why in words an operator acts on (for instance C(newest point 2026-11-20T02:00:07Z (set ...) is 171 h
     old, the policy allows 26 h)), the measured RV(cases[].value) and the policy's RV(cases[].limit).
-  - "The built-in rules (C(policy.rules)): C(rpo_hours) - the newest readable point started less than this many hours
+  - "The built-in rules (O(policy.rules)): C(rpo_hours) - the newest readable point started less than this many hours
     ago; C(verify_days) - no verify verdict other than C(ok) on the restore path of the newest point, and the newest
     C(ok) verdict of the VM (of any of its sets) is younger than this many days and C(current) (recorded for the manifest
     as it is now); C(chain) - the newest point is restorable (its restore path complete and unblocked, as
@@ -29,7 +29,7 @@ description:
   - The VMs judged are those of the repository and those of O(vms), the VMs libvirt has (as
     M(vmbackup.libvirt.domain_info) lists them on the hypervisors). A VM of O(vms) without any backup in the repository
     fails every rule that is on. A VM whose libvirt metadata opted it out (RV(vmbackup.libvirt.domain_info#module:domains[].metadata.enabled)
-    false) and a VM whose name matches C(policy.exclude) are reported with C(skipped) cases that say why.
+    false) and a VM whose name matches O(policy.exclude) are reported with C(skipped) cases that say why.
   - The C(vmbackup.libvirt.policy_check) playbook runs it over the hypervisors and repositories and writes JUnit XML,
     JSON and Markdown reports (the C(vmbackup.libvirt.policy_junit) and C(vmbackup.libvirt.policy_markdown) filters) for
     CI. See C(docs/policy-check.md).
@@ -57,7 +57,7 @@ options:
     description:
       - The backup policy. Validated strictly - an unknown key anywhere (a misspelt rule) fails with C(INVALID_ARGUMENT)
         naming the key, before the repository is read.
-      - "C(policy.rules) - the rules of every VM: C(rpo_hours) (number, default 26), C(verify_days) (number, default 8),
+      - "O(policy.rules) - the rules of every VM: C(rpo_hours) (number, default 26), C(verify_days) (number, default 8),
         C(chain) (bool, default true), C(min_points) (whole number, default 1), C(consistency) (C(crash) or C(application),
         default C(crash)), C(drill_days) (number, default 35), C(expressions) (list, default none). A rule left out keeps
         its default; a rule set to null (or C(chain=false)) is off and has no case."
@@ -67,13 +67,13 @@ options:
         JMESPath's sense (false, null, empty strings, lists and objects fail; 0 passes). C(message) (optional) is the
         failure message. An expression that does not parse fails the module with C(INVALID_ARGUMENT); one that fails on a
         VM's data (a type error) fails that VM's case."
-      - "C(policy.classes) - a list of C({name, match, rules}); the first class whose C(match) holds sets the VM's rules:
-        its C(rules) laid over C(policy.rules) (a class's C(expressions) replace the default ones). C(match) keys, all of
+      - "O(policy.classes) - a list of C({name, match, rules}); the first class whose C(match) holds sets the VM's rules:
+        its C(rules) laid over O(policy.rules) (a class's C(expressions) replace the default ones). C(match) keys, all of
         which must hold - C(tier) (a tier or a list; the tier of O(vms[].tier), C(default) without one), C(names) (name
         patterns, C(fnmatch), case-sensitive), C(groups) (any of O(vms[].groups), the inventory groups of the VM's
         hypervisor). A VM found only in the repository has no tier and no groups - only C(names) classes match it."
-      - "C(policy.include) - name patterns of the VMs to judge at all (default C(['*'])); other VMs are left out of the
-        result. C(policy.exclude) - name patterns of VMs reported with C(skipped) cases. A pattern or class that matches
+      - "O(policy.include) - name patterns of the VMs to judge at all (default C(['*'])); other VMs are left out of the
+        result. O(policy.exclude) - name patterns of VMs reported with C(skipped) cases. A pattern or class that matches
         no VM gives a warning."
       - Omitted or empty, every default applies.
     type: dict
@@ -105,7 +105,7 @@ options:
         description: The metadata's C(enabled) - false (opted out) makes its cases C(skipped); true or null judges it.
         type: bool
       groups:
-        description: The inventory groups of its hypervisor, for C(policy.classes) C(match.groups).
+        description: The inventory groups of its hypervisor, for O(policy.classes) C(match.groups).
         type: list
         elements: str
         default: []
