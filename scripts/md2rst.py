@@ -16,9 +16,10 @@ guides; scripts/docs.sh fails when the committed RST is not what this script wri
     python scripts/md2rst.py --check        exit 1 (listing the files) when they are out of date
 
 Links between the guides become :ref: links to labels (each document and each heading gets one,
-named after GitHub's heading anchors, so ``drills.md#the-throwaway-vm`` keeps working); links to
-other files of the repository become literal paths (the collection has no public repository URL
-to point at); http(s) links stay links. Needs markdown-it-py (installed with ansible-lint/rich).
+named after GitHub's heading anchors, so ``drills.md#the-throwaway-vm`` keeps working); a link to
+a role's README or a module's source becomes a link to its page; links to other files of the
+repository become literal paths (the collection has no public repository URL to point at);
+http(s) links stay links. Needs markdown-it-py (installed with ansible-lint/rich).
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ class Converter:
         target = (DOCS / path).resolve() if path else None
         if target is not None and target.parent == DOCS.resolve() and target.suffix == ".md" and target.stem in self.docs:
             return ("markup", f":ref:`{self.role_text(text)} <{doc_label(target.stem, anchor or None)}>`")
-        # Another file of the repository: name it (relative to the collection root).
+        # Another file of the repository: a role's README or a module links to its page in the
+        # rendered docs; anything else is named by its path (relative to the collection root).
         if target is not None:
             try:
                 rel = target.relative_to(ROOT).as_posix()
@@ -185,6 +187,10 @@ class Converter:
                 rel = path
         else:
             rel = href
+        plugin = re.fullmatch(r"roles/(\w+)/README\.md|plugins/modules/(\w+)\.py", rel)
+        if plugin and (ROOT / rel).is_file():
+            fqcn = f"vmbackup.libvirt.{plugin.group(1) or plugin.group(2)}#{'role' if plugin.group(1) else 'module'}"
+            return ("markup", f":ansplugin:`{self.role_text(text)} <{fqcn}>`")
         if text in (rel, path, href):
             return ("markup", self.literal(rel))  # the path itself (an anchor in it is GitHub's, dropped)
         if anchor:
