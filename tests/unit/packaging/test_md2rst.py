@@ -49,7 +49,8 @@ A. Not a list.
 {"broken": ...}
 ```
 
-See [the role's README](../roles/backup/README.md), [roles/backup/README.md](../roles/backup/README.md) and [above](#section).
+See [the role's README](../roles/backup/README.md), [roles/backup/README.md](../roles/backup/README.md), [the weekly
+playbook](../playbooks/backup_weekly.yml), [playbooks/verify.yml](../playbooks/verify.yml) and [above](#section).
 
 ## Section
 """
@@ -66,8 +67,10 @@ def sphinx_text(tmp_path: pathlib.Path, docs: dict[str, str]) -> dict[str, str]:
     from sphinx.cmd.build import build_main  # pylint: disable=import-outside-toplevel
     src = tmp_path / "src"
     src.mkdir()
-    (src / "conf.py").write_text("extensions = []\n")
-    (src / "index.rst").write_text("Index\n=====\n\n.. toctree::\n\n" + "".join(f"   {d}\n" for d in docs))
+    (src / "conf.py").write_text("extensions = ['sphinx_antsibull_ext']\n")
+    # The page antsibull-docs writes for the backup role (the guide links to the role's README).
+    (src / "backup_role.rst").write_text(".. _ansible_collections.vmbackup.libvirt.backup_role:\n\nThe backup role\n===============\n")
+    (src / "index.rst").write_text("Index\n=====\n\n.. toctree::\n\n   backup_role\n" + "".join(f"   {d}\n" for d in docs))
     for name, text in docs.items():
         (src / f"{name}.rst").write_text(md2rst.convert(name, text, set(docs)))
     err = io.StringIO()
@@ -88,7 +91,8 @@ def test_guides_render_without_warnings_and_keep_their_text(tmp_path):
     assert "1. first" in guide and "2. second" in guide and "- name: x" in guide
     assert "| a " in guide and '| "x" ' in guide and "|====" in guide  # a table, its header row and cells
     assert "a quote" in guide and "quickstart" not in guide and '{"broken": ...}' in guide
-    assert 'See the role\'s README ("roles/backup/README.md"), "roles/backup/README.md" and above.' in flat
+    assert ('See the role\'s README, roles/backup/README.md, the weekly playbook ("playbooks/backup_weekly.yml"), '
+            '"playbooks/verify.yml" and above.') in flat
     assert "Back to the guide." in text["other"]
 
 
@@ -99,6 +103,7 @@ def test_labels_follow_githubs_anchors():
         assert f".. _{prefix}{label}:\n" in rst, label
     assert f":ref:`to the other <{prefix}other.a-heading>`" in rst
     assert f":ref:`above <{prefix}guide.section>`" in rst
+    assert ":ansplugin:`the role's README <vmbackup.libvirt.backup#role>`" in rst
     assert ".. code-block:: text\n\n   {\"broken\": ...}" in rst  # JSON that does not lex is shown as text
     assert ".. code-block:: yaml" in rst
 
