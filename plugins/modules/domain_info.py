@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: domain_info
 short_description: List the libvirt VMs of a host and select those a backup run takes
-version_added: 0.2.0
+version_added: 0.1.0
 author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:

@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: drill
 short_description: Prove a backup restorable - restore it under a throwaway name, check and boot it, remove it, record the proof
-version_added: 0.2.0
+version_added: 0.1.0
 author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:

@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: health_check
 short_description: Check that a VM runs, that its guest agent answers, and that a probe command succeeds in it
-version_added: 0.2.0
+version_added: 0.1.0
 author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:

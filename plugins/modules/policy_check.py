@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: policy_check
 short_description: Judge a backup repository against a backup policy - RPO, verify, chain, restore points, consistency, drills
-version_added: 0.3.0
+version_added: 0.2.0
 author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:

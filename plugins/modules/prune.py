@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: prune
 short_description: Apply a retention policy to the backup sets of VMs in a repository
-version_added: 0.2.0
+version_added: 0.1.0
 author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:

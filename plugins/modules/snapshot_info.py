@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: snapshot_info
 short_description: List the snapshots, checkpoints and active disk chains of libvirt VMs
-version_added: 0.2.0
+version_added: 0.1.0
 author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:

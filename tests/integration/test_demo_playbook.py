@@ -1,9 +1,15 @@
-"""The README's main job: the demo playbook, run with ansible-playbook from the installed collection."""
+"""The README's quick start, as written: build the tarball, install it into a clean collections path,
+run the main job (the demo playbook) from the installed copy - in a copy of the checkout whose
+plugins, roles and playbooks are removed before the playbook runs, so that only the installed
+collection can serve it."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,20 +19,63 @@ import libvirt
 
 from harness import destroy_vm, images_equal, parse_disk_sources
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+START, END = "<!-- quickstart -->", "<!-- /quickstart -->"
 
-def test_demo_playbook_backs_up_verifies_and_restores(ansible, conn, repo_root, guests):
+
+def quickstart_block(readme: str) -> list[str]:
+    """The command lines of the README's quick start: the fenced bash block between the markers."""
+    assert readme.count(START) == 1 and readme.count(END) == 1, f"README.md: one {START} ... {END} block"
+    marked = readme[readme.index(START) + len(START):readme.index(END)]
+    fence = re.fullmatch(r"\s*```(?:bash|sh|shell)\n(.*?)```\s*", marked, re.S)
+    assert fence, "the quick start markers enclose exactly one ```bash block"
+    return [line for line in fence.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def copy_checkout(dest: pathlib.Path) -> None:
+    """The checkout's files as git lists them (tracked + untracked not ignored), without .venv/build."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for rel in listed:
+        src = ROOT / rel
+        if rel and src.is_file() and not src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def test_readme_quick_start_runs_the_main_job_from_the_installed_tarball(conn, repo_root, guests, tmp_path):
     name = f"vmbt-demo-{uuid.uuid4().hex[:8]}"
     app = guests.create()  # the demo's fourth VM: a tiny real guest with the agent
     images = pathlib.Path("/var/lib/libvirt/images") / name
     repo = repo_root / "demo-repo"
-    playbook = str(pathlib.Path(sys.executable).parent / "ansible-playbook")
-    argv = [playbook, "-i", "localhost,", "-c", "local", "vmbackup.libvirt.demo",
-            "-e", json.dumps({"vmbackup_demo_vm": name, "vmbackup_demo_images": str(images),
-                              "vmbackup_demo_repository": str(repo), "vmbackup_demo_app": app.name})]
+    lines = quickstart_block((ROOT / "README.md").read_text(encoding="utf-8"))
+    # The first line is scripts/setup.sh: scripts/test.sh ran it before pytest (packages, libvirtd,
+    # .venv); run here it could reinstall the shared virtualenv, so it is the one line not run.
+    assert lines[0].split("#")[0].split() == ["bash", "scripts/setup.sh"], lines[0]
+    assert lines[-1].startswith("ansible-playbook ") and lines[-1].split()[-1] == "vmbackup.libvirt.demo", lines[-1]
+    checkout = tmp_path / "checkout"
+    copy_checkout(checkout)
+    (checkout / ".venv").symlink_to(pathlib.Path(sys.prefix), target_is_directory=True)
+    # The one addition to the block's last line: names and paths of this run (so that it cannot meet
+    # a demo of the machine's own), and the real guest.
+    extra = json.dumps({"vmbackup_demo_vm": name, "vmbackup_demo_images": str(images),
+                        "vmbackup_demo_repository": str(repo), "vmbackup_demo_app": app.name})
+    script = "\n".join(["set -euo pipefail", *lines[1:-1],
+                        "echo '== quickstart: the checkout copy loses its plugins, roles and playbooks'",
+                        "rm -rf plugins roles playbooks",
+                        f"{lines[-1]} -e {shlex.quote(extra)}"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_") and k != "VIRTUAL_ENV"}
+    env.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+               ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0")
     try:
-        proc = subprocess.run(argv, env=dict(ansible.env, ANSIBLE_STDOUT_CALLBACK="default"),
-                              capture_output=True, text=True, timeout=600, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        proc = subprocess.run(["bash", "-c", script], cwd=checkout, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+        # The tarball, installed where the block says, is the only vmbackup.libvirt ansible sees.
+        installed = checkout / "build" / "quickstart" / "collections" / "ansible_collections"
+        assert (installed / "vmbackup" / "libvirt" / "MANIFEST.json").is_file()
+        listing = proc.stdout[:proc.stdout.index("== quickstart:")]
+        assert re.findall(r"^# (/\S+)$", listing, re.M) == [str(installed)], listing
+        assert not (checkout / "plugins").exists() and str(ROOT) not in listing
         assert "full" in proc.stdout and "incremental" in proc.stdout
         dom = conn.lookupByName(name)
         sets_dir = repo / "vms" / dom.UUIDString() / "sets"
