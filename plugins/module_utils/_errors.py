@@ -65,6 +65,7 @@ ERROR_CODES: dict[str, str] = {
     "HEALTH_CHECK_FAILED": "a health check of a VM failed: it did not run, or a probe command's exit code or output was not the expected one",
     "DRILL_FAILED": "a restore drill found the point wanting: one of its checks failed (`failed_check`); the proof records why",
     "DRILL_LEFTOVER": "a restore drill passed but could not remove its throwaway domain or files; the next drill on the host does",
+    "POLICY_VIOLATED": "policy_check found a VM (or a hypervisor) that breaks a rule of the backup policy; `cases` says which and why",
 }
 
 
