@@ -365,7 +365,9 @@ def test_restore_job_from_its_survey(weekly):
         assert summary["outcome"] == "ok" and summary["set_id"] == newest and summary["vm"]["name"] == target, summary
         dom = domains.lookup(target)
         assert dom is not None and not dom.isActive() and dom.UUIDString() != vm.uuid
-        (disk,) = parse_disk_sources(dom.XMLDesc(0)).values()
+        disks = list(parse_disk_sources(dom.XMLDesc(0)).values())
+        assert len(disks) == 1, disks
+        disk = disks[0]
         assert disk.startswith(str(weekly["root"] / "disks") + "/"), disk
         ok, out = images_equal(disk, str(vm.disks["vda"]))
         assert ok, out
