@@ -27,20 +27,31 @@ import os
 import pathlib
 import shutil
 import sys
+import signal
 import threading
+import typing as t
 import uuid
 import xml.etree.ElementTree as ET
 
 import ansible_runner
 import pytest
 
-from harness import PREFIX, DiskSpec, Domains, VmFactory, images_equal, listing, make_dir, parse_disk_sources, tree_state
+from harness import (PREFIX, DiskSpec, Domains, VmFactory, images_equal, job_running, listing, make_dir, parse_disk_sources,
+                     tree_state, wait_for)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "docs" / "examples" / "awx" / "project"
 VENV_BIN = pathlib.Path(sys.executable).parent
 HOST = "hv-local"  # an inventory name that is not "localhost": the summary must use it
 QCOW2_MAGIC = b"QFI\xfb"
+
+
+def scratch_root(name: str) -> pathlib.Path:
+    """A fresh directory for repositories and disks where QEMU (libvirt-qemu) can traverse."""
+    base = pathlib.Path("/var/tmp/vmbackup-tests")
+    base.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(base, 0o711)
+    return make_dir(base / name)
 
 
 def survey_defaults(name: str) -> dict:
@@ -67,10 +78,11 @@ class Job:
     """One ansible-runner run, and what AWX keeps of it, read back from the artifacts directory
     (never from the Runner object alone)."""
 
-    def __init__(self, pdd: pathlib.Path, ident: str, playbook: str, extravars: dict, env: dict, **envvars: str) -> None:
+    def __init__(self, pdd: pathlib.Path, ident: str, playbook: str, extravars: dict, env: dict,
+                 cancel: t.Callable[[], bool] | None = None, **envvars: str) -> None:
         self.runner = ansible_runner.run(
             private_data_dir=str(pdd), ident=ident, playbook=playbook, extravars=extravars, quiet=True,
-            timeout=600,
+            timeout=600, cancel_callback=cancel, settings={"pexpect_timeout": 0.5},
             # The venv's ansible-playbook first on PATH (runner starts "ansible-playbook" by name).
             envvars=dict({k: env[k] for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_LOCAL_TEMP", "ANSIBLE_HOST_KEY_CHECKING")},
                          PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **envvars),
@@ -105,10 +117,7 @@ def sets_of(repo: pathlib.Path, vm_uuid: str) -> dict[str, dict]:
 def weekly(ansible, conn, domain_type, tmp_path_factory):
     """10 disk-only VMs (2 running, 8 shut off), one with a corrupted disk; the weekly job run once."""
     token = uuid.uuid4().hex[:6]
-    base = pathlib.Path("/var/tmp/vmbackup-tests")
-    base.mkdir(mode=0o711, exist_ok=True)
-    os.chmod(base, 0o711)
-    root = make_dir(base / f"awx-{token}")
+    root = scratch_root(f"awx-{token}")
     repo = make_dir(root / "repo")
     factory = VmFactory(conn, domain_type)
     try:
@@ -356,10 +365,96 @@ def test_restore_job_from_its_survey(weekly):
         assert summary["outcome"] == "ok" and summary["set_id"] == newest and summary["vm"]["name"] == target, summary
         dom = domains.lookup(target)
         assert dom is not None and not dom.isActive() and dom.UUIDString() != vm.uuid
-        (disk,) = parse_disk_sources(dom.XMLDesc(0)).values()
+        disks = list(parse_disk_sources(dom.XMLDesc(0)).values())
+        assert len(disks) == 1, disks
+        disk = disks[0]
         assert disk.startswith(str(weekly["root"] / "disks") + "/"), disk
         ok, out = images_equal(disk, str(vm.disks["vda"]))
         assert ok, out
         assert vm.dom.XMLDesc(0) == source_xml
     finally:
         domains.cleanup()
+
+
+def job_processes(artifact_dir: pathlib.Path) -> list[int]:
+    """The processes a job started (ansible-runner exports AWX_ISOLATED_DATA_DIR to all of them)."""
+    marker = f"AWX_ISOLATED_DATA_DIR={artifact_dir}".encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if marker in pathlib.Path(f"/proc/{entry}/environ").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_cancel_during_an_export_and_relaunch(ansible, conn, domain_type, tmp_path):
+    """AWX's Cancel button during the weekly job, while the running VM's export module is at work:
+    ansible-runner kills ansible-playbook (status canceled, rc 254, no stats event, so no
+    artifacts), and, as AWX kills the job's container, every process the job started dies with it.
+    The relaunch cleans up what the killed export left and backs up both VMs: one set each, no
+    staging leftovers, no libvirt job, the running VM still running."""
+    token = uuid.uuid4().hex[:6]
+    root = scratch_root(f"awx-cancel-{token}")
+    repo = make_dir(root / "repo")
+    factory = VmFactory(conn, domain_type)
+    try:
+        live = factory.create([DiskSpec(size="64M", fill=[(0x5C, "0", "48M")])], name=f"{PREFIX}awxc-{token}-live")
+        off = factory.create([DiskSpec(size="16M", fill=[(0x5D, "0", "1M")])], running=False, name=f"{PREFIX}awxc-{token}-off")
+        pdd = private_data_dir(tmp_path, {"vmbackup_backup_repository": str(repo), "vmbackup_backup_include": [f"{PREFIX}awxc-{token}-*"],
+                                          "vmbackup_backup_report_dir": str(root / "reports")})
+        artifacts = pdd / "artifacts" / "cancel-1"
+
+        def exporting() -> bool:
+            """The task "Export <live>" has started (its job event is written) and its module is at work
+            (a process of the job running AnsiballZ_export)."""
+            started = False
+            for path in (artifacts / "job_events").glob("*-*.json"):
+                try:
+                    event = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue  # being written
+                started = started or (event["event"] == "runner_on_start" and event["event_data"].get("task") == f"Export {live.name}")
+            if not started:
+                return False
+            for pid in job_processes(artifacts):
+                try:
+                    if b"AnsiballZ_export" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return True
+                except OSError:
+                    pass
+            return False
+
+        job = Job(pdd, "cancel-1", "backup_weekly.yml", survey_defaults("backup_weekly.json"), ansible.env, cancel=exporting)
+        assert job.runner.status == "canceled" and job.runner.rc == 254, job.text
+        assert (job.dir / "status").read_text() == "canceled" and (job.dir / "rc").read_text() == "254"
+        assert job.of("playbook_on_stats") == []  # a canceled job has no artifacts: the workflow gets no summary
+        started = [e["event_data"]["task"] for e in job.of("runner_on_start")]
+        assert started[-1] == f"Export {live.name}", started[-3:]
+        # ansible-runner kills ansible-playbook's process group; the worker of the running task is in a
+        # session of its own (setsid) and would run its module to the end. In AWX the job's container
+        # goes with the cancel, and everything the job started with it: so here too.
+        for pid in job_processes(job.dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not job_processes(job.dir), timeout=30, what="the job's processes to exit")
+        assert live.dom.isActive()
+
+        again = Job(pdd, "cancel-2", "backup_weekly.yml", survey_defaults("backup_weekly.json"), ansible.env)
+        assert again.runner.rc == 0 and again.runner.status == "successful", again.text
+        assert again.stats["artifact_data"]["vmbackup_backup_run"]["outcome"] == "ok"
+        for vm in (live, off):
+            found = sets_of(repo, vm.uuid)
+            assert len(found) == 1, (vm.name, found)
+            ok, out = images_equal(str(repo / "vms" / vm.uuid / "sets" / next(iter(found)) / "disks" / "vda.qcow2"), str(vm.disks["vda"]))
+            assert ok, (vm.name, out)
+            assert listing(repo / "vms" / vm.uuid / ".incomplete") == []
+        assert live.dom.isActive() and not job_running(live.dom)
+        assert len(live.checkpoints()) == 1  # the committed set's, the next incremental's parent
+    finally:
+        factory.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
