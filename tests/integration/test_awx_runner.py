@@ -79,9 +79,9 @@ class Job:
     (never from the Runner object alone)."""
 
     def __init__(self, pdd: pathlib.Path, ident: str, playbook: str, extravars: dict, env: dict,
-                 cancel: t.Callable[[], bool] | None = None, **envvars: str) -> None:
+                 cancel: t.Callable[[], bool] | None = None, limit: str | None = None, **envvars: str) -> None:
         self.runner = ansible_runner.run(
-            private_data_dir=str(pdd), ident=ident, playbook=playbook, extravars=extravars, quiet=True,
+            private_data_dir=str(pdd), ident=ident, playbook=playbook, extravars=extravars, quiet=True, limit=limit,
             timeout=600, cancel_callback=cancel, settings={"pexpect_timeout": 0.5},
             # The venv's ansible-playbook first on PATH (runner starts "ansible-playbook" by name).
             envvars=dict({k: env[k] for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_LOCAL_TEMP", "ANSIBLE_HOST_KEY_CHECKING")},
@@ -320,8 +320,11 @@ def test_relaunch_after_the_repair(weekly):
     with open(bad.disks["vda"], "r+b") as fh:
         fh.write(QCOW2_MAGIC)
     before = {vm.name: sets_of(repo, vm.uuid) for vm in weekly["vms"]}
-    job = Job(weekly["pdd"], "weekly-2", "backup_weekly.yml", weekly["survey"], weekly["env"])
+    # Relaunched with the job's Limit set to the host: the limit leaves out localhost, so the
+    # summary play is skipped and the last play's first host publishes the summary instead.
+    job = Job(weekly["pdd"], "weekly-2", "backup_weekly.yml", weekly["survey"], weekly["env"], limit=HOST)
     assert job.runner.rc == 0 and job.runner.status == "successful", job.text
+    assert "localhost" not in job.stats["ok"], job.stats["ok"]
     assert (job.dir / "rc").read_text() == "0" and (job.dir / "status").read_text() == "successful"
     assert job.stats["failures"] == {} and job.stats["dark"] == {}
     run = job.stats["artifact_data"]["vmbackup_backup_run"]
@@ -339,6 +342,12 @@ def test_relaunch_after_the_repair(weekly):
 
     # The workflow's success edge: the policy check passes now, and says so in its artifacts.
     before = tree_state(repo)
+    # A Limit that leaves out the host reading the repository would skip the judging play: refused.
+    job = Job(weekly["pdd"], "policy-limited", "policy_check.yml", dict(policy_survey(weekly), vmbackup_policy_repository_host="localhost"),
+              weekly["env"], limit=HOST)
+    assert job.runner.rc != 0 and job.runner.status == "failed", job.text
+    assert "leaves out localhost, the host that reads the repositories" in job.stdout, job.text
+    assert "vmbackup_policy" not in job.stats.get("artifact_data", {}), job.stats
     job = Job(weekly["pdd"], "policy-2", "policy_check.yml", policy_survey(weekly), weekly["env"])
     assert job.runner.rc == 0 and job.runner.status == "successful", job.text
     policy = job.stats["artifact_data"]["vmbackup_policy"]
