@@ -799,11 +799,18 @@ class Driller(Backend):
             names = os.listdir(workdir)
         except OSError as exc:
             return [f"cannot list {workdir}: {exc.strerror}"]
+        # The drill directory is the drill's own (root-only, named by its token, its files written by
+        # the drill): a domain keeps a file in it by naming it, not by an unreadable backing chain of
+        # some other VM of the host - that would make one broken image elsewhere leave every drill's
+        # restored copy behind.
         for entry in names:
             path = os.path.join(workdir, entry)
-            reason = in_use.reason(path, os.lstat(path))
+            reason = in_use.reason(path, os.lstat(path), ignore_unknown=True)
             if reason is not None:
                 return [f"{path} is in use ({reason}); {workdir} is kept"]
+        if in_use.unknown:
+            self.warnings.append(f"removed {workdir} although the backing chain of {in_use.unknown[0]} could not be read "
+                                 "(no domain names a file of the drill directory)")
         repo_mod.remove_tree(workdir)
         removed.append(f"directory {workdir}" + (f" ({len(names)} files)" if names else ""))
         return []

@@ -621,13 +621,16 @@ class InUse:
         if real != path:
             self.reasons.setdefault(real, reason)
 
-    def reason(self, path: str, st: os.stat_result | None = None) -> str | None:
-        """Why ``path`` (whose lstat is ``st``, when known) must be kept, or None when no domain uses it."""
+    def reason(self, path: str, st: os.stat_result | None = None, ignore_unknown: bool = False) -> str | None:
+        """Why ``path`` (whose lstat is ``st``, when known) must be kept, or None when no domain uses it.
+        ``ignore_unknown``: only a domain that names the file (or its inode) keeps it, not an
+        unreadable backing chain - for files a caller created itself in a private directory moments
+        ago, which no other domain's image can have been made to back."""
         if path in self.reasons:
             return self.reasons[path]
         if st is not None and (st.st_dev, st.st_ino) in self.inodes:
             return self.inodes[(st.st_dev, st.st_ino)]
-        if self.unknown:
+        if self.unknown and not ignore_unknown:
             return f"the backing chain of {self.unknown[0]} could not be read, so it may use this file"
         return None
 

@@ -29,7 +29,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from harness import IMAGES, expect_error, expect_ok, kill_tree, listing, module_pids, run, tree_state, wait_for
+from harness import IMAGES, expect_error, expect_ok, kill_tree, listing, module_pids, result_and_warnings, run, tree_state, wait_for
 
 DRILL_PREFIX = "vmbackup-drill-"
 QEMU_LOG_DIR = pathlib.Path("/var/log/libvirt/qemu")
@@ -201,6 +201,25 @@ def _scenario(ansible, conn, guests, repo, disk_dir):
     r = ansible("drill", dict(base, name=n.name))
     assert not r["failed"] and any(f"directory {image.parent}" in c for c in r["cleaned_up"]), r["cleaned_up"]
     assert drill_domains(conn) == [] and listing(disk_dir) == [], listing(disk_dir)
+
+    # --- a broken VM elsewhere on the host (its qcow2 header unreadable, so its backing chain is unknown)
+    # does not make the drill keep its own directory: cleanup complete, a warning names the broken VM
+    broken_dir = pathlib.Path(IMAGES) / f"vmbt-drill-broken-{uuid.uuid4().hex[:6]}"
+    broken_dir.mkdir()
+    broken_img = broken_dir / "vda.qcow2"
+    broken_img.write_bytes(b"\0" * 65536)
+    broken_name = broken_dir.name
+    broken = conn.defineXML(f"<domain type='qemu'><name>{broken_name}</name><memory unit='MiB'>32</memory><os><type arch='x86_64' "
+                            f"machine='pc'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                            f"<source file='{broken_img}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    try:
+        r, warnings = result_and_warnings(ansible, "drill", dict(base, name=n.name))
+        assert not r["failed"] and r["outcome"] == "ok" and r["cleanup"]["complete"], json.dumps(r, indent=1)[:4000]
+        assert broken_name in warnings and "could not be read" in warnings, warnings
+        assert drill_domains(conn) == [] and listing(disk_dir) == [], listing(disk_dir)
+    finally:
+        broken.undefine()
+        shutil.rmtree(broken_dir)
 
     # --- two drills of one VM at once on one host: each its own name and directory, both pass, nothing left
     runs = [ansible.popen_result("drill", dict(base, name=n.name)) for dummy in range(2)]

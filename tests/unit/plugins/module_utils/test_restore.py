@@ -936,6 +936,21 @@ def test_remove_path_checks_inode_and_use(tmp_path):
     assert not path.exists()
 
 
+def test_in_use_unknown_chain_keeps_every_file_unless_ignored(tmp_path):
+    mine = tmp_path / "mine.img"
+    mine.write_text("x")
+    named = tmp_path / "named.img"
+    named.write_text("y")
+    in_use = _restore.lv.InUse()
+    in_use.add(str(named), "disk vda of domain 'b'")
+    in_use.unknown.append("disk vda of domain 'broken' (/x.qcow2: not a qcow2)")
+    # An unreadable chain may back any file: kept by default...
+    assert "could not be read" in in_use.reason(str(mine), mine.lstat())
+    # ...but a caller's own fresh file is kept only by a domain that names it.
+    assert in_use.reason(str(mine), mine.lstat(), ignore_unknown=True) is None
+    assert in_use.reason(str(named), named.lstat(), ignore_unknown=True) == "disk vda of domain 'b'"
+
+
 # --------------------------------------------------------------------------- files in use
 class _Dom:
     def __init__(self, name, inactive, live=None):
