@@ -94,8 +94,9 @@ def test_tarball_is_exactly_the_tracked_files_minus_build_ignore(tarball):
     def ignored(rel: str) -> bool:
         parts = rel.split("/")
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        return any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(parts[i - 1], pat)
-                   for pat in patterns for i, p in enumerate(prefixes, 1))
+        # As ansible-galaxy matches: each pattern against the path relative to the collection root of
+        # every directory and file on the way (so "collections" is the top-level directory only).
+        return any(fnmatch.fnmatch(p, pat) for pat in patterns for p in prefixes)
 
     expected = {rel for rel in listed if rel and (ROOT / rel).is_file() and not ignored(rel)} - {"galaxy.yml"}
     files = {name for name, m in tarball.members.items() if m.isfile()} - {"MANIFEST.json", "FILES.json"}
