@@ -12,7 +12,7 @@ venv=${VMBACKUP_VENV:-$here/.venv}
 echo "== ansible-test sanity"
 VENV=$venv bash scripts/sanity.sh
 
-echo "== ansible-lint (roles, playbooks, the README's examples)"
+echo "== ansible-lint (roles, playbooks, the YAML examples of README.md and docs/guide.md)"
 VENV=$venv bash scripts/lint.sh
 
 echo "== docs and changelog (antsibull-changelog lint + regeneration, antsibull-docs lint + build, sphinx -W)"
