@@ -385,7 +385,12 @@ def test_foreign_backup_job_is_refused_and_left_alone(ansible, vms, repo, scratc
         "<driver type='qcow2'/></disk></disks></domainbackup>", None, 0)
     try:
         result = ansible("export", {"name": vm.name, "repository": str(repo)})
+        # Left alone: still copying, or (a fast disk, the page cache) already done with a complete
+        # copy - an aborted job leaves no complete target.
         foreign_still_running = job_running(vm.dom)
+        if not foreign_still_running:
+            wait_for(lambda: not job_running(vm.dom), 30, what="the foreign job to end")
+            foreign_still_running = images_equal(str(vm.disks["vda"]), str(target))[0]
     finally:
         try:
             vm.dom.abortJob()
