@@ -405,8 +405,9 @@ class Driller(Backend):
 
     cancel_outcome = "the drill's domain and files were removed, and the proof records the cancel"
 
-    def __init__(self, params: t.Any, run: t.Any, qemu_img_path: str, check_mode: bool) -> None:
-        super().__init__(params, run, qemu_img_path, check_mode)
+    def __init__(self, params: t.Any, run: t.Any, qemu_img_path: str, check_mode: bool,
+                 log: t.Callable[[str], None] | None = None) -> None:
+        super().__init__(params, run, qemu_img_path, check_mode, log)
         self._run = run
         self._qemu_img_path = qemu_img_path
         self.host = socket.gethostname()

@@ -82,8 +82,11 @@ class Backend:
     """A module's backend: parameters, qemu-img, check mode, and what it has to tell besides its
     result (warnings, and leftovers of interrupted runs it removed)."""
 
-    def __init__(self, params: t.Any, run: Runner, qemu_img_path: str, check_mode: bool) -> None:
+    def __init__(self, params: t.Any, run: Runner, qemu_img_path: str, check_mode: bool,
+                 log: t.Callable[[str], None] | None = None) -> None:
         self.p = params
+        # The managed host's log (module.log: syslog / the journal): progress of long transfers.
+        self.log = log
         self.qemu_img = QemuImg(run, qemu_img_path)
         self.check_mode = check_mode
         self.warnings: list[str] = []
@@ -112,7 +115,8 @@ def run_module(module, params_cls: type, backend_cls: type, needs_libvirt: bool 
     elif qemu_img is None:
         module.fail_json(msg="qemu-img is required (package qemu-utils)", error_code="MISSING_DEPENDENCY")
     params = params_cls(**{key: module.params[key] for key in params_cls.__dataclass_fields__})
-    backend = backend_cls(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode)
+    backend = backend_cls(params, run=module.run_command, qemu_img_path=qemu_img, check_mode=module.check_mode,
+                          log=module.log)
     failure = None
     try:
         if module.params.get("required_mount") is not None:
