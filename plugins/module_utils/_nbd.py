@@ -39,8 +39,9 @@ import errno
 import os
 import select
 import signal
+import socket
 import subprocess
-import threading
+import tempfile
 import time
 import traceback
 import typing as t
@@ -74,6 +75,9 @@ STALL_TIMEOUT = 300.0
 # How long qemu-nbd may take to listen on its socket, and to exit after SIGTERM.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+
+# The send buffer of a writer connection (a chunk or more: see _grow_send_buffer).
+SEND_BUFFER = 4 * 1024 * 1024
 
 _PR_SET_PDEATHSIG = 1
 
@@ -145,16 +149,28 @@ def _nbd_error(what: str, exc: BaseException, **details: t.Any) -> VmBackupError
     return VmBackupError("BACKUP_FAILED", f"{what}: {exc}", phase="transfer", **details)
 
 
+# sun_path holds 108 bytes; a longer socket path is reached through its directory's descriptor.
+_SUN_PATH_MAX = 107
+
+
 def _connect(socket_path: str, export: str, meta_contexts: t.Sequence[str] = ()) -> t.Any:
     handle = nbd.NBD()
     handle.set_export_name(export)
     for name in meta_contexts:
         handle.add_meta_context(name)
+    dir_fd = None
     try:
-        handle.connect_unix(socket_path)
-    except nbd.Error as exc:
+        path = socket_path
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+        handle.connect_unix(path)
+    except (nbd.Error, OSError) as exc:
         _close(handle)
         raise _nbd_error(f"cannot connect to the NBD export {export!r} at {socket_path}", exc) from None
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     return handle
 
 
@@ -370,6 +386,7 @@ class _Copier:
         self.progress = progress
         self.events: list[tuple[str, _Pair, Extent, t.Any, int]] = []
         self.error: str | None = None
+        self._side = "the NBD copy"  # what a libnbd exception is about
         self.bytes_read = 0
         self.data_bytes = 0
         self.zero_bytes = 0
@@ -383,6 +400,7 @@ class _Copier:
 
     def _issue(self, pair: _Pair, req: Extent) -> None:
         pair.in_flight += 1
+        self._side = "writing the target through qemu-nbd" if req.zero else "reading from QEMU's export"
         if req.zero:
             pair.writer.aio_zero(req.length, req.offset, completion=self._on("zero", pair, req, None))
         else:
@@ -396,6 +414,7 @@ class _Copier:
             return
         if kind == "read":
             self.bytes_read += req.length
+            self._side = "writing the target through qemu-nbd"
             if buf.is_zero():
                 # Data that reads as zeros: a zero cluster costs no space (and no compression).
                 pair.writer.aio_zero(req.length, req.offset, completion=self._on("zero", pair, req, None))
@@ -411,9 +430,18 @@ class _Copier:
             self.progress.add(req.length)
 
     def run(self) -> None:
-        handles = [h for pair in self.pairs for h in (pair.reader, pair.writer)]
+        try:
+            self._loop()
+        except nbd.Error as exc:
+            raise VmBackupError("BACKUP_FAILED", f"{self._side} failed: {exc}", phase="transfer") from None
+
+    def _loop(self) -> None:
+        roles = [(pair.reader, "reading from QEMU's export") for pair in self.pairs]
+        roles += [(pair.writer, "writing the target through qemu-nbd") for pair in self.pairs]
+        roles = list({id(h): (h, role) for h, role in roles}.values())  # no reader when nothing is data
         last_event = time.monotonic()
         while True:
+            self._side = "the NBD copy"
             for pair in self.pairs:
                 while self.pending and pair.in_flight < self.depth and self.error is None:
                     self._issue(pair, self.pending.popleft())
@@ -424,10 +452,9 @@ class _Copier:
                 raise VmBackupError("BACKUP_FAILED", self.error, phase="transfer")
             if not self.pending and all(pair.in_flight == 0 for pair in self.pairs):
                 return
-            if any(pair.in_flight < self.depth for pair in self.pairs) and self.pending:
-                continue
             readable, writable = [], []
-            for handle in handles:
+            for handle, role in roles:
+                self._side = role
                 direction = handle.aio_get_direction()
                 if direction & nbd.AIO_DIRECTION_READ:
                     readable.append(handle.aio_get_fd())
@@ -439,7 +466,8 @@ class _Copier:
                     raise VmBackupError("BACKUP_FAILED", f"no NBD reply for {STALL_TIMEOUT:.0f} s: the copy is stuck",
                                         phase="transfer")
                 continue
-            for handle in handles:
+            for handle, role in roles:
+                self._side = role
                 fd = handle.aio_get_fd()
                 if fd in r_ready:
                     handle.aio_notify_read()
@@ -460,8 +488,11 @@ def _qemu_nbd_argv(qemu_nbd: str, sock: str, dst: str, compress: bool, connectio
     return argv
 
 
-def _start_writer(argv: list[str], sock: str, connections: int) -> tuple[subprocess.Popen, list[t.Any]]:
-    proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _start_writer(argv: list[str], dir_fd: int, sock: str, connections: int) -> tuple[subprocess.Popen, list[t.Any]]:
+    """Start qemu-nbd in the private directory ``dir_fd`` (its socket ``sock`` is relative to it)
+    and connect ``connections`` clients. Both sides reach the socket through the descriptor,
+    never through a path someone could rename: the socket is ours, and no path is too long."""
+    proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(dir_fd,))
     writers: list[t.Any] = []
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -500,6 +531,26 @@ def _stop(proc: subprocess.Popen, graceful: bool = False) -> tuple[int | None, s
     return proc.returncode, (err or b"").decode(errors="replace").strip()
 
 
+def _grow_send_buffer(handle: t.Any, size: int = SEND_BUFFER) -> None:
+    """A larger socket send buffer for a writer connection: a whole chunk goes out in one call
+    instead of one event-loop round per 200 KiB (the kernel's default)."""
+    try:
+        sock = socket.socket(fileno=os.dup(handle.aio_get_fd()))
+    except (OSError, nbd.Error):
+        return
+    try:
+        for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+                break
+            except OSError:
+                continue
+    finally:
+        sock.close()
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -523,6 +574,8 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
     Returns ``{bytes_read, data_bytes, zero_bytes, extents, seconds}``.
     """
     require()
+    if not os.path.isabs(dst) or not os.path.isabs(work_dir):
+        raise ValueError(f"dst {dst!r} and work_dir {work_dir!r} must be absolute paths")
     if not 1 <= workers <= 16:
         raise VmBackupError("INVALID_ARGUMENT", f"workers must be 1..16, not {workers}")
     if chunk % CLUSTER or not CLUSTER <= chunk <= MAX_CHUNK:
@@ -534,28 +587,42 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
     connections = max(1, min(workers, (data_requests + DEPTH - 1) // DEPTH))
     if os.path.lexists(dst):
         raise VmBackupError("BACKUP_FAILED", f"{dst} exists already: not overwriting it", phase="transfer", path=dst)
-    sock = os.path.join(work_dir, f"nbd-writer.{os.getpid()}.{threading.get_ident()}.sock")
+    sock_dir: str | None = None
+    dir_fd: int | None = None
     created = False
     proc: subprocess.Popen | None = None
     handles: list[t.Any] = []
     ok = False
     try:
+        # The writer's socket lives in a directory of its own that only we can enter (work_dir
+        # may be shared with QEMU's user): nobody else can connect to it or put a socket there.
+        sock_dir = tempfile.mkdtemp(prefix=".nbd-writer-", dir=work_dir)
+        dir_fd = os.open(sock_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         options = "compression_type=zstd" if compress else None
         argv = [qemu_img, "create", "-q", "-f", "qcow2"] + (["-o", options] if options else []) + [dst, str(virtual_size)]
         created = True  # from here on dst may exist: the cleanup removes it
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-        if done.returncode != 0:
-            raise VmBackupError("BACKUP_FAILED", f"qemu-img create of {dst} failed (rc={done.returncode}): "
-                                f"{done.stderr.decode(errors='replace').strip()}", phase="transfer", path=dst)
-        proc, writers = _start_writer(_qemu_nbd_argv(qemu_nbd, sock, dst, compress, connections), sock, connections)
+        creator = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        dummy, err = creator.communicate()
+        if creator.returncode != 0:
+            raise VmBackupError("BACKUP_FAILED", f"qemu-img create of {dst} failed (rc={creator.returncode}): "
+                                f"{err.decode(errors='replace').strip()}", phase="transfer", path=dst)
+        # The same descriptor number in qemu-nbd (pass_fds) and here: one short path for both.
+        sock = f"/proc/self/fd/{dir_fd}/writer.sock"
+        proc, writers = _start_writer(_qemu_nbd_argv(qemu_nbd, sock, dst, compress, connections), dir_fd, sock, connections)
         handles.extend(writers)
         readers = []
         if data_requests:
             for dummy in range(connections):
                 readers.append(_connect(socket_path, export))
                 handles.append(readers[-1])
+            source_size = readers[0].get_size()
+            if source_size != virtual_size:
+                raise VmBackupError("BACKUP_FAILED", f"the NBD export {export!r} is {source_size} bytes, the disk {virtual_size}",
+                                    phase="transfer", export_size=source_size, size=virtual_size)
         else:
             readers = writers  # never read from: nothing is data
+        for handle in writers:
+            _grow_send_buffer(handle)
         pairs = [_Pair(r, w) for r, w in zip(readers, writers)]
         copier = _Copier(pairs, requests, DEPTH, progress)
         try:
@@ -586,9 +653,22 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
             _close(handle)
         if proc is not None:
             _stop(proc)
-        for path in [sock] + ([dst] if created and not ok else []):
+        if dir_fd is not None:
+            _unlink("writer.sock", dir_fd=dir_fd)
+            os.close(dir_fd)
+        if sock_dir is not None:
             try:
-                os.unlink(path)
+                os.rmdir(sock_dir)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
+        if created and not ok:
+            _unlink(dst)
+
+
+def _unlink(path: str, dir_fd: int | None = None) -> None:
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
