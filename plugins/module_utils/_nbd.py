@@ -42,6 +42,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 import typing as t
@@ -379,8 +380,10 @@ class _Copier:
     """One event loop over every connection: reads complete into buffers, the buffers are
     written, a finished write frees its slot for the next read."""
 
-    def __init__(self, pairs: list[_Pair], requests: list[Extent], depth: int, progress: Progress | None) -> None:
+    def __init__(self, pairs: list[_Pair], requests: list[Extent], depth: int, progress: Progress | None,
+                 cancel: threading.Event | None = None) -> None:
         self.pairs = pairs
+        self.cancel = cancel
         self.pending = collections.deque(requests)
         self.depth = depth
         self.progress = progress
@@ -450,6 +453,9 @@ class _Copier:
                 last_event = time.monotonic()
             if self.error is not None:
                 raise VmBackupError("BACKUP_FAILED", self.error, phase="transfer")
+            if self.cancel is not None and self.cancel.is_set():
+                raise VmBackupError("BACKUP_FAILED", "the copy was stopped (another disk's copy failed, or the run is cancelled)",
+                                    phase="transfer", stopped=True)
             if not self.pending and all(pair.in_flight == 0 for pair in self.pairs):
                 return
             readable, writable = [], []
@@ -460,7 +466,7 @@ class _Copier:
                     readable.append(handle.aio_get_fd())
                 if direction & nbd.AIO_DIRECTION_WRITE:
                     writable.append(handle.aio_get_fd())
-            r_ready, w_ready, dummy = select.select(readable, writable, [], 1.0)
+            r_ready, w_ready, dummy = select.select(readable, writable, [], 0.5)
             if not r_ready and not w_ready:
                 if time.monotonic() - last_event > STALL_TIMEOUT:
                     raise VmBackupError("BACKUP_FAILED", f"no NBD reply for {STALL_TIMEOUT:.0f} s: the copy is stuck",
@@ -561,7 +567,8 @@ def _fsync(path: str) -> None:
 
 def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str, virtual_size: int, *,
                  work_dir: str, compress: bool = False, workers: int = 4, chunk: int = 1 << 20,
-                 progress: Progress | None = None, qemu_img: str = "qemu-img", qemu_nbd: str = "qemu-nbd") -> dict[str, t.Any]:
+                 progress: Progress | None = None, qemu_img: str = "qemu-img", qemu_nbd: str = "qemu-nbd",
+                 cancel: threading.Event | None = None) -> dict[str, t.Any]:
     """Create ``dst``, a new qcow2 of ``virtual_size`` without backing, holding ``extents``.
 
     Data extents are read from the NBD export ``export`` at ``socket_path`` and written as data
@@ -569,7 +576,8 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
     are written as zero clusters. ``dst`` is fsynced. The writer (qemu-nbd) and its socket
     live in ``work_dir`` and are gone on every way out; qemu-nbd dies with the calling thread.
     On failure ``dst`` is removed and BACKUP_FAILED (``phase: transfer``) raised; a cancel
-    (any BaseException) passes through after the same cleanup.
+    (any BaseException) passes through after the same cleanup. ``cancel`` set (from another
+    thread) stops the copy within half a second the same way (BACKUP_FAILED, ``stopped: true``).
 
     Returns ``{bytes_read, data_bytes, zero_bytes, extents, seconds}``.
     """
@@ -624,7 +632,7 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
         for handle in writers:
             _grow_send_buffer(handle)
         pairs = [_Pair(r, w) for r, w in zip(readers, writers)]
-        copier = _Copier(pairs, requests, DEPTH, progress)
+        copier = _Copier(pairs, requests, DEPTH, progress, cancel)
         try:
             copier.run()
             writers[0].flush()  # qcow2 metadata out of qemu-nbd's caches

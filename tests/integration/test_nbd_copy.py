@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -241,6 +242,12 @@ def test_refusals_and_failures_leave_nothing(images, tmp_path):
         _nbd.copy_extents(sock, "", extents, str(dst), SIZE, work_dir=str(work))
     assert dst.read_bytes() == b"someone else's"
     dst.unlink()
+
+    # Another thread asks the copy to stop (another disk's copy failed).
+    stop_event = threading.Event()
+    stopped = fails(lambda: _nbd.copy_extents(sock, "", extents, str(dst), SIZE, work_dir=str(work), chunk=CL, workers=1,
+                                              progress=Slow(stop_event.set), cancel=stop_event), "stopped")
+    assert stopped.details.get("stopped") is True
 
     # The source server disappears (QEMU died, the job was aborted) mid-copy.
     lost = serve(src, d / "lost.sock", "b0")
