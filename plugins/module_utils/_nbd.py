@@ -367,100 +367,100 @@ def plan_writes(extents: t.Iterable[Extent], virtual_size: int, chunk: int,
 
 # --- the copier ----------------------------------------------------------------------------
 
-class _Pair:
-    """One reader connection (QEMU's export) and one writer connection (our qemu-nbd)."""
+class _Lane:
+    """One reader connection (QEMU's export), one writer connection (our qemu-nbd) and the
+    event loop between them: a read completes into its buffer, the buffer is written (or, if it
+    reads as zeros, the range is zeroed), a finished write frees the slot for the next read.
+    Every lane takes its requests from the shared queue and runs in a thread of its own (libnbd
+    releases the GIL while it waits and while it moves data)."""
 
-    def __init__(self, reader: t.Any, writer: t.Any) -> None:
+    def __init__(self, copier: _Copier, reader: t.Any, writer: t.Any) -> None:
+        self.copier = copier
         self.reader = reader
         self.writer = writer
         self.in_flight = 0
+        self.events: collections.deque = collections.deque()
+        self.side = "the NBD copy"  # what a libnbd exception is about
+        self.bytes_read = self.data_bytes = self.zero_bytes = 0
+        # Buffers are reused: a fresh one per request costs page faults on every byte.
+        self.free: list[bytearray] = []
 
-
-class _Copier:
-    """One event loop over every connection: reads complete into buffers, the buffers are
-    written, a finished write frees its slot for the next read."""
-
-    def __init__(self, pairs: list[_Pair], requests: list[Extent], depth: int, progress: Progress | None,
-                 cancel: threading.Event | None = None) -> None:
-        self.pairs = pairs
-        self.cancel = cancel
-        self.pending = collections.deque(requests)
-        self.depth = depth
-        self.progress = progress
-        self.events: list[tuple[str, _Pair, Extent, t.Any, int]] = []
-        self.error: str | None = None
-        self._side = "the NBD copy"  # what a libnbd exception is about
-        self.bytes_read = 0
-        self.data_bytes = 0
-        self.zero_bytes = 0
-
-    def _on(self, kind: str, pair: _Pair, req: Extent, buf: t.Any) -> t.Callable[[t.Any], int]:
+    def _on(self, kind: str, req: Extent, buf: t.Any) -> t.Callable[[t.Any], int]:
         def completion(err) -> int:
             # Only record: libnbd calls this from inside aio_notify_*; the loop acts on it.
-            self.events.append((kind, pair, req, buf, int(getattr(err, "value", err) or 0)))
+            self.events.append((kind, req, buf, int(getattr(err, "value", err) or 0)))
             return 1  # retire the command
         return completion
 
-    def _issue(self, pair: _Pair, req: Extent) -> None:
-        pair.in_flight += 1
-        self._side = "writing the target through qemu-nbd" if req.zero else "reading from QEMU's export"
+    def _issue(self, req: Extent) -> None:
+        self.in_flight += 1
         if req.zero:
-            pair.writer.aio_zero(req.length, req.offset, completion=self._on("zero", pair, req, None))
+            self.side = "writing the target through qemu-nbd"
+            self.writer.aio_zero(req.length, req.offset, completion=self._on("zero", req, None))
         else:
-            buf = nbd.Buffer(req.length)
-            pair.reader.aio_pread(buf, req.offset, completion=self._on("read", pair, req, buf))
+            self.side = "reading from QEMU's export"
+            store = self.free.pop() if self.free else bytearray(self.copier.chunk)
+            buf = nbd.Buffer.from_buffer(memoryview(store)[:req.length])
+            self.reader.aio_pread(buf, req.offset, completion=self._on("read", req, (buf, store)))
 
-    def _handle(self, kind: str, pair: _Pair, req: Extent, buf: t.Any, err: int) -> None:
+    def _handle(self, kind: str, req: Extent, buf: t.Any, err: int) -> None:
         if err:
             side = "reading from QEMU's export" if kind == "read" else "writing the target through qemu-nbd"
-            self.error = f"{side} at offset {req.offset} ({req.length} bytes) failed: {os.strerror(err)}"
-            return
+            raise VmBackupError("BACKUP_FAILED", f"{side} at offset {req.offset} ({req.length} bytes) failed: {os.strerror(err)}",
+                                phase="transfer")
         if kind == "read":
             self.bytes_read += req.length
-            self._side = "writing the target through qemu-nbd"
-            if buf.is_zero():
+            self.side = "writing the target through qemu-nbd"
+            if buf[0].is_zero():
                 # Data that reads as zeros: a zero cluster costs no space (and no compression).
-                pair.writer.aio_zero(req.length, req.offset, completion=self._on("zero", pair, req, None))
+                self.free.append(buf[1])
+                self.writer.aio_zero(req.length, req.offset, completion=self._on("zero", req, None))
             else:
-                pair.writer.aio_pwrite(buf, req.offset, completion=self._on("write", pair, req, buf))
+                self.writer.aio_pwrite(buf[0], req.offset, completion=self._on("write", req, buf))
             return
-        pair.in_flight -= 1
+        if kind == "write":
+            self.free.append(buf[1])
+        self.in_flight -= 1
         if kind == "zero":
             self.zero_bytes += req.length
         else:
             self.data_bytes += req.length
-        if self.progress is not None:
-            self.progress.add(req.length)
+        if self.copier.progress is not None:
+            self.copier.progress.add(req.length)
 
     def run(self) -> None:
         try:
             self._loop()
         except nbd.Error as exc:
-            raise VmBackupError("BACKUP_FAILED", f"{self._side} failed: {exc}", phase="transfer") from None
+            self.copier.fail(VmBackupError("BACKUP_FAILED", f"{self.side} failed: {exc}", phase="transfer"))
+        except BaseException as exc:  # pylint: disable=broad-exception-caught
+            self.copier.fail(exc)
 
     def _loop(self) -> None:
-        roles = [(pair.reader, "reading from QEMU's export") for pair in self.pairs]
-        roles += [(pair.writer, "writing the target through qemu-nbd") for pair in self.pairs]
-        roles = list({id(h): (h, role) for h, role in roles}.values())  # no reader when nothing is data
+        copier = self.copier
+        roles = [(self.reader, "reading from QEMU's export")] if self.reader is not self.writer else []
+        roles.append((self.writer, "writing the target through qemu-nbd"))
         last_event = time.monotonic()
         while True:
-            self._side = "the NBD copy"
-            for pair in self.pairs:
-                while self.pending and pair.in_flight < self.depth and self.error is None:
-                    self._issue(pair, self.pending.popleft())
+            while self.in_flight < copier.depth and not copier.stopped():
+                try:
+                    req = copier.pending.popleft()
+                except IndexError:
+                    break
+                self._issue(req)
             while self.events:
-                self._handle(*self.events.pop(0))
+                self._handle(*self.events.popleft())
                 last_event = time.monotonic()
-            if self.error is not None:
-                raise VmBackupError("BACKUP_FAILED", self.error, phase="transfer")
-            if self.cancel is not None and self.cancel.is_set():
+            if copier.stopped():
+                return
+            if copier.cancel is not None and copier.cancel.is_set():
                 raise VmBackupError("BACKUP_FAILED", "the copy was stopped (another disk's copy failed, or the run is cancelled)",
                                     phase="transfer", stopped=True)
-            if not self.pending and all(pair.in_flight == 0 for pair in self.pairs):
+            if self.in_flight == 0 and not copier.pending:
                 return
             readable, writable = [], []
             for handle, role in roles:
-                self._side = role
+                self.side = role
                 direction = handle.aio_get_direction()
                 if direction & nbd.AIO_DIRECTION_READ:
                     readable.append(handle.aio_get_fd())
@@ -473,12 +473,68 @@ class _Copier:
                                         phase="transfer")
                 continue
             for handle, role in roles:
-                self._side = role
+                self.side = role
                 fd = handle.aio_get_fd()
                 if fd in r_ready:
                     handle.aio_notify_read()
                 if fd in w_ready:
                     handle.aio_notify_write()
+
+
+class _Copier:
+    """The lanes of one copy, the queue of requests they share, and the first failure."""
+
+    def __init__(self, pairs: list[tuple[t.Any, t.Any]], requests: list[Extent], depth: int, progress: Progress | None,
+                 cancel: threading.Event | None = None) -> None:
+        self.pending = collections.deque(requests)
+        self.chunk = max((r.length for r in requests if not r.zero), default=0)
+        self.depth = depth
+        self.progress = progress
+        self.cancel = cancel
+        self.lanes = [_Lane(self, reader, writer) for reader, writer in pairs]
+        self._failure: BaseException | None = None
+        self._stop = threading.Event()
+
+    def fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._stop.set()
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=lane.run, name=f"nbd-copy-{i}", daemon=True) for i, lane in enumerate(self.lanes[1:])]
+        try:
+            for thread in threads:
+                thread.start()
+            self.lanes[0].run()  # the calling thread is a lane too
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            self._stop.set()  # a signal (Cancelled) in the calling thread stops every lane
+            raise
+        finally:
+            # No lane may outlive the copy: its handles are closed next.
+            if any(thread.is_alive() for thread in threads):
+                self._stop.set()
+            for thread in threads:
+                if thread.ident is not None:
+                    thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(lane.bytes_read for lane in self.lanes)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(lane.data_bytes for lane in self.lanes)
+
+    @property
+    def zero_bytes(self) -> int:
+        return sum(lane.zero_bytes for lane in self.lanes)
 
 
 def _qemu_nbd_argv(qemu_nbd: str, sock: str, dst: str, compress: bool, connections: int) -> list[str]:
@@ -631,10 +687,14 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
             readers = writers  # never read from: nothing is data
         for handle in writers:
             _grow_send_buffer(handle)
-        pairs = [_Pair(r, w) for r, w in zip(readers, writers)]
+        pairs = list(zip(readers, writers))
         copier = _Copier(pairs, requests, DEPTH, progress, cancel)
         try:
             copier.run()
+            done = copier.data_bytes + copier.zero_bytes
+            planned = sum(r.length for r in requests)
+            if done != planned:  # never seen; a copy that lost a request must not pass for a backup
+                raise VmBackupError("BACKUP_FAILED", f"the NBD copy wrote {done} of {planned} bytes", phase="transfer")
             writers[0].flush()  # qcow2 metadata out of qemu-nbd's caches
         except nbd.Error as exc:
             raise _nbd_error("the NBD copy failed", exc) from None

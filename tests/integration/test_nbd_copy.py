@@ -185,9 +185,9 @@ def test_dirty_extents_copy_round_trips(images, tmp_path):
     assert ok, out
     plain_size = inc.stat().st_size
 
-    # Compressed, three connections, 256 KiB chunks.
+    # Compressed, four connections, one request per cluster.
     cinc = tmp_path / "cinc.qcow2"
-    cstats = _nbd.copy_extents(sock, "", extents, str(cinc), SIZE, work_dir=str(work), workers=3, chunk=256 * KIB,
+    cstats = _nbd.copy_extents(sock, "", extents, str(cinc), SIZE, work_dir=str(work), workers=4, chunk=CL,
                                compress=True)
     info = json.loads(run(["qemu-img", "info", "--output=json", str(cinc)]).stdout)
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
