@@ -394,14 +394,18 @@ class _Lane:
             return 1  # retire the command
         return completion
 
+    def _pad(self, req: Extent) -> int:
+        """Bytes to add to a write that ends where the disk ends inside a cluster (compress)."""
+        return self.copier.padded - req.end if req.end == self.copier.size else 0
+
     def _issue(self, req: Extent) -> None:
         self.in_flight += 1
         if req.zero:
             self.side = "writing the target through qemu-nbd"
-            self.writer.aio_zero(req.length, req.offset, completion=self._on("zero", req, None))
+            self.writer.aio_zero(req.length + self._pad(req), req.offset, completion=self._on("zero", req, None))
         else:
             self.side = "reading from QEMU's export"
-            store = self.free.pop() if self.free else bytearray(self.copier.chunk)
+            store = self.free.pop() if self.free else bytearray(self.copier.chunk + CLUSTER)
             buf = nbd.Buffer.from_buffer(memoryview(store)[:req.length])
             self.reader.aio_pread(buf, req.offset, completion=self._on("read", req, (buf, store)))
 
@@ -413,12 +417,16 @@ class _Lane:
         if kind == "read":
             self.bytes_read += req.length
             self.side = "writing the target through qemu-nbd"
+            pad = self._pad(req)
             if buf[0].is_zero():
                 # Data that reads as zeros: a zero cluster costs no space (and no compression).
                 self.free.append(buf[1])
-                self.writer.aio_zero(req.length, req.offset, completion=self._on("zero", req, None))
-            else:
-                self.writer.aio_pwrite(buf[0], req.offset, completion=self._on("write", req, buf))
+                self.writer.aio_zero(req.length + pad, req.offset, completion=self._on("zero", req, None))
+                return
+            if pad:
+                buf[1][req.length:req.length + pad] = bytes(pad)
+                buf = (nbd.Buffer.from_buffer(memoryview(buf[1])[:req.length + pad]), buf[1])
+            self.writer.aio_pwrite(buf[0], req.offset, completion=self._on("write", req, buf))
             return
         if kind == "write":
             self.free.append(buf[1])
@@ -487,7 +495,9 @@ class _Copier:
     """The lanes of one copy, the queue of requests they share, and the first failure."""
 
     def __init__(self, pairs: list[tuple[t.Any, t.Any]], requests: list[Extent], depth: int, progress: Progress | None,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, size: int = 0, padded: int = 0) -> None:
+        self.size = size
+        self.padded = padded  # the target's size, when it is longer than the disk (see copy_extents)
         self.pending = collections.deque(requests)
         self.chunk = max((r.length for r in requests if not r.zero), default=0)
         self.depth = depth
@@ -669,13 +679,12 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
         sock_dir = tempfile.mkdtemp(prefix=".nbd-writer-", dir=work_dir)
         dir_fd = os.open(sock_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         options = "compression_type=zstd" if compress else None
-        argv = [qemu_img, "create", "-q", "-f", "qcow2"] + (["-o", options] if options else []) + [dst, str(virtual_size)]
+        # QEMU's compress filter opens only an image whose size is a multiple of the cluster:
+        # a disk that ends inside a cluster is written one cluster longer, then shrunk back.
+        padded = _ceil(virtual_size, CLUSTER) if compress else virtual_size
         created = True  # from here on dst may exist: the cleanup removes it
-        creator = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        dummy, err = creator.communicate()
-        if creator.returncode != 0:
-            raise VmBackupError("BACKUP_FAILED", f"qemu-img create of {dst} failed (rc={creator.returncode}): "
-                                f"{err.decode(errors='replace').strip()}", phase="transfer", path=dst)
+        _run_tied([qemu_img, "create", "-q", "-f", "qcow2"] + (["-o", options] if options else []) + [dst, str(padded)],
+                  f"qemu-img create of {dst}", dst)
         # The same descriptor number in qemu-nbd (pass_fds) and here: one short path for both.
         sock = f"/proc/self/fd/{dir_fd}/writer.sock"
         proc, writers = _start_writer(_qemu_nbd_argv(qemu_nbd, sock, dst, compress, connections), dir_fd, sock, connections)
@@ -694,7 +703,7 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
         for handle in writers:
             _grow_send_buffer(handle)
         pairs = list(zip(readers, writers))
-        copier = _Copier(pairs, requests, DEPTH, progress, cancel)
+        copier = _Copier(pairs, requests, DEPTH, progress, cancel, size=virtual_size, padded=padded)
         try:
             copier.run()
             done = copier.data_bytes + copier.zero_bytes
@@ -715,6 +724,8 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
         proc = None
         if rc != 0:
             raise VmBackupError("BACKUP_FAILED", f"qemu-nbd serving {dst} failed (rc={rc}): {err}", phase="transfer", path=dst)
+        if padded != virtual_size:
+            _run_tied([qemu_img, "resize", "-q", "-f", "qcow2", "--shrink", dst, str(virtual_size)], f"qemu-img resize of {dst}", dst)
         try:
             _fsync(dst)
         except OSError as exc:
@@ -739,6 +750,14 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
                     raise
         if created and not ok:
             _unlink(dst)
+
+
+def _run_tied(argv: list[str], what: str, path: str) -> None:
+    proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dummy, err = proc.communicate()
+    if proc.returncode != 0:
+        raise VmBackupError("BACKUP_FAILED", f"{what} failed (rc={proc.returncode}): {err.decode(errors='replace').strip()}",
+                            phase="transfer", path=path)
 
 
 def _unlink(path: str, dir_fd: int | None = None) -> None:

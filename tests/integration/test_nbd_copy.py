@@ -337,3 +337,31 @@ def test_killed_or_cancelled_copier_leaves_no_writer(images, tmp_path, how):
         # directory (work_dir) and staging: nothing in them is in use any more.
         left = [p for p in os.listdir(work) if p.startswith(".nbd-writer-")]
         assert left and os.stat(work / left[0]).st_mode & 0o777 == 0o700, left
+
+
+def test_disk_ending_inside_a_cluster(tmp_path):
+    """A disk whose size is not a multiple of 64 KiB (1536 bytes into its last cluster): the
+    last cluster is copied, plain and compressed (the compress filter needs a whole cluster:
+    the target is written one cluster longer and shrunk back), and reads as the source."""
+    size = 8 * MIB + 1536
+    src, base = tmp_path / "src.qcow2", tmp_path / "base.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), str(size)])
+    qemu_io(src, "write -P 0x11 7M 1M", f"write -P 0x12 {8 * MIB} 1536")
+    run(["cp", "--sparse=always", str(src), str(base)])
+    run(["qemu-img", "bitmap", "--add", str(src), "b0"])
+    qemu_io(src, f"write -P 0x13 {size - 1024} 512", "write -z 7M 64K")
+    server = serve(src, tmp_path / "src.sock", "b0")
+    try:
+        extents = _nbd.dirty_extents(str(tmp_path / "src.sock"), "", "b0", size)
+        assert extents == [Extent(7 * MIB, CL, True), Extent(8 * MIB, 1536, False)]
+        for compress in (False, True):
+            out = tmp_path / f"inc-{compress}.qcow2"
+            _nbd.copy_extents(str(tmp_path / "src.sock"), "", extents, str(out), size, work_dir=str(tmp_path), compress=compress)
+            info = json.loads(run(["qemu-img", "info", "--output=json", str(out)]).stdout)
+            assert info["virtual-size"] == size
+            check = json.loads(run(["qemu-img", "check", "--output=json", str(out)]).stdout)
+            assert check.get("compressed-clusters", 0) == (1 if compress else 0), check
+            ok, text = rebased_equal(out, base, src)
+            assert ok, text
+    finally:
+        stop(server)
