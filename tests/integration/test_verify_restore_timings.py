@@ -258,3 +258,15 @@ def test_a_set_of_zstd_compressed_clusters_verifies_and_restores(built, ansible,
         _restore_and_compare(built, repo, r)
     finally:
         _remove_restored(conn, r)
+
+    # A drill of the compressed point: its phases, and the restore's passed through.
+    start = time.monotonic()
+    r = expect_ok(ansible("drill", {"repository": str(repo), "name": built.vm.name, "checks": ["image", "fsck"], "boot": "never",
+                                    "disk_dir": str(built.root / "drill")}))
+    wall = time.monotonic() - start
+    assert r["outcome"] == "ok" and [c["name"] for c in r["checks"]] == ["image", "restore", "fsck"], r["checks"]
+    _plausible(r["timings"], ["plan_s", "image_s", "restore_s", "fsck_s", "cleanup_s"], r["duration_s"], wall)
+    assert {c["name"]: c["seconds"] for c in r["checks"]} == {k[:-2]: v for k, v in r["timings"].items()
+                                                               if k not in ("plan_s", "cleanup_s")}
+    assert sorted(r["restore"]["timings"]) == sorted(RESTORE_PHASES)
+    assert sum(r["restore"]["timings"].values()) <= r["timings"]["restore_s"] + 0.005
