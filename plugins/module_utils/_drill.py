@@ -54,6 +54,7 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import D
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import CANCEL_SIGNALS, Backend, Cancelled
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._progress import Phases
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _restore
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import open_for_reading
 
@@ -411,6 +412,7 @@ class Driller(Backend):
         self._run = run
         self._qemu_img_path = qemu_img_path
         self.host = socket.gethostname()
+        self.phases = Phases()
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
@@ -442,7 +444,8 @@ class Driller(Backend):
             }
             if self.check_mode:
                 leftovers = self._leftovers(conn, disk_dir)
-                return dict(base, changed=True, outcome=None, checks=[{"name": c, "outcome": "planned"} for c in checks],
+                self.phases.add("plan", time.monotonic() - started)
+                return dict(base, changed=True, outcome=None, timings=self.phases.public(), checks=[{"name": c, "outcome": "planned"} for c in checks],
                             failed_check=None, proof=None, cleanup=None, cleaned_up=[f"would remove {x['what']}" for x in leftovers],
                             duration_s=round(time.monotonic() - started, 3),
                             msg=f"would drill point {point} ({how}) of {vm_name} as {NAME_PREFIX}...: {', '.join(checks)}")
@@ -499,6 +502,8 @@ class Driller(Backend):
         cancelled: Cancelled | None = None
         error: VmBackupError | None = None
         current: Check | None = None
+        # Before the drill proper: trust checks, catalog, point, network, leftovers of earlier drills.
+        self.phases.add("plan", time.monotonic() - started)
         try:
             # The journal first: whatever follows, a killed run leaves something the next drill recognises.
             repo_mod.write_file_atomic(journal, _manifest.dumps(dict(marker, format=JOURNAL_FORMAT, version=JOURNAL_VERSION,
@@ -516,6 +521,7 @@ class Driller(Backend):
                     check.detail, check.error_code = _tail(exc.msg), exc.error_code
                 finally:
                     check.seconds = time.monotonic() - t0
+                    self.phases.add(check.name, check.seconds)
                 if check.outcome in ("failed", "error"):
                     break
             current = None
@@ -531,7 +537,8 @@ class Driller(Backend):
             # Cleanup and proof are not interrupted by a (further) cancel: it is delivered once they are done.
             blocked = _block_signals()
             try:
-                cleanup = self._cleanup(name, token, workdir, journal)
+                with self.phases.phase("cleanup"):
+                    cleanup = self._cleanup(name, token, workdir, journal)
                 failed = next((c for c in results if c.outcome in ("failed", "error")), None)
                 for check in results:
                     if check.outcome == "skipped" and not check.detail:
@@ -575,7 +582,7 @@ class Driller(Backend):
                 _unblock_signals(blocked)
         result = dict(base, changed=True, outcome=outcome, checks=proof["checks"], failed_check=proof["failed_check"],
                       proof=proof_path, proof_content=proof, cleanup=cleanup, cleaned_up=self.cleaned,
-                      duration_s=proof["duration_s"], restore=ctx.restore)
+                      duration_s=proof["duration_s"], restore=ctx.restore, timings=self.phases.public())
         if cancelled is not None:
             raise cancelled
         details = {k: v for k, v in result.items() if k != "msg"}  # changed: the proof was written
@@ -623,7 +630,8 @@ class Driller(Backend):
             repository=ctx.catalog.repo.path, uuid=ctx.catalog.vm_uuid, set_id=ctx.point, restore_as=ctx.name,
             disk_dir=ctx.workdir, disk_format="raw", start=False, workers=self.p.workers, uri=self.p.uri,
             lock_timeout=self.p.lock_timeout, allow_unsafe_permissions=self.p.allow_unsafe_permissions)
-        restorer = _restore.Restorer(params, run=self._run, qemu_img_path=self._qemu_img_path, check_mode=False)
+        # Its progress lines go to this module's log (a drill's restore is its long part).
+        restorer = _restore.Restorer(params, run=self._run, qemu_img_path=self._qemu_img_path, check_mode=False, log=self.log)
         changes: list[str] = []
 
         def hook(xml: str) -> str:
@@ -640,7 +648,7 @@ class Driller(Backend):
             self.warnings.extend(restorer.warnings)
             self.cleaned.extend(restorer.cleaned)
         ctx.restore = {k: res.get(k) for k in ("vm", "chain", "disks", "bytes_read", "bytes_written", "verify_s", "convert_s",
-                                               "dropped_disks")}
+                                               "dropped_disks", "timings")}
         ctx.disks = res["disks"]
         check.outcome = "ok"
         check.detail = (f"{len(res['disks'])} disk(s) restored, {res['bytes_read']} bytes read, every checksum matched"

@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import stat
+import threading
 import time
 import typing as t
 import uuid as uuid_mod
@@ -41,6 +42,7 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import C
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._progress import Phases, Progress, human_bytes
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import chain_spec
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import FileJob, check_file, open_for_reading
 
@@ -873,9 +875,14 @@ class Restorer(Backend):
     # lock files after the release: nobody else can ever wait on them. Never for reusable names.
     drop_target_locks: bool = False
 
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.phases = Phases()
+
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
         started = time.monotonic()
+        self.phases = Phases()
         repo = open_for_reading(validate_params(self.p), self.p.allow_unsafe_permissions)
         catalog = self._catalog(repo)
         point = self._point(catalog)
@@ -890,10 +897,13 @@ class Restorer(Backend):
                 self._clean_stale(conn, disk_dir)
             plan = self._plan(conn, catalog, point)
             if plan is None:
+                self.phases.add("plan", time.monotonic() - started)
                 return self._unchanged(conn, catalog, point, started)
             self._check_space(plan)
             if self.check_mode:
-                return dict(self._result(plan, started, changed=True, check=True), kept_disks=self._predict_kept(conn, plan))
+                kept = self._predict_kept(conn, plan)
+                self.phases.add("plan", time.monotonic() - started)
+                return dict(self._result(plan, started, changed=True, check=True), kept_disks=kept)
             lock = VmLock(repo.lock_path(catalog.vm_uuid), self.p.lock_timeout, "restore", shared=True)
             try:
                 lock.acquire()
@@ -903,6 +913,8 @@ class Restorer(Backend):
             try:
                 # Re-check the chain under the lock: a prune may have run while we planned.
                 Catalog(repo, catalog.vm_uuid).sets_of_chain(point)
+                # Everything before the first write: trust checks, catalog, plan, the locks (waiting included).
+                self.phases.add("plan", time.monotonic() - started)
                 stats = self._execute(conn, plan)
             finally:
                 if lock is not None:
@@ -1186,6 +1198,7 @@ class Restorer(Backend):
         renamed: list[dict[str, t.Any]] = []  # entries this run moved to their final names
         defined = None
         old_xml = old_checkpoints = None
+        transfer_started = time.monotonic()
         try:
             journal.write()
             for disk in plan.disks:
@@ -1196,16 +1209,24 @@ class Restorer(Backend):
                     for disk in plan.disks for (sid, d), path in zip(disk.chain, disk.files)]
             jobs += plan.side_jobs[1:]  # domain.xml was verified when it was read
             workers = self.p.workers or os.cpu_count() or 1
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, \
-                    concurrent.futures.ThreadPoolExecutor(max_workers=1) as syncer:
+            progress = Progress(self.log, f"restore {plan.point} of {plan.source['name']} as {plan.target_name}",
+                                sum(j.size for j in jobs))
+            self._log(f"{progress.what}: {len(plan.disks)} disks, {human_bytes(progress.total)} to read and verify, "
+                      f"into {plan.disk_dir}")
+            stop = threading.Event()
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+            syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            try:
                 # Checksums run beside qemu-img (both read the same files), and each image is
                 # flushed to disk while the next one is written: the CPU and the disk overlap.
-                pending = pool.map(check_file, sorted(jobs, key=lambda j: j.size, reverse=True))
+                pending = [pool.submit(check_file, job, progress, stop)
+                           for job in sorted(jobs, key=lambda j: j.size, reverse=True)]
                 convert_started = time.monotonic()
                 convert_error = None
                 synced = []
                 for disk in plan.disks:
                     entry = entries[disk.target]
+                    disk_started = time.monotonic()
                     try:
                         self._write_image(disk, os.path.join(plan.disk_dir, entry["partial"]))
                     except VmBackupError as exc:
@@ -1213,11 +1234,23 @@ class Restorer(Backend):
                         convert_error = exc
                         break
                     synced.append(syncer.submit(_make_durable, fds[plan.disk_dir], entry))
+                    self._log(f"{progress.what}: disk {disk.target} written ({human_bytes(disk.read_bytes)} read) in "
+                              f"{time.monotonic() - disk_started:.1f} s")
                 convert_s = time.monotonic() - convert_started
-                outcomes = list(pending)
+                outcomes = [f.result() for f in pending]
                 verify_s = time.monotonic() - verify_started
-                for future in synced:
-                    future.result()
+                progress.finish()
+                self.phases.add("transfer", time.monotonic() - transfer_started)
+                with self.phases.phase("sync"):
+                    for future in synced:
+                        future.result()
+            finally:
+                # A cancel (or a failure) does not wait for every queued checksum: the queued ones are
+                # dropped and the running ones stop at their next batch; an fsync under way ends.
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                syncer.shutdown(wait=True)
+            define_started = time.monotonic()
             bad = [o for o in outcomes if o.code is not None]
             if convert_error is not None and not bad:
                 raise convert_error
@@ -1276,6 +1309,7 @@ class Restorer(Backend):
             error = lv.refresh_pool(conn, self.p.storage_pool)
             if error:
                 self.warnings.append(f"could not refresh storage pool {self.p.storage_pool}: {error}")
+        self.phases.add("define", time.monotonic() - define_started)
         return {
             "verify_s": round(verify_s, 3),
             "convert_s": round(convert_s, 3),
@@ -1285,6 +1319,14 @@ class Restorer(Backend):
             "state": lv.domain_state(defined),
             "tpm_dir": tpm_dir,
         }
+
+    def _log(self, text: str) -> None:
+        """A line to the module's log (syslog / the journal), as the progress lines go."""
+        if self.log is not None:
+            try:
+                self.log(text)
+            except Exception:  # pylint: disable=broad-exception-caught
+                pass  # the log is a courtesy: a broken syslog must not fail a restore
 
     @staticmethod
     def _reserve(dir_fd: int, entry: dict[str, t.Any]) -> None:
@@ -1300,11 +1342,19 @@ class Restorer(Backend):
         name carries a token only this run knows. ``qemu-img create`` formats the reserved file in
         place (same inode, mode 0600 kept), and ``convert -n --target-is-zero`` writes into it
         sparsely, so the image is private from its first byte whatever the umask.
+
+        Where the file system takes O_DIRECT, the image is written with ``-t none``: the data goes
+        to the disk while qemu-img copies (and qemu-img flushes at the end), instead of filling the
+        page cache for a long fsync afterwards - measured about 2.5x faster here than the same
+        convert followed by an fsync. Elsewhere (tmpfs, some FUSE or network file systems) the
+        page cache is used and the fsync after it does the work.
         """
         fmt = self.p.disk_format
+        cache = ["-t", "none"] if direct_io_works(path) else []
         for args, what in (
             (["create", "-q", "-f", fmt, path, str(disk.virtual_size)], f"create of {path}"),
-            (["convert", "-q", "-n", "--target-is-zero", "-W", "-m", "8", "-O", fmt, chain_spec(disk.files), path], f"convert to {path}"),
+            (["convert", "-q", "-n", "--target-is-zero", "-W", "-m", "8"] + cache + ["-O", fmt, chain_spec(disk.files), path],
+             f"convert to {path}"),
         ):
             rc, out, err = self.qemu_img.run_raw(args)
             if rc != 0:
@@ -1514,6 +1564,7 @@ class Restorer(Backend):
             "verify_s": 0.0,
             "convert_s": 0.0,
             "throughput_mib_s": None,
+            "timings": self.phases.public(),
             "started": start and not self.check_mode,
             "cleaned_up": self.cleaned,
             "diff": {"before": shown, "after": shown, "before_header": f"domain {name}", "after_header": f"domain {name}"},
@@ -1558,6 +1609,7 @@ class Restorer(Backend):
             "verify_s": stats.get("verify_s"),
             "convert_s": stats.get("convert_s"),
             "throughput_mib_s": round(data / MIB / seconds, 1) if stats and seconds > 0 else None,
+            "timings": self.phases.public(),
             "started": bool(self.p.start and not check),
             "cleaned_up": self.cleaned,
             # --diff: the definition before (the replaced domain's, or nothing) and after.
@@ -1586,6 +1638,19 @@ def _make_durable(dir_fd: int, entry: dict[str, t.Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def direct_io_works(path: str) -> bool:
+    """Whether ``path`` (an existing file) opens with O_DIRECT (qemu-img ``-t none`` needs it)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flag)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _allocated(path: str) -> int:

@@ -265,9 +265,21 @@ cleanup:
   returned: when a drill ran
   type: dict
 restore:
-  description: The restore's figures - vm, chain, disks, bytes_read, bytes_written, verify_s, convert_s, dropped_disks.
+  description:
+    - The restore's figures - vm, chain, disks, bytes_read, bytes_written, verify_s, convert_s, dropped_disks, and
+      timings (its per-phase seconds, with the keys of the C(timings) of M(vmbackup.libvirt.restore)).
+    - The restore's progress lines go to the managed host's log (syslog or the journal, identifier C(ansible-drill)).
   returned: when the restore check passed
   type: dict
+timings:
+  description:
+    - Wall-clock seconds per phase of the drill, in the order they ran - C(plan_s) (trust checks, point, network,
+      leftovers of earlier drills), then one C(<check>_s) per check that ran (C(image_s), C(restore_s), C(fsck_s),
+      C(boot_s), ...), then C(cleanup_s). In check mode only C(plan_s).
+  returned: success
+  type: dict
+  version_added: 0.2.0
+  sample: {"plan_s": 0.05, "image_s": 0.02, "restore_s": 1.9, "fsck_s": 0.3, "boot_s": 12.4, "cleanup_s": 0.4}
 cleaned_up:
   description: Leftovers of killed drills (and of interrupted restores into the drill directory) this run removed; in check mode, what it would remove.
   returned: always

@@ -344,6 +344,33 @@ workers:
   description: Files checked at the same time.
   returned: always
   type: int
+timings:
+  description:
+    - Wall-clock seconds per phase of the run, in the order they ran; together they make up about RV(duration_s).
+    - While the run goes on, a line says what it will read, then its progress (bytes read of the total, MiB/s, time left;
+      at most every 5 seconds, and at the end) goes to the managed host's log (syslog or the journal, identifier
+      C(ansible-verify)), since Ansible shows a module's result only when it ends.
+  returned: always
+  type: dict
+  version_added: 0.2.0
+  contains:
+    plan_s:
+      description: Trust checks, reading the catalogs and verdicts, the locks (waiting included) and the choice of the sets to read.
+      type: float
+    hash_s:
+      description:
+        - Sizes and streamed sha256 of every file of the checked sets (O(workers) at a time), with C(qemu-img check) of
+          each image as soon as its hash is done. Absent when no set was checked.
+      type: float
+    chain_s:
+      description:
+        - O(level=restore) - reading the points through their backing chains (zero with O(level=data)). Absent when no
+          set was checked.
+      type: float
+    record_s:
+      description: The per-set results and the verdict files written beside the sets.
+      type: float
+  sample: {"plan_s": 0.012, "hash_s": 1.104, "chain_s": 0.0, "record_s": 0.004}
 sidecars:
   description: Verdict files written, one per checked set (empty in check mode and with O(record=false); a skipped
     set's file is never rewritten).

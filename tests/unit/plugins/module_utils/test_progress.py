@@ -86,3 +86,16 @@ def test_set_never_goes_backwards():
     progress.set(7)
     progress.set(3)
     assert progress.done_bytes == 7
+
+
+def test_a_total_that_grows_is_reported_as_it_is_then():
+    # verify learns more to read as it goes (a withdrawn skip, the chains of level restore)
+    clock, logged = Clock(), []
+    progress = Progress(logged.append, "verify vm1 (restore)", 10 * MIB, interval=1, clock=clock)
+    clock.now += 1
+    progress.add(10 * MIB)
+    progress.total += 30 * MIB
+    clock.now += 1
+    progress.add(10 * MIB)
+    assert logged == ["verify vm1 (restore): 10.0 MiB of 10.0 MiB (100%), 10.0 MiB/s",
+                      "verify vm1 (restore): 20.0 MiB of 40.0 MiB (50%), 10.0 MiB/s, about 2 s left"]

@@ -1098,3 +1098,22 @@ def test_open_dir_refuses_links_others_control(tmp_path, case):
     with pytest.raises(VmBackupError) as err:
         _restore.open_dir(str(where / "a"), follow_root_links=True)
     assert err.value.error_code == "UNSAFE_TARGET"
+
+
+# ---------------------------------------------------------------------------------- O_DIRECT
+def test_direct_io_is_used_where_the_file_opens_with_o_direct(tmp_path, monkeypatch):
+    path = tmp_path / "image"
+    path.write_bytes(b"")
+    assert _restore.direct_io_works(str(path)) is True  # ext4 here
+    assert _restore.direct_io_works(str(tmp_path / "missing")) is False
+    os.symlink(path, tmp_path / "link")
+    assert _restore.direct_io_works(str(tmp_path / "link")) is False
+    real = os.open
+
+    def no_direct(p, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:  # a file system without O_DIRECT (an old tmpfs, some FUSE file systems)
+            raise OSError(22, "Invalid argument", p)
+        return real(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(_restore.os, "open", no_direct)
+    assert _restore.direct_io_works(str(path)) is False

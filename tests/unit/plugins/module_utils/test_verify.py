@@ -9,12 +9,16 @@ selection of the sets a scheduled verify reads."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import os
+import threading
 
 import pytest
 
+from ansible_collections.vmbackup.libvirt.plugins.module_utils import _verify
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._progress import Progress
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._verify import (
     CLOCK_TOLERANCE,
     SIDECAR_FORMAT,
@@ -85,6 +89,79 @@ def test_parallel_checks_give_the_same_verdicts_as_serial(good, tmp_path):
     parallel = sorted((o.job.path, o.code) for o in check_files(jobs, 3))
     assert serial == parallel
     assert [code for _p, code in serial].count(None) == 1
+
+
+def _big(path, mib: int, seed: int = 0):
+    """A file of ``mib`` MiB plus an odd tail (more than one progress batch), and its job."""
+    data = hashlib.sha256(str(seed).encode()).digest() * (mib * 32768) + b"tail" * 777
+    path.write_bytes(data)
+    return _job(path, size=len(data), digest=hashlib.sha256(data).hexdigest())
+
+
+def test_progress_gets_every_byte_read_exactly_once(tmp_path, good):
+    progress = Progress(None, "verify", 0, interval=1e9)
+    jobs = [_big(tmp_path / "a", 9), _big(tmp_path / "b", 17, 1), _job(good)]
+    outcomes = check_files(jobs, 2, progress)
+    assert [o.code for o in outcomes] == [None, None, None]
+    assert progress.done_bytes == sum(j.size for j in jobs) == sum(o.bytes_read for o in outcomes)
+
+
+def test_then_runs_in_the_calling_thread_on_each_outcome_and_results_keep_the_job_order(tmp_path, good):
+    jobs = [_job(good), _big(tmp_path / "a", 1), _big(tmp_path / "b", 3, 1), _job(tmp_path / "missing")]
+    seen = []
+
+    def then(out):
+        seen.append((out.job.path, threading.get_ident()))
+        if out.job.path.endswith("/b"):
+            out.code = "IMAGE_INVALID"  # what verify's qemu-img check does to an outcome
+
+    outcomes = check_files(jobs, 2, then=then)
+    assert [o.job.size for o in outcomes] == sorted((j.size for j in jobs), reverse=True)  # largest first
+    assert sorted(p for p, _t in seen) == sorted(j.path for j in jobs)
+    assert {t for _p, t in seen} == {threading.get_ident()}
+    assert {o.job.path.rsplit("/", 1)[-1]: o.code for o in outcomes} == {
+        "b": "IMAGE_INVALID", "a": None, "vda.qcow2": None, "missing": "FILE_MISSING"}
+
+
+def test_a_failure_in_then_does_not_wait_for_the_queued_files(tmp_path, monkeypatch):
+    jobs = [_big(tmp_path / f"f{i}", 1, i) for i in range(20)]
+    started = []
+    real = _verify.check_file
+
+    def counting(job, progress=None, stop=None):
+        started.append(job.path)
+        return real(job, progress, stop)
+
+    monkeypatch.setattr(_verify, "check_file", counting)
+
+    def then(out):
+        raise KeyboardInterrupt  # a cancel arrives in the main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        check_files(jobs, 1, then=then)
+    assert len(started) <= 3, started  # the one done, at most the one running and one about to
+
+
+def test_a_set_stop_ends_a_read_between_batches(tmp_path):
+    job = _big(tmp_path / "a", 20)
+    stop = threading.Event()
+    stop.set()
+    progress = Progress(None, "verify", 0, interval=1e9)
+    with pytest.raises(InterruptedError) as info:
+        _verify.sha256_stream(job.path, progress, stop)
+    assert info.value.errno == errno.EINTR
+    assert progress.done_bytes == _verify._PROGRESS_BATCH  # one batch read, then it stopped
+    out = check_file(job, None, stop)
+    assert out.code == "IO_ERROR"  # never "ok": a stopped read proves nothing
+
+
+def test_sha256_stream_is_the_sha256_and_size_of_the_file(tmp_path):
+    job = _big(tmp_path / "a", 9)
+    assert _verify.sha256_stream(job.path) == (job.sha256, job.size)
+    os.symlink(job.path, tmp_path / "link")
+    with pytest.raises(OSError) as info:
+        _verify.sha256_stream(str(tmp_path / "link"))
+    assert info.value.errno == errno.ELOOP
 
 
 @pytest.mark.parametrize(
