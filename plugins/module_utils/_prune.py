@@ -41,7 +41,7 @@ import typing as t
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _retention
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms, set_id_time, validate_selection
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vm_uuids, set_id_time, validate_selection
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
@@ -89,7 +89,15 @@ def validate_params(p: PruneParams) -> tuple[str, _retention.Policy]:
 def set_time(entry: t.Any, key: str = "started") -> dt.datetime:
     """A set's ``started`` (or ``completed``) time; an unreadable set is dated by its id."""
     if entry.manifest is not None:
-        return _manifest.parse_iso(entry.manifest[key])
+        value = entry.manifest[key]
+        # A valid manifest's times are YYYY-MM-DDTHH:MM:SSZ (validate_manifest): fromisoformat reads that form
+        # exactly as parse_iso does, ten times faster (three times per set, on thousands of sets).
+        if isinstance(value, str) and len(value) == 20 and value[10] == "T" and value[-1] == "Z":
+            try:
+                return dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=dt.timezone.utc)
+            except ValueError:
+                pass
+        return _manifest.parse_iso(value)
     return set_id_time(entry.set_id)
 
 
@@ -374,20 +382,21 @@ class Pruner(Backend):
         started = time.monotonic()
         path, policy = validate_params(self.p)
         repo = repo_mod.open_repository(path, self.p.allow_unsafe_permissions)
-        catalogs = resolve_vms(repo, self.p.name, self.p.uuid)
+        # Which VMs (listings only, unless a name must be matched): the catalogs are read under the locks.
+        uuids = resolve_vm_uuids(repo, self.p.name, self.p.uuid)
         locks: list[VmLock] = []
         timings: dict[str, float] = {}
         try:
             lock_started = time.monotonic()
-            for catalog in sorted(catalogs, key=lambda c: c.vm_uuid):  # one order: two prunes cannot deadlock
-                lock = self._lock(repo, catalog.vm_uuid)
+            for vm_uuid in sorted(uuids):  # one order: two prunes cannot deadlock
+                lock = self._lock(repo, vm_uuid)
                 if lock is not None:
                     lock.acquire()
                     locks.append(lock)
             timings["lock_s"] = time.monotonic() - lock_started
             read_started = time.monotonic()
-            # Under the locks, read again: an export may have committed a set while we waited.
-            catalogs = [Catalog(repo, c.vm_uuid) for c in catalogs]
+            # Under the locks: what an export committed while we waited is seen.
+            catalogs = [Catalog(repo, vm_uuid) for vm_uuid in uuids]
             now = _manifest.utcnow()
             # Every VM is decided before anything is removed: a refusal (CLOCK_SKEW) removes nothing anywhere.
             plans = [plan_vm(c, policy, now, self.p.series) for c in catalogs]
