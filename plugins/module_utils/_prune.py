@@ -16,10 +16,12 @@ every moment, whenever the run dies):
 
 1. ``rename(sets/<id>, .removing/<id>)``: one atomic step takes the set out of the catalog;
    fsync both directories.
-2. ``rename(sets/<id>.verify.json, .removing/<id>.verify.json)``, fsync, and the same for the
-   drill proof ``<id>.drill.json`` (a sidecar that outlived its set is a harmless orphan the next
-   prune removes).
-3. The tree under ``.removing/`` is removed through descriptors, never following a link.
+2. ``rename(sets/<id>.verify.json, .removing/<id>.verify.json)``, and the same for the drill
+   proof ``<id>.drill.json``, not synced on their own: the next set's step 1 (or the final sync of
+   ``sets/`` and ``.removing/``) makes them durable; a sidecar that outlived its set after a crash
+   is a harmless orphan the next prune removes.
+3. The tree under ``.removing/`` is removed through descriptors, never following a link (what a
+   crash leaves there, the next prune finishes).
 
 ``vms/<uuid>/.removing/`` (mode 0700) exists only while a prune runs or after one was killed;
 nothing but prune reads it (the catalog, verify, restore and export's leftover cleanup look
