@@ -314,6 +314,21 @@ def resolve_vms(repo: repo_mod.Repository, name: str | None, vm_uuid: str | None
     return named
 
 
+def resolve_vm_uuids(repo: repo_mod.Repository, name: str | None, vm_uuid: str | None) -> list[str]:
+    """The UUIDs ``resolve_vms`` would give, with the same errors, reading manifests only where a name
+    must be matched: by UUID a listing of ``sets/`` is enough, for every VM the listing of ``vms/``.
+    For a caller that reads the catalogs afterwards anyway (prune, under the VMs' locks): each
+    manifest is read and validated once, not twice."""
+    if vm_uuid is not None:
+        vm_uuid = _manifest.normalize_uuid(vm_uuid)
+        if not repo.set_ids(vm_uuid):  # the same committed sets Catalog reads (Repository.read_committed)
+            raise VmBackupError("SET_NOT_FOUND", f"VM {vm_uuid} has no committed set in repository {repo.path}")
+        return [vm_uuid]
+    if name is None:
+        return vm_uuids(repo)
+    return [c.vm_uuid for c in resolve_vms(repo, name, None)]
+
+
 # ---------------------------------------------------------------------- drill proofs (sets/<set-id>.drill.json)
 DRILL_PROOF_FORMAT = "vmbackup.libvirt/drill"
 DRILL_PROOF_SUFFIX = ".drill.json"

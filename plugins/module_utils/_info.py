@@ -56,6 +56,7 @@ class InfoParams:
     uuid: str | None = None
     series: str | None = None
     query: str | None = None
+    list_sets: bool = True
     lock_timeout: float = 60.0
     allow_unsafe_permissions: bool = False
 
@@ -343,11 +344,22 @@ def vm_view(catalog: Catalog, raw_verdicts: dict[str, dict[str, t.Any] | None], 
     }
 
 
+def without_set_lists(vm: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The VM's view without its per-set lists (``sets``, and each chain's ``sets``): what stays is
+    O(VMs x chains), not O(sets), for a fleet's dashboards on repositories of thousands of sets."""
+    del vm["sets"]
+    for series in vm["series"]:
+        for chain in series["chains"]:
+            del chain["sets"]
+    return vm
+
+
 def describe(repo_path: str, catalogs: list[Catalog], raw_verdicts: dict[str, dict[str, dict[str, t.Any] | None]],
              now: dt.datetime, series: str | None = None, asked_for_vm: bool = False,
-             drills: dict[str, dict[str, dict[str, t.Any]]] | None = None) -> dict[str, t.Any]:
+             drills: dict[str, dict[str, dict[str, t.Any]]] | None = None, list_sets: bool = True) -> dict[str, t.Any]:
     """The catalog result (without ``changed``/``msg``). SET_NOT_FOUND when a series is asked for and
-    none of the VMs asked for has a readable set of it."""
+    none of the VMs asked for has a readable set of it. ``list_sets`` false leaves out the per-set
+    lists (``without_set_lists``); every count, total and newest point is computed the same way."""
     vms = [vm_view(c, raw_verdicts.get(c.vm_uuid, {}), now, series, (drills or {}).get(c.vm_uuid)) for c in catalogs]
     if series is not None:
         vms = [vm for vm in vms if vm["sets"]]
@@ -356,6 +368,8 @@ def describe(repo_path: str, catalogs: list[Catalog], raw_verdicts: dict[str, di
             raise VmBackupError("SET_NOT_FOUND", f"series {series!r} has no readable set of {whom} in repository {repo_path}",
                                 series=series)
     vms.sort(key=lambda vm: (vm["name"] is None, vm["name"] or "", vm["uuid"]))
+    if not list_sets:
+        vms = [without_set_lists(vm) for vm in vms]
     return {
         "repository": repo_path,
         "generated": _manifest.iso(now),
@@ -380,7 +394,7 @@ class InfoBackend(Backend):
         catalogs, verdicts, warnings = read_vms(repo, self.p.name, self.p.uuid, drills)
         self.warnings.extend(warnings)
         result = describe(path, catalogs, verdicts, now, self.p.series, asked_for_vm=self.p.name is not None or self.p.uuid is not None,
-                          drills=drills)
+                          drills=drills, list_sets=self.p.list_sets)
         if expression is not None:
             result["query_result"] = run_query(expression, result)
         totals = result["totals"]

@@ -16,10 +16,12 @@ every moment, whenever the run dies):
 
 1. ``rename(sets/<id>, .removing/<id>)``: one atomic step takes the set out of the catalog;
    fsync both directories.
-2. ``rename(sets/<id>.verify.json, .removing/<id>.verify.json)``, fsync, and the same for the
-   drill proof ``<id>.drill.json`` (a sidecar that outlived its set is a harmless orphan the next
-   prune removes).
-3. The tree under ``.removing/`` is removed through descriptors, never following a link.
+2. ``rename(sets/<id>.verify.json, .removing/<id>.verify.json)``, and the same for the drill
+   proof ``<id>.drill.json``, not synced on their own: the next set's step 1 (or the final sync of
+   ``sets/`` and ``.removing/``) makes them durable; a sidecar that outlived its set after a crash
+   is a harmless orphan the next prune removes.
+3. The tree under ``.removing/`` is removed through descriptors, never following a link (what a
+   crash leaves there, the next prune finishes).
 
 ``vms/<uuid>/.removing/`` (mode 0700) exists only while a prune runs or after one was killed;
 nothing but prune reads it (the catalog, verify, restore and export's leftover cleanup look
@@ -41,7 +43,7 @@ import typing as t
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _manifest
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _repository as repo_mod
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _retention
-from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vms, set_id_time, validate_selection
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import Catalog, resolve_vm_uuids, set_id_time, validate_selection
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
@@ -89,7 +91,15 @@ def validate_params(p: PruneParams) -> tuple[str, _retention.Policy]:
 def set_time(entry: t.Any, key: str = "started") -> dt.datetime:
     """A set's ``started`` (or ``completed``) time; an unreadable set is dated by its id."""
     if entry.manifest is not None:
-        return _manifest.parse_iso(entry.manifest[key])
+        value = entry.manifest[key]
+        # A valid manifest's times are YYYY-MM-DDTHH:MM:SSZ (validate_manifest): fromisoformat reads that form
+        # exactly as parse_iso does, ten times faster (three times per set, on thousands of sets).
+        if isinstance(value, str) and len(value) == 20 and value[10] == "T" and value[-1] == "Z":
+            try:
+                return dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=dt.timezone.utc)
+            except ValueError:
+                pass
+        return _manifest.parse_iso(value)
     return set_id_time(entry.set_id)
 
 
@@ -289,17 +299,18 @@ def remove_set(repo: repo_mod.Repository, vm_uuid: str, set_id: str) -> None:
                                         set_id=set_id)
                 os.fsync(sets_fd)
                 os.fsync(removing)
-                # The set is out of the catalog now; its verdict and drill proof follow it.
+                # The set is out of the catalog now, durably; its verdict and drill proof follow it. Their
+                # renames and the removal of the trees are not synced one by one (the next set's sync, or the
+                # final one of .removing/, carries them): a crash before that leaves a sidecar whose set is
+                # gone (an orphan the next prune removes) or names in .removing/ (which it finishes), never a
+                # set without its verdict. Two directory syncs per set instead of four or five.
                 for suffix in SIDECAR_SUFFIXES:
-                    if _rename_out(sets_fd, removing, set_id + suffix):
-                        os.fsync(sets_fd)
-                        os.fsync(removing)
+                    _rename_out(sets_fd, removing, set_id + suffix)
             finally:
                 os.close(sets_fd)
             for name in (set_id,) + tuple(set_id + suffix for suffix in SIDECAR_SUFFIXES):
                 if _exists(removing, name):
                     repo_mod._remove_at(removing, name)  # pylint: disable=protected-access
-            os.fsync(removing)
         finally:
             os.close(removing)
 
@@ -374,20 +385,21 @@ class Pruner(Backend):
         started = time.monotonic()
         path, policy = validate_params(self.p)
         repo = repo_mod.open_repository(path, self.p.allow_unsafe_permissions)
-        catalogs = resolve_vms(repo, self.p.name, self.p.uuid)
+        # Which VMs (listings only, unless a name must be matched): the catalogs are read under the locks.
+        uuids = resolve_vm_uuids(repo, self.p.name, self.p.uuid)
         locks: list[VmLock] = []
         timings: dict[str, float] = {}
         try:
             lock_started = time.monotonic()
-            for catalog in sorted(catalogs, key=lambda c: c.vm_uuid):  # one order: two prunes cannot deadlock
-                lock = self._lock(repo, catalog.vm_uuid)
+            for vm_uuid in sorted(uuids):  # one order: two prunes cannot deadlock
+                lock = self._lock(repo, vm_uuid)
                 if lock is not None:
                     lock.acquire()
                     locks.append(lock)
             timings["lock_s"] = time.monotonic() - lock_started
             read_started = time.monotonic()
-            # Under the locks, read again: an export may have committed a set while we waited.
-            catalogs = [Catalog(repo, c.vm_uuid) for c in catalogs]
+            # Under the locks: what an export committed while we waited is seen.
+            catalogs = [Catalog(repo, vm_uuid) for vm_uuid in uuids]
             now = _manifest.utcnow()
             # Every VM is decided before anything is removed: a refusal (CLOCK_SKEW) removes nothing anywhere.
             plans = [plan_vm(c, policy, now, self.p.series) for c in catalogs]
@@ -433,7 +445,13 @@ class Pruner(Backend):
         for set_id in order:
             remove_set(repo, vm_uuid, set_id)
         if order:
-            finish_removing(repo, vm_uuid, [])  # the now empty .removing/ itself
+            self._sync_sets(repo, vm_uuid)  # the last sidecar renames
+            finish_removing(repo, vm_uuid, [])  # the now empty .removing/ itself (synced there)
+
+    @staticmethod
+    def _sync_sets(repo: repo_mod.Repository, vm_uuid: str) -> None:
+        with _vm_fd(repo, vm_uuid, "sets") as fd:
+            os.fsync(fd)
 
     # ------------------------------------------------------------------ the result
     def _predicted_cleanup(self, plan: VmPlan) -> list[str]:

@@ -252,6 +252,12 @@ def _query_runs_on_the_host_through_ansible(ansible, repo, chain):
     assert "Incomplete expression" in bad["msg"], bad
     bad = expect_error(ansible("backup_info", dict(args, query="sum(vms[].name)")), "INVALID_ARGUMENT")
     assert "invalid type" in bad["msg"], bad
+    # Without the per-set lists (through the module's argument spec): the series and chain summary stays.
+    short = info_ok(ansible, dict(args, list_sets=False))
+    vm = short["vms"][0]
+    assert "sets" not in vm and "sets" not in vm["series"][0]["chains"][0], vm
+    assert (vm["series"][0]["sets"], vm["series"][0]["newest"], vm["series"][0]["chains"][0]["base"]) == (3, i2["set_id"], full["set_id"])
+    assert vm["newest_restorable"]["set_id"] == i2["set_id"] and short["totals"] == r["totals"]
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -497,3 +497,20 @@ def test_verdict_reads_the_sidecar_and_an_unreadable_one_is_no_pass(builder, cha
     catalog = builder.catalog()
     assert catalog.verdict(chain["i1"])["outcome"] == "ok"
     assert catalog.verdict(chain["i2"]) == {"outcome": "unreadable"}
+
+
+# --------------------------------------------------------------------------- resolve_vm_uuids
+def test_resolve_vm_uuids_gives_resolve_vms_answer_without_reading_manifests_by_uuid(builder, chain, monkeypatch):
+    repo = builder.catalog().repo
+    vm_uuid = builder.catalog().vm_uuid
+    assert _catalog.resolve_vm_uuids(repo, None, None) == [c.vm_uuid for c in _catalog.resolve_vms(repo, None, None)]
+    name = builder.catalog().vm_name()
+    assert _catalog.resolve_vm_uuids(repo, name, None) == [vm_uuid]
+    for args in ((f"{name}-nope", None), (None, "00000000-0000-4000-8000-000000000000")):
+        with pytest.raises(VmBackupError) as a:
+            _catalog.resolve_vms(repo, *args)
+        with pytest.raises(VmBackupError) as b:
+            _catalog.resolve_vm_uuids(repo, *args)
+        assert (a.value.error_code, a.value.msg) == (b.value.error_code, b.value.msg) and a.value.error_code == "SET_NOT_FOUND"
+    monkeypatch.setattr(repo, "read_committed", lambda *a: pytest.fail("a manifest was read"))
+    assert _catalog.resolve_vm_uuids(repo, None, vm_uuid.upper()) == [vm_uuid]

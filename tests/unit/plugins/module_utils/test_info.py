@@ -685,3 +685,29 @@ def test_planted_links_are_never_followed(repo, chain, tmp_path):
     sets = _sets(repo.info())
     assert list(sets) == list(chain.values())
     assert sets[chain["i2"]]["verdict"]["outcome"] == "unreadable" and not sets[chain["i2"]]["restorable"]
+
+
+# --------------------------------------------------------------------------- list_sets
+@pytest.mark.parametrize("series", [None, "weekly"])
+def test_without_set_lists_everything_else_is_the_full_result(repo, two_series, series):
+    """list_sets=false drops exactly the per-set lists; every count, newest point and chain summary stays."""
+    repo.verdict(two_series["w2"], "failed", codes=["CHECKSUM_MISMATCH"])  # w2 and w3 not restorable
+    params = {} if series is None else {"series": series}
+    full = backend(repo.path, **params).run()
+    short = backend(repo.path, list_sets=False, **params).run()
+    assert all("sets" not in vm for vm in short["vms"])
+    assert all("sets" not in chain for vm in short["vms"] for s in vm["series"] for chain in s["chains"])
+    for vm in full["vms"]:
+        del vm["sets"]
+        for s in vm["series"]:
+            for chain in s["chains"]:
+                del chain["sets"]
+    assert short == full
+    weekly = next(s for s in _vm(short)["series"] if s["name"] == "weekly")
+    assert (weekly["newest"], weekly["newest_restorable"]) == (two_series["w3"], two_series["w1"])
+
+
+def test_without_set_lists_the_query_sees_the_short_result(repo, two_series):
+    result = backend(repo.path, list_sets=False, query="vms[0].series[?name=='weekly'].{n: sets, newest: newest}").run()
+    assert result["query_result"] == [{"n": 3, "newest": two_series["w3"]}]
+    assert backend(repo.path, list_sets=False, query="vms[0].sets").run()["query_result"] is None

@@ -364,3 +364,19 @@ def test_removing_planted_as_a_link_is_refused(builder, tmp_path):
     before = tree(builder.repo.path)
     _raises("UNSAFE_TARGET", prune, builder, keep_last=1)
     assert tree(builder.repo.path) == before and (elsewhere / "file").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("select", ["uuid", "all", "name"])
+def test_each_manifest_is_validated_once_per_run_under_the_lock(builder, monkeypatch, select):
+    """The catalogs are read under the VMs' locks, once (by UUID and for every VM the selection
+    needs listings only; a name needs the manifests to match it, then they are read again)."""
+    ids = builder.chain([1, 2, 3])
+    other = builder.add(4, vm_uuid=OTHER_VM, name="db-01")
+    calls = []
+    real = _manifest.validate_manifest
+    monkeypatch.setattr(_manifest, "validate_manifest", lambda m, *a, **kw: calls.append(m["set_id"]) or real(m, *a, **kw))
+    params = {"uuid": {"uuid": VM}, "all": {}, "name": {"name": "web-01"}}[select]
+    result, dummy = prune(builder, keep_last=1, **params)
+    expected = {"uuid": ids, "all": ids + [other], "name": ids + [other] + ids}[select]
+    assert sorted(calls) == sorted(expected)
+    assert set(ids) <= {s["set_id"] for s in result["sets"]} and not result["removed"]  # the closure keeps the chain
