@@ -67,6 +67,7 @@ TRANSPORTS = ("auto", "pull", "push")
 COMPRESSIONS = ("none", "zstd")
 DEFAULT_SCRATCH_DIR = "/var/lib/libvirt/qemu/vmbackup"
 NBD_SOCKET = "nbd.sock"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 @dataclasses.dataclass
@@ -177,6 +178,12 @@ def validate_params(p: ExportParams) -> str:
     if p.compress not in COMPRESSIONS:
         raise VmBackupError("INVALID_ARGUMENT", f"compress {p.compress!r} is not one of {', '.join(COMPRESSIONS)}")
     p.scratch_dir = repo_mod.validate_scratch_dir(p.scratch_dir)
+    longest = os.path.join(p.scratch_dir, "0" * 36, repo_mod.run_dir_name("00000000T000000Z-000", 4194304), NBD_SOCKET)
+    if len(longest.encode("utf-8")) > SOCKET_PATH_MAX:
+        raise VmBackupError(
+            "INVALID_ARGUMENT",
+            f"scratch_dir {p.scratch_dir} is too long: the NBD socket QEMU creates in it (such as {longest}) must have a path "
+            f"of at most {SOCKET_PATH_MAX} bytes (a unix socket's limit); choose a shorter directory")
     return path
 
 
@@ -1203,6 +1210,11 @@ class Exporter(Backend):
             raise VmBackupError("BACKUP_FAILED", f"the pull-mode job exports no disk {', '.join(missing)}", phase="backup-begin")
         cancel = threading.Event()
         bytes_read = {}
+        # The copier's own qemu-nbd socket goes into the run directory too, reached through this
+        # process's descriptor of it: /proc/<pid>/fd/<n> is short whatever scratch_dir is (a unix
+        # socket path has at most 107 bytes), and it is the directory this run created.
+        run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        work_dir = f"/proc/{os.getpid()}/fd/{run_fd}"
 
         def one(pd: PlannedDisk) -> None:
             export = exports[pd.disk.target]
@@ -1212,8 +1224,8 @@ class Exporter(Backend):
                     raise VmBackupError("BACKUP_FAILED", f"the pull-mode job exports no dirty bitmap for disk {pd.disk.target}",
                                         phase="transfer")
                 extents = _nbd.dirty_extents(export.socket, export.export, export.bitmap, pd.virtual_size)
-                stats = _nbd.copy_extents(export.socket, export.export, extents, dst, pd.virtual_size, work_dir=run_dir,
-                                          compress=compress, workers=self.p.workers or 4, progress=progress,
+                stats = _nbd.copy_extents(export.socket, export.export, extents, dst, pd.virtual_size, work_dir=work_dir,
+                                          compress=compress, workers=min(16, self.p.workers or 4), progress=progress,
                                           qemu_img=self.qemu_img.binary)
                 bytes_read[pd.disk.target] = int(stats.get("bytes_read", 0))
                 return
@@ -1243,7 +1255,9 @@ class Exporter(Backend):
                 raise VmBackupError("VM_STOPPED_DURING_BACKUP", f"the VM stopped while its backup was read: {exc.msg}",
                                     phase="transfer") from None
             raise
-        pool.shutdown(wait=True)
+        finally:
+            pool.shutdown(wait=True)
+            os.close(run_fd)
         return {"data_processed": sum(bytes_read.values())}
 
     # ------------------------------------------------------------------ quiesce

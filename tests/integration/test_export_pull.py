@@ -184,13 +184,21 @@ def test_pull_full_incremental_compress_into_a_private_repository(ansible, vms, 
     assert run_dirs(SCRATCH_DEFAULT, vm) == [] and not job_running(vm.dom)
 
 
-def test_killed_pull_run_is_cleaned_by_the_next_and_guest_writes_during_the_transfer(ansible, vms, repo, scratch):
+@pytest.fixture
+def short_scratch():
+    """A scratch_dir of its own (short: the NBD socket's path has at most 107 bytes)."""
+    path = pathlib.Path(f"/var/tmp/vmbt-s{os.urandom(3).hex()}")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_killed_pull_run_is_cleaned_by_the_next_and_guest_writes_during_the_transfer(ansible, vms, repo, scratch, short_scratch):
     """SIGKILL of the module mid-transfer: its qemu-img dies with it; the next run aborts the job
     that serves from the killed run's directory and removes that directory (socket, scratch files)
     and the staging data. Then a backup while the guest writes: the backup is the point in time."""
     vm = vms.create([DiskSpec("1G", fill=[(0xD1, "0", "768M")])])
-    scratch_dir = scratch / "pull-scratch"
-    args = {"name": vm.name, "repository": str(repo), "scratch_dir": str(scratch_dir), "transport": "pull"}
+    scratch_dir = short_scratch
+    args = {"name": vm.name, "repository": str(repo), "scratch_dir": str(scratch_dir)}
     staging = repo / "vms" / vm.uuid / ".incomplete"
 
     proc = ansible.popen("export", args)
@@ -271,7 +279,7 @@ def _dead_pid() -> int:
 
 def test_bad_transport_options_fail_before_anything(ansible, vms, repo):
     vm = vms.create([DiskSpec("16M")])
-    for bad in ({"scratch_dir": "relative/dir"}, {"transport": "push", "compress": "zstd"}):
+    for bad in ({"scratch_dir": "relative/dir"}, {"scratch_dir": "/var/tmp/" + "x" * 40}, {"transport": "push", "compress": "zstd"}):
         result = ansible("export", dict({"name": vm.name, "repository": str(repo)}, **bad))
         assert result["failed"] and result["error_code"] == "INVALID_ARGUMENT", result
     assert os.listdir(repo) == [] and vm.checkpoints() == []
