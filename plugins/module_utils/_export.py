@@ -1065,6 +1065,13 @@ class Exporter(Backend):
                 incremental = plan.parent["checkpoint"] if plan.parent else None
                 if run_dir is not None:
                     uid, gid = lv.qemu_owner(lv.domain_xml(dom, inactive=False))
+                    blocked = repo_mod.blocked_for(self.p.scratch_dir, uid, gid)
+                    if blocked:
+                        raise VmBackupError(
+                            "TARGET_NOT_ACCESSIBLE",
+                            f"QEMU runs as {uid}:{gid} for this VM and cannot traverse {blocked}, so it cannot create its NBD "
+                            f"socket in scratch_dir {self.p.scratch_dir}; choose a scratch_dir QEMU can reach (the default "
+                            f"{DEFAULT_SCRATCH_DIR} lies in libvirt's own directory)")
                     repo_mod.create_run_dir(self.p.scratch_dir, vm["uuid"], run_name, uid, gid)
                     run_dir_made = True
                     bxml = lv.pull_backup_xml(os.path.join(run_dir, NBD_SOCKET),

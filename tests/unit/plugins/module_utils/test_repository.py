@@ -1212,3 +1212,24 @@ def test_private_repository_creates_nothing_others_can_reach(tmp_path):
     push = repo_mod.Repository(path)
     push.prepare_vm(VM)
     assert _mode(os.path.join(path, "vms", VM, ".incomplete")) == 0o711
+
+
+@pytest.fixture
+def open_tmp():
+    """A directory whose parents everybody may traverse (pytest's tmp_path is under a 0700 one)."""
+    path = tempfile.mkdtemp(dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_blocked_for_follows_owner_group_and_other_bits(open_tmp):
+    import pathlib  # pylint: disable=import-outside-toplevel
+    top = pathlib.Path(open_tmp) / "top"
+    (top / "sub").mkdir(parents=True)
+    os.chown(top, 64055, 107)
+    os.chmod(top, 0o710)  # the owner and the group may traverse, others not
+    assert repo_mod.blocked_for(str(top / "sub" / "missing"), 64055, 5) is None
+    assert repo_mod.blocked_for(str(top / "sub"), 1234, 107) is None
+    assert repo_mod.blocked_for(str(top / "sub"), 1234, 1234) == str(top)
+    assert repo_mod.blocked_for(str(top / "sub"), 0, 0) is None
