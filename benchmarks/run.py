@@ -6,7 +6,9 @@
 
 Steps (``--only`` takes their names; default: all of them), each measured against its baseline in
 the same run, interleaved repeat by repeat, with the page cache dropped (``sync; echo 3 >
-/proc/sys/vm/drop_caches``) before every timed step, ours and the baselines' alike:
+/proc/sys/vm/drop_caches``) before every timed step of the data steps (1-6, 8), ours and the
+baselines' alike; the metadata steps (7) are synced before each timed run and warmed once, so that
+they measure CPU (ansible, the catalog) rather than reading ansible's own Python from disk:
 
   export   1. offline baselines of the same image with the VM shut off: ``qemu-img convert -W -m 8``,
               the same + fsync + a streaming sha256 of the output (what export guarantees),
@@ -1031,9 +1033,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transports: {', '.join(suite.transports)}; compress option: {suite.has_compress}; "
               f"domain type {factory.domain_type}; load average {info['loadavg_before'][0]:.2f}", flush=True)
         order = [s for s in STEPS if s in args.only]
+        step_seconds = {}
         for step in order:
             print(f"== {step}", flush=True)
+            t0 = time.monotonic()
             getattr(suite, f"step_{step}")()
+            step_seconds[step] = round(time.monotonic() - t0, 1)
+        suite.fig["step_seconds"] = step_seconds
         info["loadavg_after"] = list(os.getloadavg())
         targets = suite.targets()
         suite.fig["peak_rss_mib_by_module"] = cli.peak_rss
