@@ -58,6 +58,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -870,6 +871,49 @@ class Suite:
         return out
 
 
+def fleet_estimate(fig: dict, args) -> dict | None:
+    """The one-night estimate for a fleet through AWX (docs/performance.md explains the model), from
+    this run's per-VM overhead and throughputs and the --fleet-* assumptions.
+
+    Per host the VMs are backed up one after the other (vmbackup_backup_concurrency 1); a VM costs
+    the per-VM overhead + its data / export throughput + the same data / verify throughput (the
+    role verifies every new set at level data). AWX runs min(forks, throttle) hosts at once; the
+    repositories take at most repo_servers x repo_gib_s; the AWX execution nodes have controller_cores
+    in all, and the per-VM overhead is counted as their CPU time (pessimistic: part of it is the
+    module starting on the host). The night is the largest of the three limits."""
+    export = (fig.get("export") or {}).get("transports") or {}
+    best = export.get(fig["transports"][-1]) if export else None
+    orch, ver = fig.get("orchestration"), fig.get("verify")
+    if not best or not orch or not ver:
+        return None
+    exp_mib_s = best["full_mib_s_on_allocated"]
+    ver_mib_s = ver["mib"] / ver["verify_workers_1_s"]
+    overhead = orch["per_vm_overhead_s"]
+    out = {"assumptions": {"hosts": args.fleet_hosts, "vms_per_host": args.fleet_vms, "vm_allocated_gib": args.fleet_vm_gib,
+                           "nightly_change": args.fleet_change, "forks": args.fleet_forks, "throttle": args.fleet_throttle,
+                           "repo_servers": args.fleet_repo_servers, "repo_gib_s_each": args.fleet_repo_gib_s,
+                           "controller_cores": args.fleet_controller_cores},
+           "measured": {"per_vm_overhead_s": overhead, "export_mib_s": exp_mib_s, "verify_mib_s": ver_mib_s}}
+    parallel = min(args.fleet_forks, args.fleet_throttle or args.fleet_hosts, args.fleet_hosts)
+    waves = -(-args.fleet_hosts // parallel)
+    for kind, gib in (("incremental_night", args.fleet_vm_gib * args.fleet_change), ("full_night", args.fleet_vm_gib)):
+        vm_s = overhead + gib * 1024 / exp_mib_s + gib * 1024 / ver_mib_s
+        host_s = args.fleet_vms * vm_s
+        hosts_limit_s = waves * host_s
+        total_gib = args.fleet_hosts * args.fleet_vms * gib
+        # written once, read once by verify: the repository moves twice the data
+        repo_limit_s = 2 * total_gib / (args.fleet_repo_servers * args.fleet_repo_gib_s)
+        controller_s = args.fleet_hosts * args.fleet_vms * overhead / args.fleet_controller_cores
+        limits = {"hosts at once x per-host time": hosts_limit_s, "repository bandwidth": repo_limit_s,
+                  "AWX controller CPU": controller_s}
+        out[kind] = {"per_vm_s": vm_s, "per_host_s": host_s, "hosts_at_once": parallel, "waves": waves,
+                     "hosts_limit_h": hosts_limit_s / 3600, "repository_limit_h": repo_limit_s / 3600,
+                     "controller_limit_h": controller_s / 3600, "night_h": max(limits.values()) / 3600,
+                     "limited_by": max(limits, key=limits.get),
+                     "repository_tib": total_gib / 1024, "overhead_share": args.fleet_vms * overhead / host_s}
+    return out
+
+
 def summary(r: dict, wall: float, rss: float | None) -> dict:
     keys = ("duration_s", "throughput_mib_s", "bytes_written", "data_bytes", "timings", "transport", "compress", "type",
             "bytes_read", "set_id")
@@ -1003,6 +1047,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the 1-VM playbook run (the fixed cost and the marginal per-VM figure)")
     ap.add_argument("--sets", type=int, default=5000, help="sets of the synthetic catalog repository (default 5000)")
     ap.add_argument("--catalog-vms", type=int, default=10)
+    ap.add_argument("--fleet-hosts", type=int, default=1000, help="fleet estimate: hypervisors (default 1000)")
+    ap.add_argument("--fleet-vms", type=int, default=20, help="fleet estimate: VMs per hypervisor (default 20)")
+    ap.add_argument("--fleet-vm-gib", type=float, default=50.0, help="fleet estimate: allocated GiB per VM (default 50)")
+    ap.add_argument("--fleet-change", type=float, default=0.03, help="fleet estimate: fraction changed per night (default 0.03)")
+    ap.add_argument("--fleet-forks", type=int, default=100, help="fleet estimate: AWX forks (default 100)")
+    ap.add_argument("--fleet-throttle", type=int, default=0,
+                    help="fleet estimate: vmbackup_weekly_throttle, hosts writing at once (default 0: no cap, per-host repositories)")
+    ap.add_argument("--fleet-repo-servers", type=int, default=20, help="fleet estimate: repository servers (default 20)")
+    ap.add_argument("--fleet-repo-gib-s", type=float, default=1.1,
+                    help="fleet estimate: GiB/s each repository server takes (default 1.1: one 10 GbE link)")
+    ap.add_argument("--fleet-controller-cores", type=int, default=16,
+                    help="fleet estimate: CPU cores of the AWX execution nodes in all (default 16)")
     ap.add_argument("--json", help="also write the JSON here")
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"),
                     help="where <date>-<host>.json and .md are kept (default benchmarks/results)")
@@ -1019,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("run as root (libvirt's system instance, drop_caches)")
 
+    # SIGTERM (a CI timeout, kill) ends the run through the finally below, like Ctrl-C: nothing left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     began = time.monotonic()
     info = machine()
     work = pathlib.Path(tempfile.mkdtemp(prefix="vmbackup-bench-", dir=args.work_dir))
@@ -1043,6 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
         info["loadavg_after"] = list(os.getloadavg())
         targets = suite.targets()
         suite.fig["peak_rss_mib_by_module"] = cli.peak_rss
+        suite.fig["fleet_estimate"] = fleet_estimate(suite.fig, args)
         now = dt.datetime.now(dt.timezone.utc)
         doc = {
             "format": "vmbackup.libvirt/benchmark", "format_version": 1, "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -1055,6 +1114,13 @@ def main(argv: list[str] | None = None) -> int:
         text = table(suite.fig, targets)
         print()
         print(text)
+        fleet = suite.fig["fleet_estimate"]
+        if fleet:
+            a = fleet["assumptions"]
+            print(f"\nfleet estimate ({a['hosts']} hosts x {a['vms_per_host']} VMs of {a['vm_allocated_gib']:g} GiB, "
+                  f"{a['nightly_change']:.0%} changed, {a['forks']} forks, {a['repo_servers']} repository servers x "
+                  f"{a['repo_gib_s_each']:g} GiB/s): " + "; ".join(
+                      f"{k.replace('_', ' ')} {fleet[k]['night_h']:.1f} h ({fleet[k]['limited_by']})" for k in ("incremental_night", "full_night")))
         print(f"\n{doc['elapsed_s']:.0f} s in all; load average {info['loadavg_before'][0]:.2f} before, "
               f"{info['loadavg_after'][0]:.2f} after")
         payload = json.dumps(doc, indent=2, default=str)
