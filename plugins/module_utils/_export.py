@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import stat
+import threading
 import time
 import typing as t
 
@@ -36,6 +37,12 @@ from ansible_collections.vmbackup.libvirt.plugins.module_utils._catalog import C
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._lock import VmLock, validate_timeout
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._module import Backend
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._progress import Phases, Progress
+
+try:  # the incremental pull-mode copier (libnbd: python3-libnbd)
+    from ansible_collections.vmbackup.libvirt.plugins.module_utils import _nbd
+except ImportError:  # pragma: no cover - the collection always ships it
+    _nbd = None  # type: ignore[assignment]
 
 
 COLLECTION_VERSION = "0.1.0"
@@ -56,6 +63,11 @@ MOUNTINFO = "/proc/self/mountinfo"
 # change with every write. On anything else (NFS, CIFS, FUSE, a btrfs subvolume whose st_dev no
 # mount shows, ...) a shut-off VM is always copied.
 LOCAL_FS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "bcachefs", "jfs", "overlay"))
+TRANSPORTS = ("auto", "pull", "push")
+COMPRESSIONS = ("none", "zstd")
+DEFAULT_SCRATCH_DIR = "/var/lib/libvirt/qemu/vmbackup"
+NBD_SOCKET = "nbd.sock"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 @dataclasses.dataclass
@@ -79,6 +91,9 @@ class ExportParams:
     skip_unchanged: bool = True
     quiesce: str = "auto"
     quiesce_timeout: float = _quiesce.DEFAULT_TIMEOUT
+    transport: str = "auto"
+    compress: str = "none"
+    scratch_dir: str = DEFAULT_SCRATCH_DIR
 
 
 @dataclasses.dataclass
@@ -158,7 +173,57 @@ def validate_params(p: ExportParams) -> str:
         raise VmBackupError("INVALID_ARGUMENT", f"full_every_sets must be 1 or more (or null), not {p.full_every_sets!r}")
     if p.full_every_days is not None and not (math.isfinite(p.full_every_days) and 0 < p.full_every_days <= 36600):
         raise VmBackupError("INVALID_ARGUMENT", f"full_every_days must be a number of days above 0 (or null), not {p.full_every_days!r}")
+    if p.transport not in TRANSPORTS:
+        raise VmBackupError("INVALID_ARGUMENT", f"transport {p.transport!r} is not one of {', '.join(TRANSPORTS)}")
+    if p.compress not in COMPRESSIONS:
+        raise VmBackupError("INVALID_ARGUMENT", f"compress {p.compress!r} is not one of {', '.join(COMPRESSIONS)}")
+    p.scratch_dir = repo_mod.validate_scratch_dir(p.scratch_dir)
+    longest = os.path.join(p.scratch_dir, "0" * 36, repo_mod.run_dir_name("00000000T000000Z-000", 4194304), NBD_SOCKET)
+    if len(longest.encode("utf-8")) > SOCKET_PATH_MAX:
+        raise VmBackupError(
+            "INVALID_ARGUMENT",
+            f"scratch_dir {p.scratch_dir} is too long: the NBD socket QEMU creates in it (such as {longest}) must have a path "
+            f"of at most {SOCKET_PATH_MAX} bytes (a unix socket's limit); choose a shorter directory")
     return path
+
+
+def nbd_import_error() -> str | None:
+    """None when the incremental pull-mode copier can run (the libnbd binding imports)."""
+    if _nbd is None:
+        return "the module_utils _nbd is missing"
+    return _nbd.IMPORT_ERROR
+
+
+def resolve_transport(transport: str, nbd_error: str | None) -> tuple[str, str | None]:
+    """(transport used, warning or None). ``auto`` is pull when libnbd imports, else push with a
+    warning; an explicit choice is kept (pull without libnbd still takes fulls, see _plan)."""
+    if transport != "auto":
+        return transport, None
+    if nbd_error is None:
+        return "pull", None
+    return "push", ("transport=auto: python3-libnbd (the libnbd Python binding) is not importable, so the slower libvirt "
+                    "push mode is used; install python3-libnbd for pull mode")
+
+
+def pull_full_without_nbd(plan_type: str, methods: t.Iterable[str]) -> bool:
+    """Whether a pull-mode plan needs no libnbd: no disk is read as an incremental."""
+    return plan_type != "incremental" or all(m != "incremental" for m in methods)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def inside_any(paths: t.Iterable[str], dirs: t.Iterable[str]) -> bool:
+    """Whether every one of ``paths`` (at least one) lies inside one of ``dirs``."""
+    paths, prefixes = list(paths), [d.rstrip("/") + "/" for d in dirs]
+    return bool(paths) and all(any(os.path.normpath(p).startswith(pre) for pre in prefixes) for p in paths)
 
 
 # ---------------------------------------------------------------------- pure decisions (unit-tested)
@@ -355,16 +420,31 @@ class Exporter(Backend):
     _thawed = False  # this run thawed a guest a killed run had left frozen
     _would_thaw = False  # check mode: a real run would
 
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.phases = Phases()
+        self.transport = "push"  # resolved from the transport option by run()
+
     # ------------------------------------------------------------------ entry point
     def run(self) -> dict[str, t.Any]:
+        result = self._run()
+        result["timings"] = self.phases.public()
+        result.setdefault("compress", self.p.compress)
+        return result
+
+    def _run(self) -> dict[str, t.Any]:
         started_mono = time.monotonic()
         repo_path = validate_params(self.p)
+        self.transport, warning = resolve_transport(self.p.transport, nbd_import_error())
+        if warning:
+            self.warnings.append(warning)
         # The repository before anything else, in check mode too: trusted on every component from
         # / (UNSAFE_TARGET), on the file system the user expects (REPOSITORY_NOT_MOUNTED), and new
         # only when asked for or an existing empty directory (REPOSITORY_NOT_FOUND).
         repo_mod.check_required_mount(repo_path, self.p.required_mount)
         repo_state = repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions, create=self.p.create_repository)
-        repo = repo_mod.Repository(repo_path, self.p.allow_unsafe_permissions)
+        # Pull mode: QEMU never writes into the repository, which may be private (0700 directories).
+        repo = repo_mod.Repository(repo_path, self.p.allow_unsafe_permissions, private=self.transport == "pull")
         with lv.session(self.p.uri) as conn:
             dom = lv.lookup_domain(conn, name=self.p.name, vm_uuid=self.p.uuid)
             vm = {"name": dom.name(), "uuid": dom.UUIDString()}
@@ -374,22 +454,25 @@ class Exporter(Backend):
             self._thaw_leftover(dom)
 
             # Observe and decide before anything is written: bad input fails here, untouched.
-            done = self._period_match(repo, vm["uuid"])
-            if done is not None:
-                return self._unchanged_result(repo, repo_state, vm, done, started_mono, lv.domain_state(dom), self._period_reason())
-            same, copy_note = self._economy(dom, repo, vm["uuid"])
-            if same is not None:
-                return self._unchanged_result(repo, repo_state, vm, same[0], started_mono, lv.domain_state(dom), same[1])
-            plan = self._plan(dom, repo, vm["uuid"], dry=True, copy_note=copy_note)
-            self._check_space(plan, repo_state)
-            if plan.vm_state != "shutoff":
-                self._check_qemu_access(repo_path)
-                self._check_no_foreign_job(dom, repo.staging_root(vm["uuid"]))
-            # Read-only: required fails here, before anything is written, when the guest agent does
-            # not answer; check mode predicts the consistency.
-            predicted = None
-            if plan.set_type != "copy" and (self.check_mode or self.p.quiesce == "required"):
-                predicted = _quiesce.predict(dom, self.p.quiesce)
+            with self.phases.phase("plan"):
+                done = self._period_match(repo, vm["uuid"])
+                if done is not None:
+                    return self._unchanged_result(repo, repo_state, vm, done, started_mono, lv.domain_state(dom), self._period_reason())
+                same, copy_note = self._economy(dom, repo, vm["uuid"])
+                if same is not None:
+                    return self._unchanged_result(repo, repo_state, vm, same[0], started_mono, lv.domain_state(dom), same[1])
+                plan = self._plan(dom, repo, vm["uuid"], dry=True, copy_note=copy_note)
+                self._check_space(plan, repo_state)
+                self._check_transport(plan)
+                if plan.vm_state != "shutoff":
+                    if self.transport == "push":
+                        self._check_qemu_access(repo_path)
+                    self._check_no_foreign_job(dom, self._our_job_dirs(repo, vm["uuid"]))
+                # Read-only: required fails here, before anything is written, when the guest agent does
+                # not answer; check mode predicts the consistency.
+                predicted = None
+                if plan.set_type != "copy" and (self.check_mode or self.p.quiesce == "required"):
+                    predicted = _quiesce.predict(dom, self.p.quiesce)
             if self.check_mode:
                 return self._check_mode_result(repo, vm, plan, repo_state, started_mono, predicted)
 
@@ -399,24 +482,53 @@ class Exporter(Backend):
             repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions, create=self.p.create_repository)
             repo.initialise()
             repo.prepare_vm(vm["uuid"])
+            self.phases.add("lock", 0.0)
+            lock_started = time.monotonic()
             with VmLock(repo.lock_path(vm["uuid"]), self.p.lock_timeout, f"export {vm['uuid']}"):
-                self._clean_leftovers(dom, repo, vm["uuid"])
+                self.phases.add("lock", time.monotonic() - lock_started)
+                with self.phases.phase("cleanup"):
+                    self._clean_leftovers(dom, repo, vm["uuid"])
                 # Re-decide under the lock: another run may have committed a set meanwhile.
-                done = self._period_match(repo, vm["uuid"])
-                if done is not None:
-                    return self._unchanged_result(repo, repo_state, vm, done, started_mono, lv.domain_state(dom),
-                                                  self._period_reason())
-                same, copy_note = self._economy(dom, repo, vm["uuid"])
-                if same is not None:
-                    return self._unchanged_result(repo, repo_state, vm, same[0], started_mono, lv.domain_state(dom), same[1])
-                plan = self._plan(dom, repo, vm["uuid"], copy_note=copy_note)
-                self._check_space(plan, repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions))
-                if plan.vm_state != "shutoff":
-                    self._check_no_foreign_job(dom, None)
+                with self.phases.phase("plan"):
+                    done = self._period_match(repo, vm["uuid"])
+                    if done is not None:
+                        return self._unchanged_result(repo, repo_state, vm, done, started_mono, lv.domain_state(dom),
+                                                      self._period_reason())
+                    same, copy_note = self._economy(dom, repo, vm["uuid"])
+                    if same is not None:
+                        return self._unchanged_result(repo, repo_state, vm, same[0], started_mono, lv.domain_state(dom), same[1])
+                    plan = self._plan(dom, repo, vm["uuid"], copy_note=copy_note)
+                    self._check_space(plan, repo_mod.inspect_repository(repo_path, self.p.allow_unsafe_permissions))
+                    self._check_transport(plan)
+                    if plan.vm_state != "shutoff":
+                        self._check_no_foreign_job(dom, None)
                 result = self._execute(dom, repo, vm, plan, started_mono)
-                self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
+                with self.phases.phase("commit"):
+                    self._retire_checkpoints(dom, repo, vm["uuid"], keep=plan.checkpoint)
             result["repository_free_bytes"] = free_bytes(repo_path, repo_state.free_bytes)
             return result
+
+    def _transport_of(self, plan: Plan) -> str:
+        """How the plan's data is read: pull or push for a running VM, offline for a copy."""
+        return "offline" if plan.set_type == "copy" else self.transport
+
+    def _check_transport(self, plan: Plan) -> None:
+        """What the chosen transport cannot do, refused before anything is written."""
+        if plan.set_type == "copy":
+            return
+        if self.transport == "push" and self.p.compress != "none":
+            raise VmBackupError(
+                "INVALID_ARGUMENT",
+                f"compress={self.p.compress} needs transport pull for a running VM (push mode writes the backup through "
+                "libvirt, uncompressed); install python3-libnbd for transport auto to choose pull, or set compress=none")
+        if self.transport == "pull" and not pull_full_without_nbd(plan.set_type, [d.method for d in plan.disks]):
+            error = nbd_import_error()
+            if error is not None:
+                raise VmBackupError(
+                    "MISSING_DEPENDENCY",
+                    "an incremental backup in pull mode reads the dirty blocks through libnbd, whose Python binding "
+                    f"(python3-libnbd) does not import: {error.strip().splitlines()[-1]}; install python3-libnbd, or use "
+                    "transport push or mode full")
 
     # ------------------------------------------------------------------ decide
     def _period_match(self, repo: repo_mod.Repository, vm_uuid: str) -> dict[str, t.Any] | None:
@@ -710,16 +822,36 @@ class Exporter(Backend):
             raise VmBackupError(
                 "TARGET_NOT_ACCESSIBLE",
                 f"{blocked} is not traversable by others (no o+x), so QEMU (libvirt-qemu) cannot write the live "
-                "backup into the repository; chmod o+x that directory or choose another repository",
+                "backup into the repository in push mode; use transport pull (QEMU then never touches the repository, "
+                "which may stay private), chmod o+x that directory, or choose another repository",
             )
 
-    def _check_no_foreign_job(self, dom, ours: str | None) -> None:
-        """Fail when a job runs on the VM, unless it is an interrupted run's backup into ``ours``
-        (the staging root), which the run removes once it holds the lock."""
+    def _our_job_dirs(self, repo: repo_mod.Repository, vm_uuid: str) -> list[str]:
+        """Where a job of an interrupted run of this repository writes or serves: the staging root
+        (push mode) and the run directories the interrupted runs recorded (pull mode)."""
+        dirs = [repo.staging_root(vm_uuid)]
+        for path in repo.leftovers(vm_uuid):
+            record = self._run_record(repo, vm_uuid, path)
+            split_run = repo_mod.split_run_dir(record.get("run_dir"), vm_uuid)
+            if split_run:
+                dirs.append(os.path.join(split_run[0], vm_uuid, split_run[1]))
+        return dirs
+
+    @staticmethod
+    def _run_record(repo: repo_mod.Repository, vm_uuid: str, path: str) -> dict[str, t.Any]:
+        """The run.json of an interrupted run's staging directory ({} when unreadable)."""
+        try:  # read without following a link
+            record = json.loads(repo.read_staging_file(vm_uuid, os.path.basename(path), RUN_FILE))
+        except (OSError, ValueError, VmBackupError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _check_no_foreign_job(self, dom, ours: list[str] | None) -> None:
+        """Fail when a job runs on the VM, unless it is an interrupted run's backup whose every file
+        lies in ``ours`` (its staging root or run directory), which the run removes once it holds the lock."""
         job = lv.active_job(dom)
         if job is not None and ours is not None:
-            targets = lv.backup_targets(dom) or []
-            if targets and all(path.startswith(ours + "/") for path in targets):
+            if inside_any(lv.backup_targets(dom) or [], ours):
                 return
         if job is not None:
             raise VmBackupError(
@@ -740,17 +872,27 @@ class Exporter(Backend):
 
     # ------------------------------------------------------------------ clean up earlier runs
     def _clean_leftovers(self, dom, repo: repo_mod.Repository, vm_uuid: str) -> None:
-        """Undo what an interrupted run left: its job, its checkpoint, its staging directory."""
+        """Undo what an interrupted run left: its job, its checkpoint, its run directory (pull
+        mode: NBD socket, scratch files), its staging directory; then sweep run directories of dead
+        runs that no job uses."""
         leftovers = repo.leftovers(vm_uuid)
+        records = {path: self._run_record(repo, vm_uuid, path) for path in leftovers}
+        run_dirs = {path: repo_mod.split_run_dir(rec.get("run_dir"), vm_uuid) for path, rec in records.items()}
+        # Only a job that writes into one interrupted run's staging directory (push) or serves from
+        # its run directory (pull) is ours to abort.
+        if lv.is_active(dom):
+            mine = list(leftovers) + [os.path.join(split[0], vm_uuid, split[1]) for split in run_dirs.values() if split]
+            if any(lv.abort_backup_into(dom, path) for path in mine):
+                self.cleaned.append("aborted the backup job of an interrupted run")
+        for path, split in run_dirs.items():
+            if split and repo_mod.remove_run_dir(split[0], vm_uuid, split[1]):
+                self.cleaned.append(f"removed the run directory {os.path.join(split[0], vm_uuid, split[1])} of an interrupted run")
+        self._sweep_run_dirs(dom, vm_uuid)
         if not leftovers:
             return
-        # Only a job that writes into one interrupted run's staging directory is ours to abort.
-        if lv.is_active(dom) and any(lv.abort_backup_into(dom, path) for path in leftovers):
-            self.cleaned.append("aborted the backup job of an interrupted run")
         for path in leftovers:
-            try:  # read without following a link
-                checkpoint = json.loads(repo.read_staging_file(vm_uuid, os.path.basename(path), RUN_FILE)).get("checkpoint")
-            except (OSError, ValueError, AttributeError, VmBackupError):
+            checkpoint = records[path].get("checkpoint")
+            if not isinstance(checkpoint, str):
                 checkpoint = None
             # The interrupted run's own checkpoint only: never one a committed set relies on.
             if (checkpoint and _manifest.parse_checkpoint_name(checkpoint) and lv.lookup_checkpoint(dom, checkpoint)
@@ -762,6 +904,26 @@ class Exporter(Backend):
                     self.cleaned.append(f"deleted checkpoint {checkpoint} of an interrupted run")
         for path in repo.remove_leftovers(vm_uuid):
             self.cleaned.append(f"removed incomplete set {path}")
+
+    def _sweep_run_dirs(self, dom, vm_uuid: str) -> None:
+        """Remove the run directories under scratch_dir of runs whose process is gone and that no
+        running job of the domain uses: those of a killed run whose staging directory is gone (or
+        is in another repository, whose next run would abort its job first: a directory a job still
+        serves from is kept). A live run's directory (another repository's) is never touched."""
+        try:
+            found = repo_mod.list_run_dirs(self.p.scratch_dir, vm_uuid)
+        except (OSError, VmBackupError) as exc:
+            self.warnings.append(f"cannot look for leftover run directories in {self.p.scratch_dir}: {getattr(exc, 'msg', exc)}")
+            return
+        if not found:
+            return
+        used = (lv.backup_targets(dom) or []) if lv.is_active(dom) else []
+        for name, _set_id, pid in found:
+            path = os.path.join(self.p.scratch_dir, vm_uuid, name)
+            if pid == os.getpid() or pid_alive(pid) or any(inside_any([u], [path]) for u in used):
+                continue
+            if repo_mod.remove_run_dir(self.p.scratch_dir, vm_uuid, name):
+                self.cleaned.append(f"removed the run directory {path} of an interrupted run")
 
     @staticmethod
     def _committed_checkpoints(repo: repo_mod.Repository, vm_uuid: str) -> set[str]:
@@ -856,23 +1018,34 @@ class Exporter(Backend):
     def _execute(self, dom, repo: repo_mod.Repository, vm: dict[str, str], plan: Plan, started_mono: float) -> dict[str, t.Any]:
         started = _manifest.utcnow()
         set_id = _manifest.new_set_id(started, repo.all_ids(vm["uuid"]))
+        transport = self._transport_of(plan)
+        compress = self.p.compress == "zstd"
         staging = repo.create_staging(vm["uuid"], set_id)
         checkpoint_is_ours = False
         armed: list[tuple[str, str]] = []  # (disk target, QEMU node) of each sentinel this run created
+        # Pull mode: the run directory (NBD socket, scratch files), recorded before it exists.
+        run_name = repo_mod.run_dir_name(set_id, os.getpid())
+        run_dir = os.path.join(self.p.scratch_dir, vm["uuid"], run_name) if transport == "pull" else None
+        run_dir_made = False
         try:
             repo_mod.write_file_atomic(
                 os.path.join(staging, RUN_FILE),
-                _manifest.dumps({"set_id": set_id, "checkpoint": plan.checkpoint, "pid": os.getpid(), "started": _manifest.iso(started)}),
+                _manifest.dumps({"set_id": set_id, "checkpoint": plan.checkpoint, "pid": os.getpid(), "started": _manifest.iso(started),
+                                 "transport": transport, "run_dir": run_dir}),
             )
             files: dict[str, str] = {}  # relative path -> role
             per_disk_file = {d.disk.target: f"disks/{d.disk.target}.qcow2" for d in plan.disks}
             copy_started = time.monotonic()
             image_states: dict[str, list[dict[str, t.Any]]] = {}  # target -> state of its images (the economy's record)
+            progress = Progress(self.log, f"export {vm['name']} ({plan.set_type}, {transport})", plan.estimated_bytes)
             if plan.set_type == "copy":
                 quiesce = _quiesce.Quiesce(self.p.quiesce, reason=_quiesce.skip_reason(self.p.quiesce, plan.vm_state)[0])
                 before = {pd.disk.target: chain_states(pd.images) for pd in plan.disks}
-                for pd in plan.disks:
-                    self.qemu_img.convert(pd.disk.source, pd.disk.driver_type, os.path.join(staging, per_disk_file[pd.disk.target]))
+                with self.phases.phase("transfer"):
+                    for pd in plan.disks:
+                        self.qemu_img.convert(pd.disk.source, pd.disk.driver_type, os.path.join(staging, per_disk_file[pd.disk.target]),
+                                              compress=compress)
+                        progress.add(pd.estimated_bytes)
                 # Recorded only when nothing touched the images during the copy, the VM stayed off,
                 # and no write can still share a timestamp with the state recorded.
                 recorded_at = time.time_ns()
@@ -888,39 +1061,65 @@ class Exporter(Backend):
                 if plan.checkpoint:
                     cxml = lv.checkpoint_xml(plan.checkpoint, [pd.disk.target for pd in plan.disks if pd.disk.checkpointable],
                                              list(targets) + skip)
-                bxml = lv.backup_xml(targets, skip, plan.parent["checkpoint"] if plan.parent else None,
-                                     [pd.disk.target for pd in plan.disks if pd.method == "full"])
+                full_targets = [pd.disk.target for pd in plan.disks if pd.method == "full"]
+                incremental = plan.parent["checkpoint"] if plan.parent else None
+                if run_dir is not None:
+                    uid, gid = lv.qemu_owner(lv.domain_xml(dom, inactive=False))
+                    repo_mod.create_run_dir(self.p.scratch_dir, vm["uuid"], run_name, uid, gid)
+                    run_dir_made = True
+                    bxml = lv.pull_backup_xml(os.path.join(run_dir, NBD_SOCKET),
+                                              {tg: os.path.join(run_dir, f"{tg}.scratch") for tg in targets},
+                                              skip, incremental, full_targets)
+                else:
+                    bxml = lv.backup_xml(targets, skip, incremental, full_targets)
                 if plan.checkpoint:
                     # Only a checkpoint that did not exist before is this run's to delete on failure.
                     if lv.lookup_checkpoint(dom, plan.checkpoint) is not None:
                         raise VmBackupError("BACKUP_FAILED", f"checkpoint {plan.checkpoint} exists already; it is not this run's")
                     checkpoint_is_ours = True
                     self._arm_sentinels(dom, plan, armed)
-                # The point in time: the job's start. The guest is frozen only around it (push mode
-                # copies from QEMU's point-in-time view afterwards, while the guest runs on).
-                with _quiesce.frozen(dom, self.p.quiesce, self.p.quiesce_timeout, self.p.uri) as quiesce:
-                    lv.begin_backup(dom, bxml, cxml)
+                # The point in time: the job's start. The guest is frozen only around it (QEMU serves
+                # or copies its point-in-time view afterwards, while the guest runs on).
+                with self.phases.phase("freeze"):
+                    with _quiesce.frozen(dom, self.p.quiesce, self.p.quiesce_timeout, self.p.uri) as quiesce:
+                        lv.begin_backup(dom, bxml, cxml)
                 self._note_quiesce(quiesce)
-                job_stats = lv.wait_backup(dom)
-                for pd in plan.disks:
-                    if pd.method == "incremental":
-                        self.qemu_img.drop_backing_reference(targets[pd.disk.target])
-                if plan.checkpoint:
-                    cp = lv.lookup_checkpoint(dom, plan.checkpoint)
-                    if cp is None:
-                        raise VmBackupError("BACKUP_FAILED", f"checkpoint {plan.checkpoint} vanished after the backup job")
-                    self._write_side(staging, "checkpoint.xml", cp.getXMLDesc(0).encode("utf-8"))
-                    files["checkpoint.xml"] = "checkpoint_xml"
+                with self.phases.phase("transfer"):
+                    if run_dir is not None:
+                        job_stats = self._pull_transfer(dom, plan, targets, run_dir, progress, compress)
+                    else:
+                        job_stats = lv.wait_backup(dom)
+                        progress.add(plan.estimated_bytes)
+                with self.phases.phase("finish"):
+                    if run_dir is not None:
+                        lv.end_pull_job(dom)
+                    else:
+                        for pd in plan.disks:
+                            if pd.method == "incremental":
+                                self.qemu_img.drop_backing_reference(targets[pd.disk.target])
+                    if plan.checkpoint:
+                        cp = lv.lookup_checkpoint(dom, plan.checkpoint)
+                        if cp is None:
+                            raise VmBackupError("BACKUP_FAILED", f"checkpoint {plan.checkpoint} vanished after the backup job")
+                        self._write_side(staging, "checkpoint.xml", cp.getXMLDesc(0).encode("utf-8"))
+                        files["checkpoint.xml"] = "checkpoint_xml"
+                    if run_dir_made:
+                        repo_mod.remove_run_dir(self.p.scratch_dir, vm["uuid"], run_name)
+                        run_dir_made = False
             copy_seconds = time.monotonic() - copy_started
-            self._write_side(staging, "domain.xml", lv.domain_xml(dom, inactive=True).encode("utf-8"))
-            files["domain.xml"] = "domain_xml"
-            if lv.is_active(dom):
-                self._write_side(staging, "domain-live.xml", lv.domain_xml(dom, inactive=False).encode("utf-8"))
-                files["domain-live.xml"] = "domain_live_xml"
-            files.update(self._copy_firmware(dom, staging, vm["uuid"]))
+            transferred = progress.finish()
+            with self.phases.phase("finish"):
+                self._write_side(staging, "domain.xml", lv.domain_xml(dom, inactive=True).encode("utf-8"))
+                files["domain.xml"] = "domain_xml"
+                if lv.is_active(dom):
+                    self._write_side(staging, "domain-live.xml", lv.domain_xml(dom, inactive=False).encode("utf-8"))
+                    files["domain-live.xml"] = "domain_live_xml"
+                files.update(self._copy_firmware(dom, staging, vm["uuid"]))
             for rel in per_disk_file.values():
                 files[rel] = "disk"
-            hashes = self._hash_all(staging, list(files))
+            with self.phases.phase("hash"):
+                hashes = self._hash_all(staging, list(files))
+            commit_started = time.monotonic()
             completed = _manifest.utcnow()
             duration = time.monotonic() - started_mono
             data_bytes = sum(hashes[per_disk_file[pd.disk.target]][1] for pd in plan.disks)
@@ -930,7 +1129,7 @@ class Exporter(Backend):
                 rel = per_disk_file[pd.disk.target]
                 entry = pd.public()
                 entry.pop("estimated_bytes")
-                entry.update(file=rel, size=hashes[rel][1], sha256=hashes[rel][0])
+                entry.update(file=rel, size=hashes[rel][1], sha256=hashes[rel][0], compression=self.p.compress)
                 if pd.disk.target in image_states:
                     entry["images"] = image_states[pd.disk.target]
                 disks_out.append(entry)
@@ -943,22 +1142,29 @@ class Exporter(Backend):
                 files={rel: {"size": hashes[rel][1], "sha256": hashes[rel][0], "role": role} for rel, role in files.items()},
                 tool={"name": "vmbackup.libvirt", "version": COLLECTION_VERSION, "qemu_img": self.qemu_img.version()},
                 stats={"duration_s": round(duration, 3), "copy_s": round(copy_seconds, 3), "bytes_written": total_bytes,
-                       "data_bytes": data_bytes, "job_data_processed": int(job_stats.get("data_processed", 0) or 0)},
+                       "data_bytes": data_bytes, "job_data_processed": int(job_stats.get("data_processed", 0) or 0),
+                       "transport": transport, "compress": self.p.compress, "timings": self.phases.public()},
             )
             os.unlink(os.path.join(staging, RUN_FILE))
             final = repo.commit(vm["uuid"], set_id, staging, manifest)
+            self.phases.add("commit", time.monotonic() - commit_started)
         except BaseException:
-            # Undo this run (failure contract): its job, checkpoint, sentinels, staging data; never
-            # another tool's job (one may have started after ours ended) or a checkpoint that
-            # existed before. Then re-raise.
+            # Undo this run (failure contract): its job, checkpoint, sentinels, run directory,
+            # staging data; never another tool's job (one may have started after ours ended) or a
+            # checkpoint that existed before. Then re-raise.
             if plan.set_type != "copy" and lv.is_active(dom):
-                lv.abort_backup_into(dom, staging)
+                lv.abort_backup_into(dom, run_dir if run_dir is not None else staging)
             if checkpoint_is_ours and lv.lookup_checkpoint(dom, plan.checkpoint) is not None:
                 error = self._delete_checkpoint(dom, plan.checkpoint)
                 if error:
                     self.warnings.append(f"could not delete checkpoint {plan.checkpoint} of the failed run: {error}")
             if armed:
                 self._remove_armed(dom, plan, armed)
+            if run_dir_made:
+                try:
+                    repo_mod.remove_run_dir(self.p.scratch_dir, vm["uuid"], run_name)
+                except (OSError, VmBackupError) as exc:
+                    self.warnings.append(f"could not remove the run directory {run_dir} of the failed run: {exc}")
             if os.path.isdir(staging):
                 repo_mod.remove_tree(staging)
             raise
@@ -978,6 +1184,7 @@ class Exporter(Backend):
             "data_bytes": data_bytes,
             "duration_s": round(duration, 3),
             "throughput_mib_s": round(data_bytes / MIB / copy_seconds, 1) if copy_seconds > 0 else None,
+            "read_mib_s": transferred["mib_s"],
             "estimated_bytes": plan.estimated_bytes,
             "repository_path": final,
             "vm": dict(vm, state=plan.vm_state),
@@ -985,9 +1192,73 @@ class Exporter(Backend):
             "series": self.p.series,
             "consistency": quiesce.consistency,
             "quiesce": quiesce.public(),
+            "transport": transport,
+            "compress": self.p.compress,
             "cleaned_up": self.cleaned,
             "would_clean_up": [],
         }
+
+    def _pull_transfer(self, dom, plan: Plan, targets: dict[str, str], run_dir: str, progress: Progress,
+                       compress: bool) -> dict[str, t.Any]:
+        """Read every disk of a running pull-mode job into its staging file, disks in parallel up to
+        ``workers``: a full disk with qemu-img convert over NBD, an incremental one's dirty extents
+        (the parent checkpoint's bitmap) with _nbd.copy_extents. A failure stops the other disks'
+        copies (their job is aborted, which ends every NBD connection) before it propagates."""
+        exports = lv.pull_exports(dom)
+        missing = [pd.disk.target for pd in plan.disks if pd.disk.target not in exports]
+        if missing:
+            raise VmBackupError("BACKUP_FAILED", f"the pull-mode job exports no disk {', '.join(missing)}", phase="backup-begin")
+        cancel = threading.Event()
+        bytes_read = {}
+        # The copier's own qemu-nbd socket goes into the run directory too, reached through this
+        # process's descriptor of it: /proc/<pid>/fd/<n> is short whatever scratch_dir is (a unix
+        # socket path has at most 107 bytes), and it is the directory this run created.
+        run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        work_dir = f"/proc/{os.getpid()}/fd/{run_fd}"
+
+        def one(pd: PlannedDisk) -> None:
+            export = exports[pd.disk.target]
+            dst = targets[pd.disk.target]
+            if pd.method == "incremental":
+                if not export.bitmap:
+                    raise VmBackupError("BACKUP_FAILED", f"the pull-mode job exports no dirty bitmap for disk {pd.disk.target}",
+                                        phase="transfer")
+                extents = _nbd.dirty_extents(export.socket, export.export, export.bitmap, pd.virtual_size)
+                stats = _nbd.copy_extents(export.socket, export.export, extents, dst, pd.virtual_size, work_dir=work_dir,
+                                          compress=compress, workers=min(16, self.p.workers or 4), progress=progress,
+                                          qemu_img=self.qemu_img.binary)
+                bytes_read[pd.disk.target] = int(stats.get("bytes_read", 0))
+                return
+            done = [0]
+
+            def advance(fraction: float) -> None:
+                now = int(fraction * pd.estimated_bytes)
+                if now > done[0]:
+                    progress.add(now - done[0])
+                    done[0] = now
+
+            self.qemu_img.convert_nbd(export.socket, export.export, dst, compress=compress, on_progress=advance, cancel=cancel)
+            advance(1.0)
+            bytes_read[pd.disk.target] = pd.allocated_bytes
+
+        workers = max(1, min(self.p.workers or os.cpu_count() or 1, len(plan.disks)))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        try:
+            futures = [pool.submit(one, pd) for pd in plan.disks]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+        except BaseException as exc:
+            cancel.set()
+            lv.abort_backup_into(dom, run_dir)  # ends the readers' NBD connections
+            pool.shutdown(wait=True)
+            if isinstance(exc, VmBackupError) and not lv.is_active(dom):
+                raise VmBackupError("VM_STOPPED_DURING_BACKUP", f"the VM stopped while its backup was read: {exc.msg}",
+                                    phase="transfer") from None
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            os.close(run_fd)
+        return {"data_processed": sum(bytes_read.values())}
 
     # ------------------------------------------------------------------ quiesce
     def _thaw_leftover(self, dom) -> None:
@@ -1161,6 +1432,7 @@ class Exporter(Backend):
             "repository_free_bytes": free_bytes(repo.path, repo_state.free_bytes),
             "consistency": manifest.get("consistency"),
             "quiesce": None,  # no new point in time was taken
+            "transport": None,  # nothing was read
             "cleaned_up": self.cleaned,
             "would_clean_up": [THAW_NOTE] if self._would_thaw else [],
         }
@@ -1201,6 +1473,7 @@ class Exporter(Backend):
             # guest-ping); nothing was frozen.
             "consistency": predicted.consistency,
             "quiesce": predicted.public(),
+            "transport": self._transport_of(plan),
             "cleaned_up": [],
             "would_clean_up": leftovers,
         }

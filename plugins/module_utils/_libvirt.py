@@ -486,12 +486,126 @@ def active_job(dom) -> dict[str, t.Any] | None:
 
 
 def backup_targets(dom) -> list[str] | None:
-    """Target files of the running backup job, or None when none runs."""
+    """Every file the running backup job uses, or None when none runs: the target files of a
+    push-mode job; the NBD socket and the scratch files of a pull-mode job."""
     try:
         xml = dom.backupGetXMLDesc(0)
     except libvirt.libvirtError:
         return None
-    return [el.get("file") for el in ET.fromstring(xml).findall("./disks/disk/target") if el.get("file")]
+    return job_paths(xml)
+
+
+def job_paths(xml: str) -> list[str]:
+    """The files a <domainbackup> (as backupGetXMLDesc describes it) writes or serves."""
+    root = ET.fromstring(xml)
+    paths = [el.get("file") for el in root.findall("./disks/disk/target") + root.findall("./disks/disk/scratch")]
+    server = root.find("./server")
+    if server is not None and server.get("transport") == "unix":
+        paths.append(server.get("socket"))
+    return [p for p in paths if p]
+
+
+def pull_backup_xml(socket_path: str, scratch: dict[str, str], skip: t.Iterable[str], incremental: str | None,
+                    full_targets: t.Iterable[str] = ()) -> str:
+    """A pull-mode <domainbackup>: QEMU serves each disk's point-in-time view over NBD on the unix
+    socket ``socket_path``; ``scratch`` maps disk target -> its scratch file (where QEMU keeps the
+    old data of the blocks the guest overwrites while the job runs).
+
+    ``full_targets`` are disks exported in full even in an incremental job (raw disks).
+    """
+    root = ET.Element("domainbackup", mode="pull")
+    if incremental:
+        ET.SubElement(root, "incremental").text = incremental
+    ET.SubElement(root, "server", transport="unix", socket=socket_path)
+    disks = ET.SubElement(root, "disks")
+    full = set(full_targets)
+    for target, path in scratch.items():
+        attrs = {"name": target, "backup": "yes", "type": "file"}
+        if incremental and target in full:
+            attrs["backupmode"] = "full"
+        el = ET.SubElement(disks, "disk", **attrs)
+        ET.SubElement(el, "scratch", file=path)
+    for target in skip:
+        ET.SubElement(disks, "disk", name=target, backup="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+@dataclasses.dataclass(frozen=True)
+class PullExport:
+    target: str
+    socket: str
+    export: str
+    bitmap: str | None  # the dirty bitmap of an incremental disk (meta context qemu:dirty-bitmap:<bitmap>)
+
+
+def parse_pull_exports(xml: str) -> dict[str, PullExport]:
+    """The NBD export of each disk of a running pull-mode job, from its backupGetXMLDesc."""
+    root = ET.fromstring(xml)
+    server = root.find("./server")
+    if root.get("mode") != "pull" or server is None or server.get("transport") != "unix" or not server.get("socket"):
+        raise VmBackupError("BACKUP_FAILED", "the backup job is not a pull-mode job serving a unix socket", phase="backup-begin")
+    out = {}
+    for el in root.findall("./disks/disk"):
+        if el.get("backup", "yes") != "yes" or not el.get("name"):
+            continue
+        out[el.get("name")] = PullExport(el.get("name"), server.get("socket"), el.get("exportname") or el.get("name"),
+                                         el.get("exportbitmap") or None)
+    return out
+
+
+def pull_exports(dom) -> dict[str, PullExport]:
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError as exc:
+        raise VmBackupError("BACKUP_FAILED", f"cannot read the pull-mode job: {exc.get_error_message()}", phase="backup-begin") from None
+    return parse_pull_exports(xml)
+
+
+def end_pull_job(dom, timeout: float = 30.0) -> None:
+    """End a pull-mode job that served its data (abortJob is how a pull job ends)."""
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError as exc:
+        if not _alive(dom):
+            raise VmBackupError("VM_STOPPED_DURING_BACKUP", "the VM stopped while its backup job ran", phase="backup") from None
+        if active_job(dom) is not None:
+            raise VmBackupError("BACKUP_FAILED", f"cannot end the pull-mode job: {exc.get_error_message()}", phase="backup") from None
+    deadline = time.monotonic() + timeout
+    while active_job(dom) is not None:
+        if time.monotonic() > deadline:
+            raise VmBackupError("BACKUP_FAILED", "the pull-mode job did not end after abortJob", phase="backup")
+        time.sleep(0.05)
+    if not _alive(dom):
+        raise VmBackupError("VM_STOPPED_DURING_BACKUP", "the VM stopped while its backup job ran", phase="backup")
+
+
+def qemu_owner(xml: str, fallback: str = "/var/lib/libvirt/qemu") -> tuple[int, int]:
+    """The uid and gid QEMU runs as for a domain: its live XML's DAC <seclabel> label (such as
+    ``+64055:+64055``, or user:group names); else the owner of ``fallback`` (libvirt's own
+    directory, owned by the user it runs QEMU as by default)."""
+    root = ET.fromstring(xml)
+    for sec in root.findall("./seclabel"):
+        if sec.get("model") != "dac":
+            continue
+        label = (sec.findtext("label") or "").strip()
+        if ":" in label:
+            user, group = label.split(":", 1)
+            try:
+                return _id_of(user, pwd_lookup=True), _id_of(group, pwd_lookup=False)
+            except (KeyError, ValueError):
+                break
+    st = os.stat(fallback)
+    return st.st_uid, st.st_gid
+
+
+def _id_of(name: str, pwd_lookup: bool) -> int:
+    if name.startswith("+"):
+        return int(name[1:])
+    if name.isdigit():
+        return int(name)
+    import grp  # pylint: disable=import-outside-toplevel
+    import pwd  # pylint: disable=import-outside-toplevel
+    return pwd.getpwnam(name).pw_uid if pwd_lookup else grp.getgrnam(name).gr_gid
 
 
 def begin_backup(dom, bxml: str, cxml: str | None) -> None:

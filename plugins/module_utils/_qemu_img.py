@@ -10,7 +10,13 @@ This module is private to the vmbackup.libvirt collection; it is not a public AP
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import re
+import signal
+import subprocess
+import threading
 import typing as t
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
@@ -77,12 +83,56 @@ class QemuImg:
             raise VmBackupError("BACKUP_FAILED", f"qemu-img map of {path} printed no extent list")
         return data
 
-    def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str = "qcow2") -> None:
-        """A sparse copy (zero clusters are not written) with out-of-order parallel writes."""
-        args = ["convert", "-q", "-W", "-m", "8", "-O", dst_fmt]
+    def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str = "qcow2", compress: bool = False) -> None:
+        """A sparse copy (zero clusters are not written) with out-of-order parallel writes;
+        ``compress``: every data cluster zstd-compressed (qcow2 compression_type=zstd)."""
+        args = ["convert", "-q", "-W", "-m", "8", "-O", dst_fmt] + (COMPRESS_ARGS if compress else [])
         if src_fmt:
             args += ["-f", src_fmt]
         self._call(args + [src, dst], f"convert of {src}")
+
+    def convert_nbd(self, socket_path: str, export: str, dst: str, *, compress: bool = False,
+                    on_progress: t.Callable[[float], None] | None = None,
+                    cancel: threading.Event | None = None) -> None:
+        """Read the NBD export ``export`` on the unix socket ``socket_path`` (a pull-mode job's
+        point-in-time view of a disk) into a new sparse qcow2 ``dst``.
+
+        The child dies with the calling thread (tied_popen), so a killed module leaves no reader.
+        ``on_progress`` gets the fraction done (0..1) from ``qemu-img -p``. Raises BACKUP_FAILED
+        (phase transfer) when qemu-img fails or ``cancel`` is set.
+        """
+        argv = [self.binary, "convert", "-p", "-W", "-m", "8", "-O", "qcow2"] + (COMPRESS_ARGS if compress else [])
+        argv += ["--image-opts", nbd_image_opts(socket_path, export), dst]
+        proc = tied_popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err: list[bytes] = []
+        reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        try:
+            buf = b""
+            while True:
+                chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(64)
+                if not chunk:
+                    break
+                buf = (buf + chunk)[-256:]
+                found = _PROGRESS_RE.findall(buf)
+                if found and on_progress is not None:
+                    on_progress(min(1.0, float(found[-1]) / 100.0))
+                if cancel is not None and cancel.is_set():
+                    proc.kill()
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            reader.join(5)
+            proc.stdout.close()
+            proc.stderr.close()
+        if cancel is not None and cancel.is_set():
+            raise VmBackupError("BACKUP_FAILED", f"the copy of NBD export {export} was stopped (another disk failed)", phase="transfer")
+        if rc != 0:
+            text = b"".join(err).decode("utf-8", "replace").strip()
+            raise VmBackupError("BACKUP_FAILED", f"qemu-img convert of NBD export {export} failed (rc={rc}): {text}", phase="transfer")
 
     def convert_chain(self, spec: str, dst: str, dst_fmt: str) -> None:
         """Write the image that ``spec`` (a json: chain) reads as a new sparse ``dst``."""
@@ -110,6 +160,36 @@ class QemuImg:
         explicitly (see chain_spec) and the header keeps no reference.
         """
         self._call(["rebase", "-u", "-f", "qcow2", "-b", "", path], f"rebase -u of {path}")
+
+
+# Standard qcow2 compressed clusters with zstd: any qemu-img (5.1 or later) reads them.
+COMPRESS_ARGS = ["-c", "-o", "compression_type=zstd"]
+_PROGRESS_RE = re.compile(rb"\(([0-9]+(?:\.[0-9]+)?)/100%\)")
+_PR_SET_PDEATHSIG = 1
+
+
+def nbd_image_opts(socket_path: str, export: str) -> str:
+    """``--image-opts`` of an NBD export on a unix socket (commas doubled: no URI escaping)."""
+    def esc(value: str) -> str:
+        return value.replace(",", ",,")
+    return f"driver=nbd,server.type=unix,server.path={esc(socket_path)},export={esc(export)}"
+
+
+def _die_with(parent: int) -> t.Callable[[], None]:
+    def preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)  # pylint: disable=protected-access
+    return preexec
+
+
+def tied_popen(argv: list[str], **kwargs: t.Any) -> subprocess.Popen:
+    """A child that gets SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG): a
+    SIGKILLed module leaves no qemu-img behind. Start it from a thread that lives until it is reaped."""
+    return subprocess.Popen(argv, preexec_fn=_die_with(os.getpid()), close_fds=True, **kwargs)  # pylint: disable=subprocess-popen-preexec-fn
 
 
 def data_bytes(extents: list[dict[str, t.Any]]) -> int:

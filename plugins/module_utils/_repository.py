@@ -245,11 +245,11 @@ def opened_dir(path: str, what: str = "directory", **kwargs: t.Any) -> t.Iterato
         os.close(fd)
 
 
-def _ensure_dir_at(parent_fd: int, name: str, mode: int, what: str, path: str, current: str,
+def _ensure_dir_at(parent_fd: int, name: str, mode: int | None, what: str, path: str, current: str,
                    allow_unsafe_permissions: bool = True) -> tuple[int, bool]:
     """mkdir ``name`` under ``parent_fd`` (or take the existing one), open it without following a
-    link, check its owner (and, unless allowed, its mode) and give it exactly ``mode``.
-    Returns (descriptor, created)."""
+    link, check its owner (and, unless allowed, its mode) and give it exactly ``mode`` (None: a new
+    directory is 0700, an existing one keeps its mode). Returns (descriptor, created)."""
     created = True
     try:
         os.mkdir(name, DIR_MODE_PRIVATE, dir_fd=parent_fd)
@@ -260,8 +260,9 @@ def _ensure_dir_at(parent_fd: int, name: str, mode: int, what: str, path: str, c
         st = os.fstat(fd)
         _check_dir(st, what, path, current, target=True, modes=not created,
                    allow_unsafe_permissions=allow_unsafe_permissions)
-        if stat.S_IMODE(st.st_mode) != mode:
-            os.fchmod(fd, mode)
+        want = mode if mode is not None else (DIR_MODE_PRIVATE if created else stat.S_IMODE(st.st_mode))
+        if stat.S_IMODE(st.st_mode) != want:
+            os.fchmod(fd, want)
     except BaseException:
         os.close(fd)
         raise
@@ -544,6 +545,7 @@ def qemu_can_traverse(path: str) -> str | None:
     """The first directory on ``path`` that others cannot traverse, or None when all can.
 
     QEMU runs as an unprivileged user (libvirt-qemu) and opens push-mode targets by path.
+    Components that do not exist yet are not checked (a push run creates them 0711).
     """
     current = "/"
     for part in [p for p in path.split("/") if p]:
@@ -659,6 +661,136 @@ def remove_tree(path: str) -> None:
         os.fsync(parent)
 
 
+# --------------------------------------------------------------------------- run directories (pull mode)
+# A pull-mode run keeps the NBD socket QEMU serves and one scratch file per disk in a private run
+# directory <scratch_dir>/<vm-uuid>/<set-id>.<pid>, mode 0700, owned by the user QEMU runs as for
+# the domain (QEMU creates the socket, libvirt the scratch files as that user); root reaches it
+# as root. <scratch_dir> and <scratch_dir>/<vm-uuid> are root's (0711). The default scratch_dir
+# lies in libvirt's own /var/lib/libvirt/qemu (owned by libvirt-qemu): the directories above
+# <scratch_dir> are checked for links only (as libvirt's NVRAM directory), <scratch_dir> and
+# everything below on their descriptors (owner, mode, no link).
+SCRATCH_MODE = 0o711
+RUN_DIR_MODE = 0o700
+_RUN_DIR_RE = re.compile(r"^(?P<set_id>[0-9]{8}T[0-9]{6}Z-[0-9]{3})\.(?P<pid>[1-9][0-9]{0,9})$")
+
+
+def validate_scratch_dir(path: t.Any) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\x00" in path or os.path.normpath(path) in ("/", "//"):
+        raise VmBackupError("INVALID_ARGUMENT", f"scratch_dir must be an absolute directory path other than /, not {path!r}")
+    return os.path.normpath(path)
+
+
+def run_dir_name(set_id: str, pid: int) -> str:
+    return f"{set_id}.{pid}"
+
+
+def parse_run_dir_name(name: str) -> tuple[str, int] | None:
+    """(set id, pid) of a run directory's name, or None when it is not one."""
+    match = _RUN_DIR_RE.fullmatch(name)
+    return (match["set_id"], int(match["pid"])) if match else None
+
+
+@contextlib.contextmanager
+def _scratch_vm_dir(scratch_dir: str, vm_uuid: str, create: bool) -> t.Iterator[int | None]:
+    """The descriptor of <scratch_dir>/<vm-uuid> (created when ``create``; None when missing)."""
+    scratch_dir = validate_scratch_dir(scratch_dir)
+    parent, name = os.path.dirname(scratch_dir), os.path.basename(scratch_dir)
+    try:
+        pfd = open_dir(parent, "scratch_dir", owners=False, follow_root_links=True, shown=scratch_dir)
+    except FileNotFoundError:
+        if not create:
+            yield None
+            return
+        raise VmBackupError("INVALID_ARGUMENT", f"scratch_dir {scratch_dir}: its parent directory {parent} does not exist") from None
+    try:
+        if create:
+            root, _created = _ensure_dir_at(pfd, name, SCRATCH_MODE, "scratch_dir", scratch_dir, scratch_dir, False)
+        else:
+            try:
+                root = _open_child(pfd, name, "scratch_dir", scratch_dir, scratch_dir)
+            except FileNotFoundError:
+                yield None
+                return
+            _check_dir(os.fstat(root), "scratch_dir", scratch_dir, scratch_dir, target=True, modes=True,
+                       allow_unsafe_permissions=False)
+        try:
+            where = os.path.join(scratch_dir, vm_uuid)
+            if create:
+                vm_fd, _created = _ensure_dir_at(root, vm_uuid, SCRATCH_MODE, "scratch_dir", scratch_dir, where, False)
+            else:
+                try:
+                    vm_fd = _open_child(root, vm_uuid, "scratch_dir", scratch_dir, where)
+                except FileNotFoundError:
+                    yield None
+                    return
+                _check_dir(os.fstat(vm_fd), "scratch_dir", scratch_dir, where, target=True, modes=True,
+                           allow_unsafe_permissions=False)
+            try:
+                yield vm_fd
+            finally:
+                os.close(vm_fd)
+        finally:
+            os.close(root)
+    finally:
+        os.close(pfd)
+
+
+def create_run_dir(scratch_dir: str, vm_uuid: str, name: str, uid: int, gid: int) -> str:
+    """Create the run directory ``name`` (mode 0700, owned by uid:gid: QEMU's user for the domain)."""
+    if parse_run_dir_name(name) is None:
+        raise VmBackupError("PATH_ESCAPE", f"{name!r} is not a run directory name")
+    with _scratch_vm_dir(scratch_dir, vm_uuid, create=True) as vm_fd:
+        os.mkdir(name, RUN_DIR_MODE, dir_fd=vm_fd)  # FileExistsError for any existing name, link or not
+        fd = _open_child(vm_fd, name, "scratch_dir", scratch_dir, os.path.join(scratch_dir, vm_uuid, name))
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, RUN_DIR_MODE)
+        finally:
+            os.close(fd)
+        os.fsync(vm_fd)
+    return os.path.join(validate_scratch_dir(scratch_dir), vm_uuid, name)
+
+
+def split_run_dir(path: t.Any, vm_uuid: str) -> tuple[str, str] | None:
+    """(scratch_dir, name) of a run directory path as a run recorded it, or None when it is not
+    ``<scratch_dir>/<vm_uuid>/<set-id>.<pid>`` (a damaged record is never followed anywhere)."""
+    if not isinstance(path, str) or not path.startswith("/") or os.path.normpath(path) != path:
+        return None
+    vm_dir, name = os.path.split(path)
+    scratch_dir, uuid_part = os.path.split(vm_dir)
+    if uuid_part != vm_uuid or parse_run_dir_name(name) is None or scratch_dir in ("", "/"):
+        return None
+    return scratch_dir, name
+
+
+def remove_run_dir(scratch_dir: str, vm_uuid: str, name: str) -> bool:
+    """Remove a run directory and what is in it (never through a link); False when it was gone."""
+    if parse_run_dir_name(name) is None:
+        raise VmBackupError("PATH_ESCAPE", f"{name!r} is not a run directory name")
+    with _scratch_vm_dir(scratch_dir, vm_uuid, create=False) as vm_fd:
+        if vm_fd is None:
+            return False
+        try:
+            _remove_at(vm_fd, name)
+        except FileNotFoundError:
+            return False
+        os.fsync(vm_fd)
+    return True
+
+
+def list_run_dirs(scratch_dir: str, vm_uuid: str) -> list[tuple[str, str, int]]:
+    """(name, set id, pid) of every run directory of the VM under ``scratch_dir``."""
+    with _scratch_vm_dir(scratch_dir, vm_uuid, create=False) as vm_fd:
+        if vm_fd is None:
+            return []
+        out = []
+        for name in sorted(os.listdir(vm_fd)):
+            parsed = parse_run_dir_name(name)
+            if parsed is not None:
+                out.append((name, parsed[0], parsed[1]))
+        return out
+
+
 # --------------------------------------------------------------------------- Repository
 def parse_verify_sidecar(raw: bytes | None) -> dict[str, t.Any]:
     """A verify sidecar's content; ``{"outcome": "unreadable"}`` for bytes that are not a JSON object."""
@@ -677,9 +809,17 @@ class Repository:
     that open by name (qemu-img, QEMU), which the trust check on the whole path makes safe.
     """
 
-    def __init__(self, path: str, allow_unsafe_permissions: bool = False) -> None:
+    def __init__(self, path: str, allow_unsafe_permissions: bool = False, private: bool = False) -> None:
         self.path = path
         self.allow_unsafe_permissions = allow_unsafe_permissions
+        # private: no run of this process lets QEMU write into the repository (pull mode, copies of
+        # a shut-off VM), so new directories are 0700 and existing ones keep their mode; else
+        # (push mode) the directories on the way to a staging directory are made 0711.
+        self.private = private
+
+    @property
+    def _traverse_mode(self) -> int | None:
+        return None if self.private else DIR_MODE_TRAVERSE
 
     # -- layout -------------------------------------------------------------
     def vm_dir(self, vm_uuid: str) -> str:
@@ -717,7 +857,7 @@ class Repository:
         finally:
             os.close(fd)
 
-    def _ensure(self, parent_fd: int, name: str, mode: int, where: str) -> int:
+    def _ensure(self, parent_fd: int, name: str, mode: int | None, where: str) -> int:
         fd, _created = _ensure_dir_at(parent_fd, name, mode, "repository", self.path, os.path.join(where, name),
                                       self.allow_unsafe_permissions)
         return fd
@@ -737,7 +877,7 @@ class Repository:
         parent = os.path.dirname(self.path)
         with opened_dir(parent, "repository", modes=True, allow_unsafe_permissions=self.allow_unsafe_permissions,
                         target=False, shown=self.path) as pfd:
-            fd, created = _ensure_dir_at(pfd, os.path.basename(self.path), DIR_MODE_TRAVERSE, "repository", self.path,
+            fd, created = _ensure_dir_at(pfd, os.path.basename(self.path), self._traverse_mode, "repository", self.path,
                                          self.path, self.allow_unsafe_permissions)
         try:
             try:
@@ -749,19 +889,19 @@ class Repository:
                     "repo_id": str(uuid.uuid4()),
                     "created": _manifest.iso(_manifest.utcnow()),
                 }
-                _write_at(fd, REPO_MARKER, _manifest.dumps(data), 0o644)
+                _write_at(fd, REPO_MARKER, _manifest.dumps(data), FILE_MODE if self.private else 0o644)
                 created = True
-            os.close(self._ensure(fd, "vms", DIR_MODE_TRAVERSE, self.path))
+            os.close(self._ensure(fd, "vms", self._traverse_mode, self.path))
         finally:
             os.close(fd)
         return created
 
     def prepare_vm(self, vm_uuid: str) -> None:
         with self._open("vms") as vms:
-            vm_fd = self._ensure(vms, vm_uuid, DIR_MODE_TRAVERSE, os.path.join(self.path, "vms"))
+            vm_fd = self._ensure(vms, vm_uuid, self._traverse_mode, os.path.join(self.path, "vms"))
             try:
                 os.close(self._ensure(vm_fd, "sets", DIR_MODE_PRIVATE, self.vm_dir(vm_uuid)))
-                os.close(self._ensure(vm_fd, ".incomplete", DIR_MODE_TRAVERSE, self.vm_dir(vm_uuid)))
+                os.close(self._ensure(vm_fd, ".incomplete", self._traverse_mode, self.vm_dir(vm_uuid)))
             finally:
                 os.close(vm_fd)
 
@@ -906,8 +1046,8 @@ class Repository:
             os.mkdir(set_id, DIR_MODE_PRIVATE, dir_fd=root)  # FileExistsError for any existing name, link or not
             fd = _open_child(root, set_id, "repository", self.path, staging)
             try:
-                os.fchmod(fd, DIR_MODE_TRAVERSE)
-                os.close(self._ensure(fd, "disks", DIR_MODE_TRAVERSE, staging))
+                os.fchmod(fd, DIR_MODE_PRIVATE if self.private else DIR_MODE_TRAVERSE)
+                os.close(self._ensure(fd, "disks", DIR_MODE_PRIVATE if self.private else DIR_MODE_TRAVERSE, staging))
             finally:
                 os.close(fd)
         return staging

@@ -486,6 +486,9 @@ def main() -> None:
         skip_unchanged=dict(type="bool", default=True),
         quiesce=dict(type="str", choices=["auto", "required", "never"], default="auto"),
         quiesce_timeout=dict(type="float", default=10.0),
+        transport=dict(type="str", choices=["auto", "pull", "push"], default="auto"),
+        compress=dict(type="str", choices=["none", "zstd"], default="none"),
+        scratch_dir=dict(type="path", default="/var/lib/libvirt/qemu/vmbackup"),
     )
     argument_spec.update(CONNECTION_ARGSPEC)
     argument_spec.update(REPOSITORY_ARGSPEC)
