@@ -37,7 +37,7 @@ def test_suite_at_tiny_sizes(conn, tmp_path):
     out_json = tmp_path / "bench.json"
     results = tmp_path / "results"
     argv = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "128M", "--data", "16M", "--extents", "4",
-            "--compress-data", "16M", "--repeat", "1", "--orch-vms", "2", "--no-orch-single", "--sets", "100",
+            "--compress-data", "16M", "--repeat", "1", "--transport", "pull", "--orch-vms", "2", "--no-orch-single", "--sets", "100",
             "--catalog-vms", "2", "--json", str(out_json), "--results-dir", str(results)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
@@ -53,8 +53,10 @@ def test_suite_at_tiny_sizes(conn, tmp_path):
     # 1-3: offline baselines and every transport's full and incrementals, with every ratio a number.
     e = fig["export"]
     assert all(number(e["offline"][k]) for k in ("convert_s", "guarantees_s", "cp_sparse_s")), e["offline"]
-    assert set(e["transports"]) == set(fig["transports"]) and e["transports"]
+    # One transport keeps the smoke run short; the default run measures push and pull.
+    assert set(e["transports"]) == set(fig["transports"]) == {"pull"}
     for transport, t in e["transports"].items():
+        assert t["transport_used"] == transport and number(t["full_transfer_s"]) and t["full_transfer_s"] < t["full_s"], t
         for key in EXPORT_KEYS:
             assert number(t[key]), (transport, key, t.get(key))
         # The guarantees baseline does strictly more than the plain convert: its ratio is the larger.
