@@ -383,6 +383,7 @@ class Suite:
         self.fig: dict = {}
         self.runs: dict = {}
         self.restored: list[str] = []
+        self.made_domains: list[str] = []  # restored domains; the factory's VMs are added at the end
         doc = module_options(collection, "export")
         self.has_transport = has_option(doc, "transport")
         self.has_compress = has_option(doc, "compress")
@@ -641,6 +642,7 @@ class Suite:
                    "convert_plain_s": convert(["qemu-img", "convert", "-O", "qcow2"], False)}
             name = f"{PREFIX}bench-restore-{i}-{os.getpid()}"
             self.restored.append(name)
+            self.made_domains.append(name)
             r, wall, rss = self.cli("restore", {"repository": str(repo), "name": vm.name, "restore_as": name,
                                                 "disk_dir": str(scratch)})
             if r["set_id"] != set_ids[-1]:
@@ -1117,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: v for k, v in vars(args).items() if k not in ("json", "results_dir", "no_results", "work_dir")},
             "machine": info, "elapsed_s": time.monotonic() - began, "domain_type": factory.domain_type,
             "figures": suite.fig, "targets": targets, "runs": suite.runs,
+            # What the run made (all of it removed when it ends): for checking that nothing is left.
+            "made": {"domains": sorted(suite.made_domains + [vm.name for vm in factory.vms]),
+                     "directories": sorted([str(work)] + [str(vm.workdir) for vm in factory.vms])},
         }
         text = table(suite.fig, targets)
         print()
