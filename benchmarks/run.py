@@ -950,7 +950,7 @@ def rows_of(fig: dict) -> list[tuple[str, str, object, object, str]]:
                 f"{v['ratio_vs_offline_guarantees']:.2f}x guarantees, {v['ratio_vs_offline_convert']:.2f}x convert, "
                 f"size {v['ratio_size_vs_allocated']:.3f}x alloc, RSS {fmt(v['peak_rss_mib'], '.0f')} MiB")
             if v.get("full_transfer_s"):
-                add("2", f"  its transfer phase (timings.transfer_s)", v["full_transfer_s"], mib / v["full_transfer_s"],
+                add("2", "  its transfer phase (timings.transfer_s)", v["full_transfer_s"], mib / v["full_transfer_s"],
                     f"{v['ratio_transfer_vs_offline_convert']:.2f}x convert")
             add("3", f"export inc 1 % [{t}]", v["inc1_s"], None,
                 f"{v['ratio_inc1_vs_bound']:.2f}x of (5 % full + 2 s); bytes {fmt(v['ratio_inc1_bytes_vs_changed'], '.2f')}x changed")
@@ -990,9 +990,8 @@ def rows_of(fig: dict) -> list[tuple[str, str, object, object, str]]:
         n = o["n_vms"]
         if "one_vm" in o:
             add("7", "weekly playbook, 1 VM (wall)", o["one_vm"]["wall_s"])
-        add("7", f"weekly playbook, {n['vms']} VMs (wall)", n["wall_s"], None,
-            f"per-VM overhead {o['per_vm_overhead_s']:.2f}s" + (f", marginal {o['marginal_per_vm_s']:.2f}s/VM"
-                                                                  if "marginal_per_vm_s" in o else ""))
+        marginal = f", marginal {o['marginal_per_vm_s']:.2f}s/VM" if "marginal_per_vm_s" in o else ""
+        add("7", f"weekly playbook, {n['vms']} VMs (wall)", n["wall_s"], None, f"per-VM overhead {o['per_vm_overhead_s']:.2f}s{marginal}")
     c = fig.get("catalog")
     if c:
         add("7", f"json.load of {c['sets']} manifests (baseline)", c["json_load_s"])
