@@ -39,7 +39,9 @@ import errno
 import os
 import select
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 import traceback
@@ -67,6 +69,8 @@ MAX_CHUNK = 32 * 1024 * 1024
 BLOCK_STATUS_SPAN = 1 << 31
 # One write-zeroes request zeroes at most this much (a multiple of CLUSTER, well below 4 GiB).
 ZERO_SPAN = 1 << 30
+# At most this many lanes (connection pairs, each with a thread): see copy_extents.
+MAX_LANES = max(1, (os.cpu_count() or 1) // 2)
 # Requests in flight per connection pair (reads waiting for QEMU plus writes waiting for qemu-nbd).
 DEPTH = 4
 # No reply from either server for this long while requests are in flight: the copy is stuck.
@@ -74,6 +78,9 @@ STALL_TIMEOUT = 300.0
 # How long qemu-nbd may take to listen on its socket, and to exit after SIGTERM.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+
+# The send buffer of a writer connection (a chunk or more: see _grow_send_buffer).
+SEND_BUFFER = 4 * 1024 * 1024
 
 _PR_SET_PDEATHSIG = 1
 
@@ -145,16 +152,28 @@ def _nbd_error(what: str, exc: BaseException, **details: t.Any) -> VmBackupError
     return VmBackupError("BACKUP_FAILED", f"{what}: {exc}", phase="transfer", **details)
 
 
+# sun_path holds 108 bytes; a longer socket path is reached through its directory's descriptor.
+_SUN_PATH_MAX = 107
+
+
 def _connect(socket_path: str, export: str, meta_contexts: t.Sequence[str] = ()) -> t.Any:
     handle = nbd.NBD()
     handle.set_export_name(export)
     for name in meta_contexts:
         handle.add_meta_context(name)
+    dir_fd = None
     try:
-        handle.connect_unix(socket_path)
-    except nbd.Error as exc:
+        path = socket_path
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+        handle.connect_unix(path)
+    except (nbd.Error, OSError) as exc:
         _close(handle)
         raise _nbd_error(f"cannot connect to the NBD export {export!r} at {socket_path}", exc) from None
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     return handle
 
 
@@ -350,101 +369,184 @@ def plan_writes(extents: t.Iterable[Extent], virtual_size: int, chunk: int,
 
 # --- the copier ----------------------------------------------------------------------------
 
-class _Pair:
-    """One reader connection (QEMU's export) and one writer connection (our qemu-nbd)."""
+class _Lane:
+    """One reader connection (QEMU's export), one writer connection (our qemu-nbd) and the
+    event loop between them: a read completes into its buffer, the buffer is written (or, if it
+    reads as zeros, the range is zeroed), a finished write frees the slot for the next read.
+    Every lane takes its requests from the shared queue and runs in a thread of its own (libnbd
+    releases the GIL while it waits and while it moves data)."""
 
-    def __init__(self, reader: t.Any, writer: t.Any) -> None:
+    def __init__(self, copier: _Copier, reader: t.Any, writer: t.Any) -> None:
+        self.copier = copier
         self.reader = reader
         self.writer = writer
         self.in_flight = 0
+        self.events: collections.deque = collections.deque()
+        self.side = "the NBD copy"  # what a libnbd exception is about
+        self.bytes_read = self.data_bytes = self.zero_bytes = 0
+        # Buffers are reused: a fresh one per request costs page faults on every byte.
+        self.free: list[bytearray] = []
 
-
-class _Copier:
-    """One event loop over every connection: reads complete into buffers, the buffers are
-    written, a finished write frees its slot for the next read."""
-
-    def __init__(self, pairs: list[_Pair], requests: list[Extent], depth: int, progress: Progress | None) -> None:
-        self.pairs = pairs
-        self.pending = collections.deque(requests)
-        self.depth = depth
-        self.progress = progress
-        self.events: list[tuple[str, _Pair, Extent, t.Any, int]] = []
-        self.error: str | None = None
-        self.bytes_read = 0
-        self.data_bytes = 0
-        self.zero_bytes = 0
-
-    def _on(self, kind: str, pair: _Pair, req: Extent, buf: t.Any) -> t.Callable[[t.Any], int]:
+    def _on(self, kind: str, req: Extent, buf: t.Any) -> t.Callable[[t.Any], int]:
         def completion(err) -> int:
             # Only record: libnbd calls this from inside aio_notify_*; the loop acts on it.
-            self.events.append((kind, pair, req, buf, int(getattr(err, "value", err) or 0)))
+            self.events.append((kind, req, buf, int(getattr(err, "value", err) or 0)))
             return 1  # retire the command
         return completion
 
-    def _issue(self, pair: _Pair, req: Extent) -> None:
-        pair.in_flight += 1
-        if req.zero:
-            pair.writer.aio_zero(req.length, req.offset, completion=self._on("zero", pair, req, None))
-        else:
-            buf = nbd.Buffer(req.length)
-            pair.reader.aio_pread(buf, req.offset, completion=self._on("read", pair, req, buf))
+    def _pad(self, req: Extent) -> int:
+        """Bytes to add to a write that ends where the disk ends inside a cluster (compress)."""
+        return self.copier.padded - req.end if req.end == self.copier.size else 0
 
-    def _handle(self, kind: str, pair: _Pair, req: Extent, buf: t.Any, err: int) -> None:
+    def _issue(self, req: Extent) -> None:
+        self.in_flight += 1
+        if req.zero:
+            self.side = "writing the target through qemu-nbd"
+            self.writer.aio_zero(req.length + self._pad(req), req.offset, completion=self._on("zero", req, None))
+        else:
+            self.side = "reading from QEMU's export"
+            store = self.free.pop() if self.free else bytearray(self.copier.chunk + CLUSTER)
+            buf = nbd.Buffer.from_buffer(memoryview(store)[:req.length])
+            self.reader.aio_pread(buf, req.offset, completion=self._on("read", req, (buf, store)))
+
+    def _handle(self, kind: str, req: Extent, buf: t.Any, err: int) -> None:
         if err:
             side = "reading from QEMU's export" if kind == "read" else "writing the target through qemu-nbd"
-            self.error = f"{side} at offset {req.offset} ({req.length} bytes) failed: {os.strerror(err)}"
-            return
+            raise VmBackupError("BACKUP_FAILED", f"{side} at offset {req.offset} ({req.length} bytes) failed: {os.strerror(err)}",
+                                phase="transfer")
         if kind == "read":
             self.bytes_read += req.length
-            if buf.is_zero():
+            self.side = "writing the target through qemu-nbd"
+            pad = self._pad(req)
+            if buf[0].is_zero():
                 # Data that reads as zeros: a zero cluster costs no space (and no compression).
-                pair.writer.aio_zero(req.length, req.offset, completion=self._on("zero", pair, req, None))
-            else:
-                pair.writer.aio_pwrite(buf, req.offset, completion=self._on("write", pair, req, buf))
+                self.free.append(buf[1])
+                self.writer.aio_zero(req.length + pad, req.offset, completion=self._on("zero", req, None))
+                return
+            if pad:
+                buf[1][req.length:req.length + pad] = bytes(pad)
+                buf = (nbd.Buffer.from_buffer(memoryview(buf[1])[:req.length + pad]), buf[1])
+            self.writer.aio_pwrite(buf[0], req.offset, completion=self._on("write", req, buf))
             return
-        pair.in_flight -= 1
+        if kind == "write":
+            self.free.append(buf[1])
+        self.in_flight -= 1
         if kind == "zero":
             self.zero_bytes += req.length
         else:
             self.data_bytes += req.length
-        if self.progress is not None:
-            self.progress.add(req.length)
+        if self.copier.progress is not None:
+            self.copier.progress.add(req.length)
 
     def run(self) -> None:
-        handles = [h for pair in self.pairs for h in (pair.reader, pair.writer)]
+        try:
+            self._loop()
+        except nbd.Error as exc:
+            self.copier.fail(VmBackupError("BACKUP_FAILED", f"{self.side} failed: {exc}", phase="transfer"))
+        except BaseException as exc:  # pylint: disable=broad-exception-caught
+            self.copier.fail(exc)
+
+    def _loop(self) -> None:
+        copier = self.copier
+        roles = [(self.reader, "reading from QEMU's export")] if self.reader is not self.writer else []
+        roles.append((self.writer, "writing the target through qemu-nbd"))
         last_event = time.monotonic()
         while True:
-            for pair in self.pairs:
-                while self.pending and pair.in_flight < self.depth and self.error is None:
-                    self._issue(pair, self.pending.popleft())
+            while self.in_flight < copier.depth and not copier.stopped():
+                try:
+                    req = copier.pending.popleft()
+                except IndexError:
+                    break
+                self._issue(req)
             while self.events:
-                self._handle(*self.events.pop(0))
+                self._handle(*self.events.popleft())
                 last_event = time.monotonic()
-            if self.error is not None:
-                raise VmBackupError("BACKUP_FAILED", self.error, phase="transfer")
-            if not self.pending and all(pair.in_flight == 0 for pair in self.pairs):
+            if copier.stopped():
                 return
-            if any(pair.in_flight < self.depth for pair in self.pairs) and self.pending:
-                continue
+            if copier.cancel is not None and copier.cancel.is_set():
+                raise VmBackupError("BACKUP_FAILED", "the copy was stopped (another disk's copy failed, or the run is cancelled)",
+                                    phase="transfer", stopped=True)
+            if self.in_flight == 0 and not copier.pending:
+                return
             readable, writable = [], []
-            for handle in handles:
+            for handle, role in roles:
+                self.side = role
                 direction = handle.aio_get_direction()
                 if direction & nbd.AIO_DIRECTION_READ:
                     readable.append(handle.aio_get_fd())
                 if direction & nbd.AIO_DIRECTION_WRITE:
                     writable.append(handle.aio_get_fd())
-            r_ready, w_ready, dummy = select.select(readable, writable, [], 1.0)
+            r_ready, w_ready, dummy = select.select(readable, writable, [], 0.5)
             if not r_ready and not w_ready:
                 if time.monotonic() - last_event > STALL_TIMEOUT:
                     raise VmBackupError("BACKUP_FAILED", f"no NBD reply for {STALL_TIMEOUT:.0f} s: the copy is stuck",
                                         phase="transfer")
                 continue
-            for handle in handles:
+            for handle, role in roles:
+                self.side = role
                 fd = handle.aio_get_fd()
                 if fd in r_ready:
                     handle.aio_notify_read()
                 if fd in w_ready:
                     handle.aio_notify_write()
+
+
+class _Copier:
+    """The lanes of one copy, the queue of requests they share, and the first failure."""
+
+    def __init__(self, pairs: list[tuple[t.Any, t.Any]], requests: list[Extent], depth: int, progress: Progress | None,
+                 cancel: threading.Event | None = None, size: int = 0, padded: int = 0) -> None:
+        self.size = size
+        self.padded = padded  # the target's size, when it is longer than the disk (see copy_extents)
+        self.pending = collections.deque(requests)
+        self.chunk = max((r.length for r in requests if not r.zero), default=0)
+        self.depth = depth
+        self.progress = progress
+        self.cancel = cancel
+        self.lanes = [_Lane(self, reader, writer) for reader, writer in pairs]
+        self._failure: BaseException | None = None
+        self._stop = threading.Event()
+
+    def fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._stop.set()
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=lane.run, name=f"nbd-copy-{i}", daemon=True) for i, lane in enumerate(self.lanes[1:])]
+        try:
+            for thread in threads:
+                thread.start()
+            self.lanes[0].run()  # the calling thread is a lane too
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            self._stop.set()  # a signal (Cancelled) in the calling thread stops every lane
+            raise
+        finally:
+            # No lane may outlive the copy: its handles are closed next.
+            if any(thread.is_alive() for thread in threads):
+                self._stop.set()
+            for thread in threads:
+                if thread.ident is not None:
+                    thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(lane.bytes_read for lane in self.lanes)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(lane.data_bytes for lane in self.lanes)
+
+    @property
+    def zero_bytes(self) -> int:
+        return sum(lane.zero_bytes for lane in self.lanes)
 
 
 def _qemu_nbd_argv(qemu_nbd: str, sock: str, dst: str, compress: bool, connections: int) -> list[str]:
@@ -460,8 +562,11 @@ def _qemu_nbd_argv(qemu_nbd: str, sock: str, dst: str, compress: bool, connectio
     return argv
 
 
-def _start_writer(argv: list[str], sock: str, connections: int) -> tuple[subprocess.Popen, list[t.Any]]:
-    proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _start_writer(argv: list[str], dir_fd: int, sock: str, connections: int) -> tuple[subprocess.Popen, list[t.Any]]:
+    """Start qemu-nbd in the private directory ``dir_fd`` (its socket ``sock`` is relative to it)
+    and connect ``connections`` clients. Both sides reach the socket through the descriptor,
+    never through a path someone could rename: the socket is ours, and no path is too long."""
+    proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(dir_fd,))
     writers: list[t.Any] = []
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -500,6 +605,26 @@ def _stop(proc: subprocess.Popen, graceful: bool = False) -> tuple[int | None, s
     return proc.returncode, (err or b"").decode(errors="replace").strip()
 
 
+def _grow_send_buffer(handle: t.Any, size: int = SEND_BUFFER) -> None:
+    """A larger socket send buffer for a writer connection: a whole chunk goes out in one call
+    instead of one event-loop round per 200 KiB (the kernel's default)."""
+    try:
+        sock = socket.socket(fileno=os.dup(handle.aio_get_fd()))
+    except (OSError, nbd.Error):
+        return
+    try:
+        for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+                break
+            except OSError:
+                continue
+    finally:
+        sock.close()
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -510,7 +635,8 @@ def _fsync(path: str) -> None:
 
 def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str, virtual_size: int, *,
                  work_dir: str, compress: bool = False, workers: int = 4, chunk: int = 1 << 20,
-                 progress: Progress | None = None, qemu_img: str = "qemu-img", qemu_nbd: str = "qemu-nbd") -> dict[str, t.Any]:
+                 progress: Progress | None = None, qemu_img: str = "qemu-img", qemu_nbd: str = "qemu-nbd",
+                 cancel: threading.Event | None = None) -> dict[str, t.Any]:
     """Create ``dst``, a new qcow2 of ``virtual_size`` without backing, holding ``extents``.
 
     Data extents are read from the NBD export ``export`` at ``socket_path`` and written as data
@@ -518,11 +644,15 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
     are written as zero clusters. ``dst`` is fsynced. The writer (qemu-nbd) and its socket
     live in ``work_dir`` and are gone on every way out; qemu-nbd dies with the calling thread.
     On failure ``dst`` is removed and BACKUP_FAILED (``phase: transfer``) raised; a cancel
-    (any BaseException) passes through after the same cleanup.
+    (any BaseException) passes through after the same cleanup. ``cancel`` set (from another
+    thread) stops the copy within half a second the same way (BACKUP_FAILED, ``stopped: true``).
 
-    Returns ``{bytes_read, data_bytes, zero_bytes, extents, seconds}``.
+    Returns ``{bytes_read, data_bytes, zero_bytes, extents, seconds, connections}`` (``connections``:
+    the lanes used, at most ``workers`` and half the cores).
     """
     require()
+    if not os.path.isabs(dst) or not os.path.isabs(work_dir):
+        raise ValueError(f"dst {dst!r} and work_dir {work_dir!r} must be absolute paths")
     if not 1 <= workers <= 16:
         raise VmBackupError("INVALID_ARGUMENT", f"workers must be 1..16, not {workers}")
     if chunk % CLUSTER or not CLUSTER <= chunk <= MAX_CHUNK:
@@ -530,36 +660,56 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
     started = time.monotonic()
     requests = plan_writes(extents, virtual_size, chunk)
     data_requests = sum(1 for r in requests if not r.zero)
-    # No more connections than there are requests to keep busy (an empty bitmap needs one writer).
-    connections = max(1, min(workers, (data_requests + DEPTH - 1) // DEPTH))
+    # One lane keeps a local NBD server busy (DEPTH requests in flight) and moves about 1 GB/s;
+    # each lane also keeps the source server and the writer busy, so more lanes than half the
+    # cores only add contention (measured: 2 lanes on 2 cores were 15-35 % slower than one).
+    # No more lanes than requests to keep busy (an empty bitmap needs one writer connection).
+    connections = max(1, min(workers, MAX_LANES, (data_requests + DEPTH - 1) // DEPTH))
     if os.path.lexists(dst):
         raise VmBackupError("BACKUP_FAILED", f"{dst} exists already: not overwriting it", phase="transfer", path=dst)
-    sock = os.path.join(work_dir, f"nbd-writer.{os.getpid()}.{threading.get_ident()}.sock")
+    sock_dir: str | None = None
+    dir_fd: int | None = None
     created = False
     proc: subprocess.Popen | None = None
     handles: list[t.Any] = []
     ok = False
     try:
+        # The writer's socket lives in a directory of its own that only we can enter (work_dir
+        # may be shared with QEMU's user): nobody else can connect to it or put a socket there.
+        sock_dir = tempfile.mkdtemp(prefix=".nbd-writer-", dir=work_dir)
+        dir_fd = os.open(sock_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         options = "compression_type=zstd" if compress else None
-        argv = [qemu_img, "create", "-q", "-f", "qcow2"] + (["-o", options] if options else []) + [dst, str(virtual_size)]
+        # QEMU's compress filter opens only an image whose size is a multiple of the cluster:
+        # a disk that ends inside a cluster is written one cluster longer, then shrunk back.
+        padded = _ceil(virtual_size, CLUSTER) if compress else virtual_size
         created = True  # from here on dst may exist: the cleanup removes it
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-        if done.returncode != 0:
-            raise VmBackupError("BACKUP_FAILED", f"qemu-img create of {dst} failed (rc={done.returncode}): "
-                                f"{done.stderr.decode(errors='replace').strip()}", phase="transfer", path=dst)
-        proc, writers = _start_writer(_qemu_nbd_argv(qemu_nbd, sock, dst, compress, connections), sock, connections)
+        _run_tied([qemu_img, "create", "-q", "-f", "qcow2"] + (["-o", options] if options else []) + [dst, str(padded)],
+                  f"qemu-img create of {dst}", dst)
+        # The same descriptor number in qemu-nbd (pass_fds) and here: one short path for both.
+        sock = f"/proc/self/fd/{dir_fd}/writer.sock"
+        proc, writers = _start_writer(_qemu_nbd_argv(qemu_nbd, sock, dst, compress, connections), dir_fd, sock, connections)
         handles.extend(writers)
         readers = []
         if data_requests:
             for dummy in range(connections):
                 readers.append(_connect(socket_path, export))
                 handles.append(readers[-1])
+            source_size = readers[0].get_size()
+            if source_size != virtual_size:
+                raise VmBackupError("BACKUP_FAILED", f"the NBD export {export!r} is {source_size} bytes, the disk {virtual_size}",
+                                    phase="transfer", export_size=source_size, size=virtual_size)
         else:
             readers = writers  # never read from: nothing is data
-        pairs = [_Pair(r, w) for r, w in zip(readers, writers)]
-        copier = _Copier(pairs, requests, DEPTH, progress)
+        for handle in writers:
+            _grow_send_buffer(handle)
+        pairs = list(zip(readers, writers))
+        copier = _Copier(pairs, requests, DEPTH, progress, cancel, size=virtual_size, padded=padded)
         try:
             copier.run()
+            done = copier.data_bytes + copier.zero_bytes
+            planned = sum(r.length for r in requests)
+            if done != planned:  # never seen; a copy that lost a request must not pass for a backup
+                raise VmBackupError("BACKUP_FAILED", f"the NBD copy wrote {done} of {planned} bytes", phase="transfer")
             writers[0].flush()  # qcow2 metadata out of qemu-nbd's caches
         except nbd.Error as exc:
             raise _nbd_error("the NBD copy failed", exc) from None
@@ -574,21 +724,45 @@ def copy_extents(socket_path: str, export: str, extents: list[Extent], dst: str,
         proc = None
         if rc != 0:
             raise VmBackupError("BACKUP_FAILED", f"qemu-nbd serving {dst} failed (rc={rc}): {err}", phase="transfer", path=dst)
+        if padded != virtual_size:
+            _run_tied([qemu_img, "resize", "-q", "-f", "qcow2", "--shrink", dst, str(virtual_size)], f"qemu-img resize of {dst}", dst)
         try:
             _fsync(dst)
         except OSError as exc:
             raise VmBackupError("BACKUP_FAILED", f"fsync of {dst} failed: {exc.strerror}", phase="transfer", path=dst) from None
         ok = True
         return {"bytes_read": copier.bytes_read, "data_bytes": copier.data_bytes, "zero_bytes": copier.zero_bytes,
-                "extents": len(merge_extents(extents)), "seconds": round(time.monotonic() - started, 3)}
+                "extents": len(merge_extents(extents)), "seconds": round(time.monotonic() - started, 3),
+                "connections": connections}
     finally:
         for handle in handles:
             _close(handle)
         if proc is not None:
             _stop(proc)
-        for path in [sock] + ([dst] if created and not ok else []):
+        if dir_fd is not None:
+            _unlink("writer.sock", dir_fd=dir_fd)
+            os.close(dir_fd)
+        if sock_dir is not None:
             try:
-                os.unlink(path)
+                os.rmdir(sock_dir)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
+        if created and not ok:
+            _unlink(dst)
+
+
+def _run_tied(argv: list[str], what: str, path: str) -> None:
+    proc = popen_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dummy, err = proc.communicate()
+    if proc.returncode != 0:
+        raise VmBackupError("BACKUP_FAILED", f"{what} failed (rc={proc.returncode}): {err.decode(errors='replace').strip()}",
+                            phase="transfer", path=path)
+
+
+def _unlink(path: str, dir_fd: int | None = None) -> None:
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

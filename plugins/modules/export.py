@@ -14,9 +14,14 @@ author:
   - vmbackup.libvirt contributors (@vmbackup)
 description:
   - Takes one backup of one VM and commits it as a backup set in a repository (see the repository format in the collection docs).
-  - A running (or paused) VM is backed up with a libvirt push-mode backup job that creates a checkpoint at the same
+  - A running (or paused) VM is backed up with a libvirt backup job that creates a checkpoint at the same
     instant. The first backup of a chain is C(full); later ones are C(incremental) and hold only the clusters
     changed since the parent set's checkpoint.
+  - By default (O(transport=auto) with python3-libnbd installed) the job runs in pull mode, where QEMU serves each disk's
+    point-in-time view over NBD on a unix socket in a private run directory under O(scratch_dir) and the module, as root,
+    reads it into the set - a full with C(qemu-img convert), an incremental only the dirty extents of the parent
+    checkpoint's bitmap (libnbd). QEMU then never touches the repository, which may be private (0700 directories).
+    O(transport=push) keeps libvirt's push mode, where QEMU writes the backup into the repository itself.
   - A shut-off VM is backed up as a C(copy) with C(qemu-img convert) - full data, sparse, no checkpoint, no chain.
   - All disks of the VM go into one set at one point in time. CD-ROM, floppy, read-only and empty drives are skipped and
     recorded. Raw disks cannot carry a dirty bitmap, so they are copied in full in every set (method C(full)).
@@ -155,13 +160,62 @@ options:
     default: true
   workers:
     description:
-      - Threads that checksum the set's files. Defaults to the number of CPUs of the managed host.
+      - Threads that checksum the set's files, and (pull mode) disks read at the same time and NBD connections of an
+        incremental disk's copy (at most 16). Defaults to the number of CPUs of the managed host (4 NBD connections).
     type: int
+  transport:
+    description:
+      - How the data of a running VM is read.
+      - C(pull) - libvirt's pull mode. QEMU serves each disk's point-in-time view (new guest writes go on while QEMU keeps
+        the old blocks in a scratch file) over NBD on a unix socket; the module reads a full disk with
+        C(qemu-img convert) and an incremental disk's dirty extents with libnbd, writing the same qcow2 set files as push
+        mode. QEMU never writes into the repository, so the repository and every directory above it may be private
+        (new repository directories are created 0700; existing ones keep their mode). Incrementals need the libnbd Python
+        binding (Debian python3-libnbd); without it an incremental fails with C(MISSING_DEPENDENCY) before anything is
+        written (fulls work).
+      - C(push) - libvirt's push mode, where QEMU (as libvirt-qemu) writes the backup into the repository's staging directory
+        itself, so every directory above the repository must be C(o+x) (C(TARGET_NOT_ACCESSIBLE) otherwise), and a file
+        system mounted after the VM started is not visible to QEMU. The fallback where pull cannot work.
+      - C(auto) - C(pull) when python3-libnbd is importable, else C(push) with a warning.
+      - A shut-off VM is copied with C(qemu-img convert) whatever the transport (RV(transport) C(offline)).
+    type: str
+    choices: [auto, pull, push]
+    default: auto
+    version_added: 0.2.0
+  compress:
+    description:
+      - C(zstd) writes every data cluster of the set's disk images as a standard qcow2 compressed cluster
+        (C(compression_type=zstd)), which any qemu-img since 5.1 reads, so verify and restore need nothing new. It costs
+        CPU time on the managed host during the backup and saves repository space and bandwidth on compressible data
+        (not on encrypted or already compressed data).
+      - For a running VM it needs pull mode (O(transport=push) with C(zstd) fails with C(INVALID_ARGUMENT)); a shut-off
+        VM's copy is compressed by C(qemu-img convert -c) with either transport.
+      - The manifest records each disk's C(compression).
+    type: str
+    choices: [none, zstd]
+    default: none
+    version_added: 0.2.0
+  scratch_dir:
+    description:
+      - Pull mode only. The directory holding one private run directory per run,
+        C(<scratch_dir>/<vm-uuid>/<set-id>.<pid>), mode 0700 and owned by the user QEMU runs as for the domain (the DAC
+        C(<seclabel>) of its live XML, else the owner of C(/var/lib/libvirt/qemu)). It holds the NBD socket QEMU serves
+        and one scratch file per disk where QEMU keeps the old data of the blocks the guest overwrites while the backup
+        is read (at most as large as what the guest writes meanwhile).
+      - The run directory is removed on every exit path; one left by a run that was killed is removed, and its job
+        aborted, by the next run of the VM (RV(cleaned_up)); run directories of dead runs that no job uses are swept.
+      - QEMU sees only the file systems that were mounted when it started (libvirt runs it in its own mount namespace), so
+        this must be on such a file system; the default lies in libvirt's own directory. C(<scratch_dir>) and
+        C(<scratch_dir>/<vm-uuid>) are created root-owned, mode 0711.
+      - At most 32 bytes long or so: the socket's path must fit a unix socket's 107 bytes (C(INVALID_ARGUMENT) otherwise).
+    type: path
+    default: /var/lib/libvirt/qemu/vmbackup
+    version_added: 0.2.0
   quiesce:
     description:
       - Whether the guest's file systems are frozen through the QEMU guest agent (C(guest-fsfreeze-freeze)) for the backup's
         point in time, which gives an C(application)-consistent backup instead of a C(crash)-consistent one.
-      - The guest is frozen only around the start of the push-mode backup job (the point in time) and thawed as soon as the
+      - The guest is frozen only around the start of the backup job (the point in time) and thawed as soon as the
         job has started; the copying happens while the guest runs on.
       - C(auto) freezes when the guest agent can; when it cannot (no agent channel, the agent not answering, nothing
         frozen, not frozen within O(quiesce_timeout)) the backup is crash-consistent, and RV(consistency),
@@ -188,7 +242,8 @@ options:
     default: 10
   create_repository:
     description:
-      - Create the repository directory O(repository) when it does not exist (mode 0711), and initialise it.
+      - Create the repository directory O(repository) when it does not exist (mode 0700 in pull mode, 0711 in push mode),
+        and initialise it.
       - Without it a missing O(repository) fails with C(REPOSITORY_NOT_FOUND), so that a typo or an unmounted
         share does not silently become a new repository on the root file system. An existing empty directory is
         initialised either way.
@@ -198,8 +253,11 @@ options:
     type: bool
     default: false
 notes:
-  - QEMU runs as an unprivileged user and writes a live backup into the repository itself, so every directory above the
-    repository must be traversable by others (C(o+x)); the module checks this first (C(TARGET_NOT_ACCESSIBLE)).
+  - In push mode (O(transport=push)) QEMU runs as an unprivileged user and writes a live backup into the repository itself,
+    so every directory above the repository must be traversable by others (C(o+x)); the module checks this first
+    (C(TARGET_NOT_ACCESSIBLE)). Pull mode has no such requirement.
+  - Progress of a long backup goes to the managed host's log (syslog or the journal, identifier C(ansible-export)) at
+    most every 5 seconds while the data is read; RV(timings) gives the seconds of each phase.
   - Free space is checked before anything is written, from the data the disks hold (for a full, the data extents of the whole
     backing chain that C(qemu-img map) reports, so a compressed or otherwise dense image is counted at the size the backup
     writes, not at its file size) or from the size libvirt reports for the changed blocks (incremental).
@@ -218,7 +276,7 @@ notes:
     copied (O(skip_unchanged)).
 seealso:
   - name: libvirt backup API
-    description: Push-mode backups and checkpoints.
+    description: Push- and pull-mode backups and checkpoints.
     link: https://libvirt.org/kbase/incremental-backup.html
 """
 
@@ -282,6 +340,12 @@ EXAMPLES = r"""
     repository: /srv/vmbackup
     mode: full
   register: backup
+
+- name: A compressed backup into a private repository (pull mode, the default with python3-libnbd)
+  vmbackup.libvirt.export:
+    name: web01
+    repository: /root/vmbackup
+    compress: zstd
 
 - name: Show what was written
   ansible.builtin.debug:
@@ -389,9 +453,42 @@ duration_s:
   returned: success
   type: float
 throughput_mib_s:
-  description: Disk data written per second of copying, in MiB/s.
+  description: Disk data written per second of copying (the transfer), in MiB/s.
   returned: success
   type: float
+read_mib_s:
+  description:
+    - Guest data read per second of copying, in MiB/s (the allocated bytes of full disks and the dirty bytes of
+      incremental ones). Absent when no set was taken.
+  returned: success and a set was taken
+  type: float
+  version_added: 0.2.0
+transport:
+  description:
+    - How the data was read - C(pull) or C(push) (a running VM, see O(transport)), C(offline) (a copy of a shut-off VM with
+      qemu-img); None with C(changed=false) (nothing was read). In check mode what a real run would use.
+  returned: success
+  type: str
+  sample: pull
+  version_added: 0.2.0
+compress:
+  description: O(compress) of the run.
+  returned: success
+  type: str
+  sample: none
+  version_added: 0.2.0
+timings:
+  description:
+    - Seconds per phase of the run, in the order the phases first ran. C(plan_s) observing and deciding (before the lock
+      and again under it), C(lock_s) waiting for the VM's lock, C(cleanup_s) removing what interrupted runs left,
+      C(freeze_s) quiescing and starting the backup job, C(transfer_s) reading the data into the set, C(finish_s) ending
+      the job and saving the XML and firmware files, C(hash_s) the fsync and sha256 of every file, C(commit_s) the
+      manifest, the rename into C(sets/) and retiring old checkpoints. Phases that did not run are absent.
+  returned: success
+  type: dict
+  sample: {"plan_s": 0.21, "lock_s": 0.0, "cleanup_s": 0.01, "freeze_s": 0.3, "transfer_s": 1.8, "finish_s": 0.1,
+           "hash_s": 0.9, "commit_s": 0.1}
+  version_added: 0.2.0
 repository_path:
   description: Directory of the committed set.
   returned: success
@@ -447,7 +544,9 @@ quiesce:
     reason: null
     thawed_leftover: false
 cleaned_up:
-  description: What an interrupted earlier run had left and this run removed (job, checkpoint, staging directories, a frozen guest).
+  description:
+    - What an interrupted earlier run had left and this run removed (job, checkpoint, staging directories, run directories
+      with their NBD socket and scratch files, a frozen guest).
   returned: success
   type: list
   elements: str

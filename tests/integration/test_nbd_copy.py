@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -69,7 +70,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def qemu_nbd_pids_under(directory: pathlib.Path) -> list[int]:
-    """Every qemu-nbd process whose command line names a path in ``directory``."""
+    """Every qemu-nbd process whose command line names a path in ``directory`` (the target image)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -149,7 +150,7 @@ def union(extents: list[Extent]) -> list[tuple[int, int]]:
     return [tuple(r) for r in out]
 
 
-def test_dirty_extents_copy_round_trips(images, tmp_path):
+def test_dirty_extents_copy_round_trips(images, tmp_path, monkeypatch):
     """The scenario: the dirty extents are exactly the written clusters, zero writes are zero
     extents; the copy (plain and compressed) rebased onto the old image reads as the new one;
     a bitmap with nothing dirty gives an empty, still correct incremental; nothing is left."""
@@ -160,13 +161,17 @@ def test_dirty_extents_copy_round_trips(images, tmp_path):
     assert Extent(10 * MIB, 2 * MIB, True) in extents and Extent(100 * MIB, 1 * MIB, True) in extents
     assert all(not e.zero for e in extents if not (10 * MIB <= e.offset < 12 * MIB or 100 * MIB <= e.offset < 101 * MIB))
 
-    # Plain, two connections, 1 MiB chunks (the 30 MiB and 48 MiB boundaries are crossed).
-    work = tmp_path / "work"
-    work.mkdir(mode=0o700)
+    # Plain, two connections, 1 MiB chunks (the 30 MiB and 48 MiB boundaries are crossed); a work
+    # directory and a source socket whose paths are too long for a unix socket address.
+    work = tmp_path / ("w" * 60) / ("v" * 60)
+    work.mkdir(mode=0o700, parents=True)
+    long_sock = work.parent / "source-socket-with-a-long-name.sock"
+    os.link(sock, long_sock)
+    assert len(str(long_sock)) > 108
     inc = tmp_path / "inc.qcow2"
-    stats = _nbd.copy_extents(sock, "", extents, str(inc), SIZE, work_dir=str(work), workers=2, chunk=1 * MIB)
+    stats = _nbd.copy_extents(str(long_sock), "", extents, str(inc), SIZE, work_dir=str(work), workers=2, chunk=1 * MIB)
     assert sorted(os.listdir(work)) == [], "the writer's socket is left"
-    assert qemu_nbd_pids_under(work) == []
+    assert qemu_nbd_pids_under(tmp_path) == []
     assert json.loads(run(["qemu-img", "info", "--output=json", str(inc)]).stdout).get("backing-filename") is None
     written = own_map(inc)
     zero_written = [(e["start"], e["length"]) for e in written if e.get("present") and e.get("zero")]
@@ -180,15 +185,16 @@ def test_dirty_extents_copy_round_trips(images, tmp_path):
     assert ok, out
     plain_size = inc.stat().st_size
 
-    # Compressed, three connections, 256 KiB chunks.
+    # Compressed, four lanes (whatever the cores), one request per cluster.
+    monkeypatch.setattr(_nbd, "MAX_LANES", 4)
     cinc = tmp_path / "cinc.qcow2"
-    cstats = _nbd.copy_extents(sock, "", extents, str(cinc), SIZE, work_dir=str(work), workers=3, chunk=256 * KIB,
+    cstats = _nbd.copy_extents(sock, "", extents, str(cinc), SIZE, work_dir=str(work), workers=4, chunk=CL,
                                compress=True)
     info = json.loads(run(["qemu-img", "info", "--output=json", str(cinc)]).stdout)
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     check = json.loads(run(["qemu-img", "check", "--output=json", str(cinc)]).stdout)
     assert check["compressed-clusters"] == check["allocated-clusters"] > 0, check
-    assert cstats["data_bytes"] == changed
+    assert cstats["data_bytes"] == changed and cstats["connections"] == 4
     assert cinc.stat().st_size < plain_size / 4, (cinc.stat().st_size, plain_size)
     ok, out = rebased_equal(cinc, base, src)
     assert ok, out
@@ -201,7 +207,7 @@ def test_dirty_extents_copy_round_trips(images, tmp_path):
     assert not any(e.get("present") for e in own_map(empty))
     ok, out = rebased_equal(empty, src, src)
     assert ok, out
-    assert os.listdir(work) == [] and qemu_nbd_pids_under(work) == []
+    assert os.listdir(work) == [] and qemu_nbd_pids_under(tmp_path) == []
 
 
 def test_refusals_and_failures_leave_nothing(images, tmp_path):
@@ -224,7 +230,7 @@ def test_refusals_and_failures_leave_nothing(images, tmp_path):
             assert word in info.value.msg
         assert not dst.exists()
         assert os.listdir(work) == []
-        assert qemu_nbd_pids_under(work) == []
+        assert qemu_nbd_pids_under(tmp_path) == []
         return info.value
 
     fails(lambda: _nbd.dirty_extents(str(tmp_path / "none.sock"), "", "b0", SIZE), "cannot connect")
@@ -238,22 +244,28 @@ def test_refusals_and_failures_leave_nothing(images, tmp_path):
     assert dst.read_bytes() == b"someone else's"
     dst.unlink()
 
+    # Another thread asks the copy to stop (another disk's copy failed).
+    stop_event = threading.Event()
+    stopped = fails(lambda: _nbd.copy_extents(sock, "", extents, str(dst), SIZE, work_dir=str(work), chunk=CL, workers=1,
+                                              progress=Slow(stop_event.set), cancel=stop_event), "stopped")
+    assert stopped.details.get("stopped") is True
+
     # The source server disappears (QEMU died, the job was aborted) mid-copy.
-    lost = serve(src, tmp_path / "lost.sock", "b0")
+    lost = serve(src, d / "lost.sock", "b0")
     try:
-        fails(lambda: _nbd.copy_extents(str(tmp_path / "lost.sock"), "", extents, str(dst), SIZE, work_dir=str(work),
+        fails(lambda: _nbd.copy_extents(str(d / "lost.sock"), "", extents, str(dst), SIZE, work_dir=str(work),
                                         chunk=CL, workers=1, progress=Slow(lambda: os.kill(lost.pid, signal.SIGKILL))),
               "reading from QEMU")
     finally:
         stop(lost)
 
     # The source server stops answering: the stall timeout ends the copy.
-    stuck = serve(src, tmp_path / "stuck.sock", "b0")
+    stuck = serve(src, d / "stuck.sock", "b0")
     saved = _nbd.STALL_TIMEOUT
     _nbd.STALL_TIMEOUT = 1.5
     try:
         started = time.monotonic()
-        fails(lambda: _nbd.copy_extents(str(tmp_path / "stuck.sock"), "", extents, str(dst), SIZE, work_dir=str(work),
+        fails(lambda: _nbd.copy_extents(str(d / "stuck.sock"), "", extents, str(dst), SIZE, work_dir=str(work),
                                         chunk=CL, workers=1, progress=Slow(lambda: os.kill(stuck.pid, signal.SIGSTOP))),
               "stuck")
         assert time.monotonic() - started < 30
@@ -271,7 +283,7 @@ def test_refusals_and_failures_leave_nothing(images, tmp_path):
             _nbd.copy_extents(sock, "", extents, str(full), SIZE, work_dir=str(small))
         assert info.value.error_code == "BACKUP_FAILED"
         assert "No space left on device" in info.value.msg, info.value.msg
-        assert os.listdir(small) == [] and qemu_nbd_pids_under(small) == []
+        assert os.listdir(small) == [] and qemu_nbd_pids_under(tmp_path) == []
     finally:
         run(["umount", str(small)])
 
@@ -308,14 +320,14 @@ def test_killed_or_cancelled_copier_leaves_no_writer(images, tmp_path, how):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout.readline().strip() == "copying", child.stderr.read()
-        assert len(qemu_nbd_pids_under(work)) == 1 and os.listdir(work), "no writer running mid-copy"
+        assert len(qemu_nbd_pids_under(tmp_path)) == 1 and os.listdir(work), "no writer running mid-copy"
         child.send_signal(getattr(signal, how))
         out, err = child.communicate(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    wait_for(lambda: qemu_nbd_pids_under(work) == [], 10, what="the writer qemu-nbd to die")
+    wait_for(lambda: qemu_nbd_pids_under(tmp_path) == [], 10, what="the writer qemu-nbd to die")
     if how == "SIGTERM":
         assert child.returncode == 3 and "cancelled" in out, (child.returncode, out, err)
         assert not dst.exists() and os.listdir(work) == []
@@ -323,4 +335,33 @@ def test_killed_or_cancelled_copier_leaves_no_writer(images, tmp_path, how):
         assert child.returncode == -signal.SIGKILL
         # A SIGKILLed run leaves its socket and target file; the caller's next run removes its run
         # directory (work_dir) and staging: nothing in them is in use any more.
-        assert [p for p in os.listdir(work) if p.endswith(".sock")]
+        left = [p for p in os.listdir(work) if p.startswith(".nbd-writer-")]
+        assert left and os.stat(work / left[0]).st_mode & 0o777 == 0o700, left
+
+
+def test_disk_ending_inside_a_cluster(tmp_path):
+    """A disk whose size is not a multiple of 64 KiB (1536 bytes into its last cluster): the
+    last cluster is copied, plain and compressed (the compress filter needs a whole cluster:
+    the target is written one cluster longer and shrunk back), and reads as the source."""
+    size = 8 * MIB + 1536
+    src, base = tmp_path / "src.qcow2", tmp_path / "base.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), str(size)])
+    qemu_io(src, "write -P 0x11 7M 1M", f"write -P 0x12 {8 * MIB} 1536")
+    run(["cp", "--sparse=always", str(src), str(base)])
+    run(["qemu-img", "bitmap", "--add", str(src), "b0"])
+    qemu_io(src, f"write -P 0x13 {size - 1024} 512", "write -z 7M 64K")
+    server = serve(src, tmp_path / "src.sock", "b0")
+    try:
+        extents = _nbd.dirty_extents(str(tmp_path / "src.sock"), "", "b0", size)
+        assert extents == [Extent(7 * MIB, CL, True), Extent(8 * MIB, 1536, False)]
+        for compress in (False, True):
+            out = tmp_path / f"inc-{compress}.qcow2"
+            _nbd.copy_extents(str(tmp_path / "src.sock"), "", extents, str(out), size, work_dir=str(tmp_path), compress=compress)
+            info = json.loads(run(["qemu-img", "info", "--output=json", str(out)]).stdout)
+            assert info["virtual-size"] == size
+            check = json.loads(run(["qemu-img", "check", "--output=json", str(out)]).stdout)
+            assert check.get("compressed-clusters", 0) == (1 if compress else 0), check
+            ok, text = rebased_equal(out, base, src)
+            assert ok, text
+    finally:
+        stop(server)
