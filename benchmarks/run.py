@@ -1082,6 +1082,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeat must be >= 1 and --data between 1M and --size")
     if os.geteuid() != 0:
         ap.error("run as root (libvirt's system instance, drop_caches)")
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        ap.error("/proc/sys/vm/drop_caches is not writable here (a container without it?): the suite drops the page "
+                 "cache before every timed step and does not measure without")
+    for tool in ("qemu-img", "qemu-io", "cp", "tar"):
+        if not shutil.which(tool):
+            ap.error(f"{tool} is not installed (bash scripts/setup.sh)")
 
     # SIGTERM (a CI timeout, kill) ends the run through the finally below, like Ctrl-C: nothing left behind.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
