@@ -46,7 +46,7 @@ def test_phase_is_timed_when_it_raises():
 def test_progress_logs_at_most_every_interval_and_at_the_end():
     clock, logged = Clock(), []
     progress = Progress(logged.append, "export vm1", 100 * MIB, interval=5, clock=clock)
-    for _ in range(10):
+    for dummy in range(10):
         clock.now += 1
         progress.add(5 * MIB)
     assert len(logged) == 2  # at 5 s and 10 s
@@ -70,10 +70,10 @@ def test_progress_counts_every_byte_from_threads():
     progress = Progress(None, "x", 0, interval=1e9)
 
     def work():
-        for _ in range(1000):
+        for dummy in range(1000):
             progress.add(3)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    threads = [threading.Thread(target=work) for dummy in range(8)]
     for th in threads:
         th.start()
     for th in threads:
