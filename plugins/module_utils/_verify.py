@@ -572,6 +572,7 @@ class Verifier(Backend):
                 for rel in unlisted_files(catalog, set_id):
                     self.warnings.append(f"set {set_id} holds {rel}, which its manifest does not list (it is never read)")
                 jobs.extend(file_jobs(catalog, set_id))
+
         def image_check(out: FileOutcome) -> None:
             # In this thread, while the workers hash the next files.
             if out.code is None and out.job.target is not None:
