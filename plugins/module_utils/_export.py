@@ -1065,6 +1065,13 @@ class Exporter(Backend):
                 incremental = plan.parent["checkpoint"] if plan.parent else None
                 if run_dir is not None:
                     uid, gid = lv.qemu_owner(lv.domain_xml(dom, inactive=False))
+                    blocked = repo_mod.blocked_for(self.p.scratch_dir, uid, gid)
+                    if blocked:
+                        raise VmBackupError(
+                            "TARGET_NOT_ACCESSIBLE",
+                            f"QEMU runs as {uid}:{gid} for this VM and cannot traverse {blocked}, so it cannot create its NBD "
+                            f"socket in scratch_dir {self.p.scratch_dir}; choose a scratch_dir QEMU can reach (the default "
+                            f"{DEFAULT_SCRATCH_DIR} lies in libvirt's own directory)")
                     repo_mod.create_run_dir(self.p.scratch_dir, vm["uuid"], run_name, uid, gid)
                     run_dir_made = True
                     bxml = lv.pull_backup_xml(os.path.join(run_dir, NBD_SOCKET),
@@ -1210,11 +1217,6 @@ class Exporter(Backend):
             raise VmBackupError("BACKUP_FAILED", f"the pull-mode job exports no disk {', '.join(missing)}", phase="backup-begin")
         cancel = threading.Event()
         bytes_read = {}
-        # The copier's own qemu-nbd socket goes into the run directory too, reached through this
-        # process's descriptor of it: /proc/<pid>/fd/<n> is short whatever scratch_dir is (a unix
-        # socket path has at most 107 bytes), and it is the directory this run created.
-        run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        work_dir = f"/proc/{os.getpid()}/fd/{run_fd}"
 
         def one(pd: PlannedDisk) -> None:
             export = exports[pd.disk.target]
@@ -1224,9 +1226,9 @@ class Exporter(Backend):
                     raise VmBackupError("BACKUP_FAILED", f"the pull-mode job exports no dirty bitmap for disk {pd.disk.target}",
                                         phase="transfer")
                 extents = _nbd.dirty_extents(export.socket, export.export, export.bitmap, pd.virtual_size)
-                stats = _nbd.copy_extents(export.socket, export.export, extents, dst, pd.virtual_size, work_dir=work_dir,
+                stats = _nbd.copy_extents(export.socket, export.export, extents, dst, pd.virtual_size, work_dir=run_dir,
                                           compress=compress, workers=min(16, self.p.workers or 4), progress=progress,
-                                          qemu_img=self.qemu_img.binary)
+                                          qemu_img=self.qemu_img.binary, cancel=cancel)
                 bytes_read[pd.disk.target] = int(stats.get("bytes_read", 0))
                 return
             done = [0]
@@ -1257,7 +1259,6 @@ class Exporter(Backend):
             raise
         finally:
             pool.shutdown(wait=True)
-            os.close(run_fd)
         return {"data_processed": sum(bytes_read.values())}
 
     # ------------------------------------------------------------------ quiesce

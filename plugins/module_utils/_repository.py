@@ -557,6 +557,24 @@ def qemu_can_traverse(path: str) -> str | None:
     return None
 
 
+def blocked_for(path: str, uid: int, gid: int) -> str | None:
+    """The first existing directory on ``path`` that user ``uid`` (group ``gid``) cannot traverse,
+    or None (QEMU's user must reach the run directory to create its NBD socket)."""
+    current = "/"
+    for part in [p for p in path.split("/") if p]:
+        current = os.path.join(current, part)
+        try:
+            st = os.stat(current)
+        except FileNotFoundError:
+            break
+        if uid == 0:
+            continue
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return current
+    return None
+
+
 # --------------------------------------------------------------------------- files by path
 
 

@@ -52,12 +52,14 @@ def assert_manifest_hashes(set_dir: pathlib.Path) -> None:
         assert sha256(set_dir / rel) == entry["sha256"], rel
 
 
-def test_full_then_incremental_of_running_vm_with_two_disks(ansible, vms, repo, scratch):
+@pytest.mark.parametrize("transport", ["auto", "push"])
+def test_full_then_incremental_of_running_vm_with_two_disks(ansible, vms, repo, scratch, transport):
+    """The default (auto: pull with python3-libnbd) and the push-mode fallback give the same sets."""
     vm = vms.create(
         [DiskSpec("128M", fill=[(0xAB, "0", "16M"), (0x11, "100M", "2M")]), DiskSpec("64M", fill=[(0x22, "1M", "3M")])],
         cdrom=True,
     )
-    args = {"name": vm.name, "repository": str(repo)}
+    args = {"name": vm.name, "repository": str(repo), "transport": transport}
 
     predicted = ansible("export", args, check=True)
     assert predicted["changed"] and not predicted["failed"], predicted
@@ -67,6 +69,7 @@ def test_full_then_incremental_of_running_vm_with_two_disks(ansible, vms, repo, 
 
     full = ansible("export", args)
     assert full["changed"] and full["type"] == "full", full
+    assert full["transport"] == predicted["transport"] == ("pull" if transport == "auto" else "push"), full
     assert full["reason"] == predicted["reason"]
     assert [d["target"] for d in full["disks"]] == ["vda", "vdb"]
     assert full["skipped_disks"] == [{"target": "hdc", "device": "cdrom", "source": None, "reason": "cdrom device"}]
@@ -337,9 +340,10 @@ def test_not_enough_space_is_refused_before_anything_is_written(ansible, vms, re
 
 
 def test_repository_unreachable_for_qemu_is_refused(ansible, vms, repo_root):
+    """Push mode only: QEMU writes into the repository itself (pull mode has no such need)."""
     vm = vms.create([DiskSpec("16M")])
     private = _mkdir(repo_root / "private", 0o700)
-    result = ansible("export", {"name": vm.name, "repository": str(private / "repo"), "create_repository": True})
+    result = ansible("export", {"name": vm.name, "repository": str(private / "repo"), "create_repository": True, "transport": "push"})
     assert result["failed"] and result["error_code"] == "TARGET_NOT_ACCESSIBLE", result
     assert os.listdir(private) == []
 

@@ -177,11 +177,12 @@ def test_a_parent_others_can_write_is_refused_unless_sticky(ansible, vms, repo_r
 # --------------------------------------------------------------------------- item 2: private while written
 
 
-@pytest.mark.parametrize("running", [False, True], ids=["shut-off-copy", "live-push-backup"])
-def test_backup_data_is_private_from_the_first_byte(ansible, vms, repo, running):
-    """Watch every file of the staging directory while qemu-img (a shut-off VM's copy) or QEMU
-    (a push-mode backup) writes it: none may ever be readable by group or others, and nothing is
-    opened up later."""
+@pytest.mark.parametrize("running, transport", [(False, "auto"), (True, "auto"), (True, "push")],
+                         ids=["shut-off-copy", "live-pull-backup", "live-push-backup"])
+def test_backup_data_is_private_from_the_first_byte(ansible, vms, repo, running, transport):
+    """Watch every file of the staging directory while qemu-img (a shut-off VM's copy, a pull-mode
+    backup) or QEMU (a push-mode backup) writes it: none may ever be readable by group or others,
+    and nothing is opened up later."""
     vm = vms.create([DiskSpec("1G", fill=[(0x5A, "0", "600M")])], running=running)
     incomplete = repo / "vms" / vm.uuid / ".incomplete"
     seen: dict[str, set[int]] = {}
@@ -205,7 +206,7 @@ def test_backup_data_is_private_from_the_first_byte(ansible, vms, repo, running)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        result = ansible("export", {"name": vm.name, "repository": str(repo)})
+        result = ansible("export", {"name": vm.name, "repository": str(repo), "transport": transport})
     finally:
         stop.set()
         watcher.join(10)
@@ -215,8 +216,9 @@ def test_backup_data_is_private_from_the_first_byte(ansible, vms, repo, running)
     for rel, modes in sorted(seen.items()):
         for mode in modes:
             if mode & stat.S_IFDIR:
-                # Staging directories are 0711 on purpose (QEMU writes push-mode targets there): never listable.
-                assert mode & 0o077 in (0o011, 0), (rel, oct(mode))
+                # Push mode: staging directories are 0711 on purpose (QEMU writes its targets there), never
+                # listable; otherwise (pull mode, copies) nobody but root ever writes there: 0700.
+                assert mode & 0o077 == (0o011 if transport == "push" else 0), (rel, oct(mode))
             else:
                 assert mode & 0o077 == 0, f"{rel} was mode {mode:04o} while it was written"
     # Committed: files 0400, directories 0700, nothing readable by others.
@@ -227,8 +229,10 @@ def test_backup_data_is_private_from_the_first_byte(ansible, vms, repo, running)
         assert stat.S_IMODE(path.lstat().st_mode) == expected, path
     sets = repo / "vms" / vm.uuid / "sets"
     assert stat.S_IMODE(sets.stat().st_mode) == 0o700
-    for rel in ("", "vms", f"vms/{vm.uuid}", f"vms/{vm.uuid}/.incomplete"):
-        assert stat.S_IMODE((repo / rel).stat().st_mode) == 0o711, rel
+    # The repository existed (0711, kept); what the run created is 0711 for push mode, else 0700.
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o711
+    for rel in ("vms", f"vms/{vm.uuid}", f"vms/{vm.uuid}/.incomplete"):
+        assert stat.S_IMODE((repo / rel).stat().st_mode) == (0o711 if transport == "push" else 0o700), rel
     assert stat.S_IMODE((repo / "vms" / vm.uuid / "lock").stat().st_mode) == 0o600
 
 
@@ -249,7 +253,9 @@ def test_a_missing_repository_is_created_only_when_asked(ansible, vms, repo_root
     assert predicted["changed"] and not predicted["failed"] and not path.exists(), predicted
     created = ansible("export", {"name": vm.name, "repository": str(path), "create_repository": True})
     assert created["changed"] and not created["failed"], created
-    assert stat.S_IMODE(path.stat().st_mode) == 0o711
+    # Created private (pull mode: QEMU never enters the repository).
+    assert created["transport"] == "pull" and stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE((path / "vmbackup-repo.json").stat().st_mode) == 0o600
     assert json.loads((path / "vmbackup-repo.json").read_text())["format"] == "vmbackup.libvirt/repository"
     # An existing repository needs no option.
     again = ansible("export", {"name": vm.name, "repository": str(path)})

@@ -283,3 +283,65 @@ def test_quiesce_fallback_warns_only_for_an_anomaly(policy, consistency, reason,
     exporter._thawed = True  # pylint: disable=protected-access
     exporter._note_quiesce(quiesce)  # pylint: disable=protected-access
     assert quiesce.thawed_leftover is True
+
+
+# ---------------------------------------------------------------------- transport (issue 13)
+@pytest.mark.parametrize("transport, nbd_error, used, warns", [
+    ("auto", None, "pull", False),
+    ("auto", "ImportError: No module named 'nbd'", "push", True),
+    ("pull", "ImportError", "pull", False),
+    ("push", None, "push", False),
+])
+def test_resolve_transport(transport, nbd_error, used, warns):
+    got, warning = _export.resolve_transport(transport, nbd_error)
+    assert got == used and bool(warning) is warns
+    if warning:
+        assert "python3-libnbd" in warning
+
+
+@pytest.mark.parametrize("set_type, methods, ok", [
+    ("full", ["full", "full"], True),
+    ("incremental", ["full"], True),  # only raw disks: read in full
+    ("incremental", ["incremental", "full"], False),
+])
+def test_pull_without_libnbd_takes_fulls_only(set_type, methods, ok):
+    assert _export.pull_full_without_nbd(set_type, methods) is ok
+
+
+@pytest.mark.parametrize("paths, dirs, inside", [
+    (["/run/a/nbd.sock", "/run/a/vda.scratch"], ["/run/a"], True),
+    (["/run/a/nbd.sock", "/run/b/vda.scratch"], ["/run/a", "/run/b"], True),
+    (["/run/a/nbd.sock", "/elsewhere/vda.scratch"], ["/run/a"], False),
+    (["/run/ab/nbd.sock"], ["/run/a"], False),
+    (["/run/a/../b/nbd.sock"], ["/run/a"], False),
+    ([], ["/run/a"], False),
+])
+def test_inside_any(paths, dirs, inside):
+    assert _export.inside_any(paths, dirs) is inside
+
+
+def test_pid_alive():
+    assert _export.pid_alive(os.getpid())
+    import subprocess  # pylint: disable=import-outside-toplevel
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    assert not _export.pid_alive(proc.pid)
+
+
+@pytest.mark.parametrize("over, fragment", [
+    ({"transport": "nbd"}, "transport"),
+    ({"compress": "gzip"}, "compress"),
+    ({"scratch_dir": "rel"}, "scratch_dir"),
+    ({"scratch_dir": "/" + "s" * 40}, "too long"),
+])
+def test_validate_params_transport_options(over, fragment):
+    params = _export.ExportParams(repository="/srv/repo", name="vm", **over)
+    with pytest.raises(VmBackupError) as info:
+        _export.validate_params(params)
+    assert info.value.error_code == "INVALID_ARGUMENT" and fragment in info.value.msg
+
+
+def test_the_default_scratch_dir_fits_a_unix_socket_path():
+    params = _export.ExportParams(repository="/srv/repo", name="vm")
+    _export.validate_params(params)
+    assert params.scratch_dir == _export.DEFAULT_SCRATCH_DIR

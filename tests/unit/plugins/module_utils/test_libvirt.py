@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from ansible_collections.vmbackup.libvirt.plugins.module_utils import _libvirt as lv
+from ansible_collections.vmbackup.libvirt.plugins.module_utils._errors import VmBackupError
 
 DOMAIN_XML = """\
 <domain type='kvm' id='3'>
@@ -478,3 +480,104 @@ def test_qmp_error_is_a_backup_failure(monkeypatch):
 ])
 def test_checkpoint_xml_name(xml, expected):
     assert lv.checkpoint_xml_name(xml) == expected
+
+
+# --------------------------------------------------------------------------- pull mode (issue 13)
+RUN = "/var/lib/libvirt/qemu/vmbackup/2f1c7d6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f/20261201T090000Z-001.4242"
+# What libvirt 9.0 answers for a running incremental pull job (backupGetXMLDesc).
+PULL_DESC = f"""<domainbackup mode='pull'>
+  <incremental>cp1</incremental>
+  <server transport='unix' socket='{RUN}/nbd.sock'/>
+  <disks>
+    <disk name='vda' backup='yes' type='file' backupmode='incremental' incremental='cp1' exportname='vda'
+          exportbitmap='backup-vda' index='3'>
+      <driver type='qcow2'/>
+      <scratch file='{RUN}/vda.scratch'/>
+    </disk>
+    <disk name='vdb' backup='yes' type='file' backupmode='full' exportname='vdb' index='4'>
+      <driver type='qcow2'/>
+      <scratch file='{RUN}/vdb.scratch'/>
+    </disk>
+    <disk name='hdc' backup='no'/>
+  </disks>
+</domainbackup>"""
+
+
+def test_pull_backup_xml():
+    xml = lv.pull_backup_xml(f"{RUN}/nbd.sock", {"vda": f"{RUN}/vda.scratch", "vdb": f"{RUN}/vdb.scratch"}, ["hdc"], "cp1", ["vdb"])
+    root = ET.fromstring(xml)
+    assert root.get("mode") == "pull" and root.findtext("incremental") == "cp1"
+    assert root.find("server").attrib == {"transport": "unix", "socket": f"{RUN}/nbd.sock"}
+    disks = {d.get("name"): d for d in root.findall("./disks/disk")}
+    assert disks["vda"].find("scratch").get("file") == f"{RUN}/vda.scratch" and disks["vda"].get("backupmode") is None
+    assert disks["vdb"].get("backupmode") == "full"
+    assert disks["hdc"].attrib == {"name": "hdc", "backup": "no"}
+    assert lv.job_paths(xml) == [f"{RUN}/vda.scratch", f"{RUN}/vdb.scratch", f"{RUN}/nbd.sock"]
+    # A full job names no incremental and no per-disk backupmode.
+    full = ET.fromstring(lv.pull_backup_xml("/s", {"vda": "/x'\"<&"}, [], None, ["vda"]))
+    assert full.find("incremental") is None and full.find("./disks/disk").get("backupmode") is None
+    assert full.find("./disks/disk/scratch").get("file") == "/x'\"<&"
+
+
+def test_parse_pull_exports_names_exports_and_bitmaps():
+    exports = lv.parse_pull_exports(PULL_DESC)
+    assert exports == {
+        "vda": lv.PullExport("vda", f"{RUN}/nbd.sock", "vda", "backup-vda"),
+        "vdb": lv.PullExport("vdb", f"{RUN}/nbd.sock", "vdb", None),
+    }
+    assert sorted(lv.job_paths(PULL_DESC)) == sorted([f"{RUN}/nbd.sock", f"{RUN}/vda.scratch", f"{RUN}/vdb.scratch"])
+
+
+@pytest.mark.parametrize("xml", [
+    "<domainbackup mode='push'><disks/></domainbackup>",
+    "<domainbackup mode='pull'><server transport='tcp' name='localhost' port='10809'/><disks/></domainbackup>",
+    "<domainbackup mode='pull'><disks/></domainbackup>",
+])
+def test_parse_pull_exports_refuses_what_is_not_our_kind_of_job(xml):
+    with pytest.raises(VmBackupError) as info:
+        lv.parse_pull_exports(xml)
+    assert info.value.error_code == "BACKUP_FAILED"
+
+
+class FakePullDom(FakeJobDom):
+    def __init__(self, xml):
+        super().__init__([])
+        self.xml = xml
+
+    def backupGetXMLDesc(self, _flags):
+        if self.xml is None:
+            raise lv.LibvirtError("no job")
+        return self.xml
+
+    def abortJob(self):
+        self.aborted += 1
+        self.xml = None
+
+
+@pytest.mark.parametrize("directory, aborted", [
+    pytest.param(RUN, True, id="its-run-directory"),
+    pytest.param(RUN[:-1], False, id="a-run-directory-whose-name-is-a-prefix"),
+    pytest.param(os.path.dirname(RUN), True, id="the-vm-directory-holds-it"),
+    pytest.param("/srv/repo/vms/u/.incomplete/20261201T090000Z-001", False, id="a-staging-directory"),
+])
+def test_abort_backup_into_a_run_directory_aborts_only_its_pull_job(directory, aborted):
+    dom = FakePullDom(PULL_DESC)
+    assert lv.abort_backup_into(dom, directory) is aborted
+    assert dom.aborted == (1 if aborted else 0)
+
+
+@pytest.mark.parametrize("label, expected", [
+    ("+64055:+64055", (64055, 64055)),
+    ("0:0", (0, 0)),
+    ("root:root", (0, 0)),
+])
+def test_qemu_owner_from_the_dac_label(label, expected):
+    xml = (f"<domain><seclabel type='dynamic' model='selinux'><label>system_u:x:y</label></seclabel>"
+           f"<seclabel type='dynamic' model='dac' relabel='yes'><label>{label}</label></seclabel></domain>")
+    assert lv.qemu_owner(xml) == expected
+
+
+def test_qemu_owner_falls_back_to_the_owner_of_libvirts_directory(tmp_path):
+    st = os.stat(tmp_path)
+    for xml in ("<domain/>", "<domain><seclabel model='dac'><label>nosuchuser-xyz:nosuchgroup-xyz</label></seclabel></domain>"):
+        assert lv.qemu_owner(xml, fallback=str(tmp_path)) == (st.st_uid, st.st_gid)

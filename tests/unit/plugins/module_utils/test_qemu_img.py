@@ -300,3 +300,51 @@ def test_run_raw_returns_rc_without_raising():
     run = FakeRun(2, out="{}", err="corrupt")
     assert QemuImg(run, BIN).run_raw(["check", NASTY]) == (2, "{}", "corrupt")
     assert run.calls == [[BIN, "check", NASTY]]
+
+
+# --------------------------------------------------------------------------- pull mode: qemu-img over NBD
+def test_nbd_image_opts_doubles_commas():
+    from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import nbd_image_opts
+    assert nbd_image_opts("/run/a,b/nbd.sock", "vd,a") == "driver=nbd,server.type=unix,server.path=/run/a,,b/nbd.sock,export=vd,,a"
+
+
+def _fake_qemu_img(tmp_path, body: str) -> str:
+    path = tmp_path / "qemu-img"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_convert_nbd_reports_progress_and_passes_the_argv(tmp_path):
+    log = tmp_path / "argv"
+    binary = _fake_qemu_img(tmp_path, f'printf "%s\\n" "$@" > {log}\nprintf "    (0.00/100%%)\\r    (42.50/100%%)\\r"\n'
+                                      'sleep 0.3\nprintf "    (100.00/100%%)\\r"\n')
+    seen = []
+    QemuImg(FakeRun(), binary).convert_nbd("/run/x/nbd.sock", "vda", "/stage/vda.qcow2", compress=True, on_progress=seen.append)
+    assert seen and seen[-1] == 1.0 and 0.425 in seen
+    argv = log.read_text().split("\n")[:-1]
+    assert argv == ["convert", "-p", "-W", "-m", "8", "-O", "qcow2", "-c", "-o", "compression_type=zstd", "--image-opts",
+                    "driver=nbd,server.type=unix,server.path=/run/x/nbd.sock,export=vda", "/stage/vda.qcow2"]
+
+
+def test_convert_nbd_failure_is_a_transfer_failure(tmp_path):
+    binary = _fake_qemu_img(tmp_path, 'echo "qemu-img: Could not open: No such file" >&2\nexit 1\n')
+    with pytest.raises(VmBackupError) as info:
+        QemuImg(FakeRun(), binary).convert_nbd("/run/x/nbd.sock", "vda", "/stage/vda.qcow2")
+    assert info.value.error_code == "BACKUP_FAILED" and info.value.details["phase"] == "transfer"
+    assert "No such file" in info.value.msg
+
+
+def test_tied_child_dies_with_the_thread_that_started_it(tmp_path):
+    import threading  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    from ansible_collections.vmbackup.libvirt.plugins.module_utils._qemu_img import tied_popen
+    box = []
+    thread = threading.Thread(target=lambda: box.append(tied_popen(["sleep", "60"])))
+    thread.start()
+    thread.join()
+    proc = box[0]
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.returncode == -9, "the child must get SIGKILL when its thread ends"

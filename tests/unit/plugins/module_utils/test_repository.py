@@ -1129,3 +1129,107 @@ def test_copy_regular_at_never_writes_through_an_existing_destination(tmp_path):
     finally:
         os.close(fd)
     assert victim.read_bytes() == b"keep"
+
+
+# --------------------------------------------------------------------------- pull mode: run directories, private repositories
+@pytest.fixture
+def scratch_parent(tmp_path):
+    """A parent owned by another user (as libvirt's /var/lib/libvirt/qemu is libvirt-qemu's)."""
+    parent = tmp_path / "qemu"
+    parent.mkdir(mode=0o750)
+    os.chown(parent, 64055, 64055)
+    return parent
+
+
+def test_run_directory_lifecycle(scratch_parent):
+    scratch = str(scratch_parent / "vmbackup")
+    name = repo_mod.run_dir_name("20261201T090000Z-001", 4242)
+    path = repo_mod.create_run_dir(scratch, VM, name, 64055, 107)
+    assert path == os.path.join(scratch, VM, name)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (64055, 107, 0o700)
+    for top in (scratch, os.path.join(scratch, VM)):
+        st = os.stat(top)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o711)
+    with pytest.raises(FileExistsError):
+        repo_mod.create_run_dir(scratch, VM, name, 64055, 107)
+    open(os.path.join(path, "vda.scratch"), "wb").close()
+    assert repo_mod.list_run_dirs(scratch, VM) == [(name, "20261201T090000Z-001", 4242)]
+    assert repo_mod.split_run_dir(path, VM) == (scratch, name)
+    assert repo_mod.remove_run_dir(scratch, VM, name) is True
+    assert not os.path.exists(path) and repo_mod.remove_run_dir(scratch, VM, name) is False
+    assert repo_mod.list_run_dirs(scratch, VM) == [] and repo_mod.list_run_dirs(scratch, "other") == []
+    assert repo_mod.list_run_dirs(str(scratch_parent / "missing"), VM) == []
+
+
+def test_run_directory_is_never_reached_through_a_link(scratch_parent, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, scratch_parent / "vmbackup")
+    _raises("UNSAFE_TARGET", repo_mod.create_run_dir, str(scratch_parent / "vmbackup"), VM,
+            repo_mod.run_dir_name("20261201T090000Z-001", 1), 0, 0)
+    assert os.listdir(elsewhere) == []
+    # A scratch_dir that another user owns (QEMU's user could swap what root removes) is refused.
+    os.unlink(scratch_parent / "vmbackup")
+    (scratch_parent / "vmbackup").mkdir()
+    os.chown(scratch_parent / "vmbackup", 64055, 64055)
+    _raises("UNSAFE_TARGET", repo_mod.list_run_dirs, str(scratch_parent / "vmbackup"), VM)
+
+
+@pytest.mark.parametrize("path", [
+    None, "relative/x", f"/s/{VM}/20261201T090000Z-001", f"/s/{VM}/20261201T090000Z-001.0", f"/s/other/20261201T090000Z-001.5",
+    f"/s/{VM}/../{VM}/20261201T090000Z-001.5", f"/{VM}/20261201T090000Z-001.5", f"/s/{VM}/20261201T090000Z-001.5/x",
+])
+def test_split_run_dir_refuses_anything_but_a_run_directory(path):
+    assert repo_mod.split_run_dir(path, VM) is None
+
+
+def test_remove_run_dir_refuses_other_names(tmp_path):
+    _raises("PATH_ESCAPE", repo_mod.remove_run_dir, str(tmp_path), VM, "..")
+    _raises("PATH_ESCAPE", repo_mod.create_run_dir, str(tmp_path), VM, "a/b", 0, 0)
+
+
+@pytest.mark.parametrize("path", ["", "relative", "/", "//", None, "/a\x00b"])
+def test_validate_scratch_dir(path):
+    _raises("INVALID_ARGUMENT", repo_mod.validate_scratch_dir, path)
+
+
+def test_private_repository_creates_nothing_others_can_reach(tmp_path):
+    path = str(tmp_path / "repo")
+    os.chmod(tmp_path, 0o700)
+    repo = repo_mod.Repository(path, private=True)
+    assert repo.initialise()
+    repo.prepare_vm(VM)
+    staging = repo.create_staging(VM, "20261201T090000Z-001")
+    for sub in ("", "vms", f"vms/{VM}", f"vms/{VM}/.incomplete", f"vms/{VM}/sets", staging, os.path.join(staging, "disks")):
+        assert _mode(os.path.join(path, sub)) == 0o700, sub
+    assert _mode(os.path.join(path, repo_mod.REPO_MARKER)) == 0o600
+    # An existing repository keeps its modes (a push-mode repository stays usable by push runs).
+    os.chmod(os.path.join(path, "vms"), 0o711)
+    repo.initialise()
+    assert _mode(os.path.join(path, "vms")) == 0o711
+    # A push-mode Repository makes the way to its staging directories traversable, as before.
+    push = repo_mod.Repository(path)
+    push.prepare_vm(VM)
+    assert _mode(os.path.join(path, "vms", VM, ".incomplete")) == 0o711
+
+
+@pytest.fixture
+def open_tmp():
+    """A directory whose parents everybody may traverse (pytest's tmp_path is under a 0700 one)."""
+    path = tempfile.mkdtemp(dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_blocked_for_follows_owner_group_and_other_bits(open_tmp):
+    import pathlib  # pylint: disable=import-outside-toplevel
+    top = pathlib.Path(open_tmp) / "top"
+    (top / "sub").mkdir(parents=True)
+    os.chown(top, 64055, 107)
+    os.chmod(top, 0o710)  # the owner and the group may traverse, others not
+    assert repo_mod.blocked_for(str(top / "sub" / "missing"), 64055, 5) is None
+    assert repo_mod.blocked_for(str(top / "sub"), 1234, 107) is None
+    assert repo_mod.blocked_for(str(top / "sub"), 1234, 1234) == str(top)
+    assert repo_mod.blocked_for(str(top / "sub"), 0, 0) is None
