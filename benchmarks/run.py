@@ -464,7 +464,8 @@ class Suite:
             runs["offline"].append(self.offline([image], "main"))
             alloc = allocated_bytes(image)
             start(vm.dom)
-            for transport in self.transports:
+            # Alternate which transport goes first, repeat by repeat: neither always pays for being first.
+            for transport in (self.transports if i % 2 == 0 else self.transports[::-1]):
                 delete_checkpoints(vm.dom)
                 repo = self.work / f"repo-{transport}-{i}"
                 full, wall, rss = self.cli("export", self.export_args(vm, repo, transport, mode="full"))
@@ -482,7 +483,7 @@ class Suite:
                 self.log(f"  export [{transport}] {i + 1}/{a.repeat}: full {full['duration_s']:.2f}s, inc 1% "
                          f"{inc1['duration_s']:.2f}s, inc 10% {inc10['duration_s']:.2f}s; offline convert "
                          f"{runs['offline'][-1]['convert_s']:.2f}s, +fsync+sha256 {runs['offline'][-1]['guarantees_s']:.2f}s")
-                if transport == self.transports[-1] and i + 1 == a.repeat:
+                if transport == self.transports[-1] and i + 1 == a.repeat and self.repo_for_vr is None:
                     self.repo_for_vr = (repo, vm, [full["set_id"], inc1["set_id"], inc10["set_id"]])
                 else:
                     shutil.rmtree(repo, ignore_errors=True)
@@ -533,7 +534,7 @@ class Suite:
             stop(vm.dom)
             runs["offline"].append(self.offline(images, "two"))
             start(vm.dom)
-            for transport in self.transports:
+            for transport in (self.transports if i % 2 == 0 else self.transports[::-1]):
                 delete_checkpoints(vm.dom)
                 repo = self.work / f"repo2-{transport}-{i}"
                 full, wall, rss = self.cli("export", self.export_args(vm, repo, transport, mode="full"))
@@ -815,7 +816,7 @@ class Suite:
         runs = []
         for i in range(a.repeat):
             row = {}
-            for comp in ("none", "zstd"):
+            for comp in (("none", "zstd") if i % 2 == 0 else ("zstd", "none")):
                 delete_checkpoints(vm.dom)
                 repo = self.work / f"repo-compress-{comp}-{i}"
                 r, wall, rss = self.cli("export", self.export_args(vm, repo, transport, mode="full", compress=comp))
