@@ -1132,14 +1132,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         text = table(suite.fig, targets)
         print()
-        print(text)
         fleet = suite.fig["fleet_estimate"]
         if fleet:
             a = fleet["assumptions"]
-            print(f"\nfleet estimate ({a['hosts']} hosts x {a['vms_per_host']} VMs of {a['vm_allocated_gib']:g} GiB, "
-                  f"{a['nightly_change']:.0%} changed, {a['forks']} forks, {a['repo_servers']} repository servers x "
-                  f"{a['repo_gib_s_each']:g} GiB/s): " + "; ".join(
-                      f"{k.replace('_', ' ')} {fleet[k]['night_h']:.1f} h ({fleet[k]['limited_by']})" for k in ("incremental_night", "full_night")))
+            text += (f"\n\nfleet estimate ({a['hosts']} hosts x {a['vms_per_host']} VMs of {a['vm_allocated_gib']:g} GiB, "
+                     f"{a['nightly_change']:.0%} changed, {a['forks']} forks, {a['repo_servers']} repository servers x "
+                     f"{a['repo_gib_s_each']:g} GiB/s, {a['controller_cores']} controller cores): " + "; ".join(
+                         f"{k.replace('_', ' ')} {fleet[k]['night_h']:.1f} h ({fleet[k]['limited_by']})"
+                         for k in ("incremental_night", "full_night")))
+        print(text)
         print(f"\n{doc['elapsed_s']:.0f} s in all; load average {info['loadavg_before'][0]:.2f} before, "
               f"{info['loadavg_after'][0]:.2f} after")
         payload = json.dumps(doc, indent=2, default=str)
