@@ -459,8 +459,8 @@ throughput_mib_s:
 read_mib_s:
   description:
     - Guest data read per second of copying, in MiB/s (the allocated bytes of full disks and the dirty bytes of
-      incremental ones). Absent when no set was taken.
-  returned: success and a set was taken
+      incremental ones). None when no set was taken (check mode, C(changed=false)).
+  returned: success
   type: float
   version_added: 0.2.0
 transport:
