@@ -507,6 +507,7 @@ class Suite:
                 "allocated_bytes": med([r["allocated_bytes"] for r in rr]),
             }
             t["full_transfer_s"] = med([(r["full"].get("timings") or {}).get("transfer_s") for r in rr])
+            t["full_read_mib_s_reported"] = med([r["full"].get("read_mib_s") for r in rr])
             t["ratio_transfer_vs_offline_convert"] = ratio(off["convert_s"], t["full_transfer_s"])
             t["ratio_vs_offline_convert"] = ratio(off["convert_s"], f["full"])
             t["ratio_vs_offline_guarantees"] = ratio(off["guarantees_s"], f["full"])
@@ -923,7 +924,7 @@ def fleet_estimate(fig: dict, args) -> dict | None:
 
 
 def summary(r: dict, wall: float, rss: float | None) -> dict:
-    keys = ("duration_s", "throughput_mib_s", "bytes_written", "data_bytes", "timings", "transport", "compress", "type",
+    keys = ("duration_s", "throughput_mib_s", "read_mib_s", "bytes_written", "data_bytes", "timings", "transport", "compress", "type",
             "bytes_read", "set_id")
     return {**{k: r[k] for k in keys if k in r}, "wall_s": wall, "rss_mib": rss}
 
