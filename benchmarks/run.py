@@ -464,7 +464,8 @@ class Suite:
             runs["offline"].append(self.offline([image], "main"))
             alloc = allocated_bytes(image)
             start(vm.dom)
-            for transport in self.transports:
+            # Alternate which transport goes first, repeat by repeat: neither always pays for being first.
+            for transport in (self.transports if i % 2 == 0 else self.transports[::-1]):
                 delete_checkpoints(vm.dom)
                 repo = self.work / f"repo-{transport}-{i}"
                 full, wall, rss = self.cli("export", self.export_args(vm, repo, transport, mode="full"))
@@ -482,7 +483,7 @@ class Suite:
                 self.log(f"  export [{transport}] {i + 1}/{a.repeat}: full {full['duration_s']:.2f}s, inc 1% "
                          f"{inc1['duration_s']:.2f}s, inc 10% {inc10['duration_s']:.2f}s; offline convert "
                          f"{runs['offline'][-1]['convert_s']:.2f}s, +fsync+sha256 {runs['offline'][-1]['guarantees_s']:.2f}s")
-                if transport == self.transports[-1] and i + 1 == a.repeat:
+                if transport == self.transports[-1] and i + 1 == a.repeat and self.repo_for_vr is None:
                     self.repo_for_vr = (repo, vm, [full["set_id"], inc1["set_id"], inc10["set_id"]])
                 else:
                     shutil.rmtree(repo, ignore_errors=True)
@@ -506,6 +507,7 @@ class Suite:
                 "allocated_bytes": med([r["allocated_bytes"] for r in rr]),
             }
             t["full_transfer_s"] = med([(r["full"].get("timings") or {}).get("transfer_s") for r in rr])
+            t["full_read_mib_s_reported"] = med([r["full"].get("read_mib_s") for r in rr])
             t["ratio_transfer_vs_offline_convert"] = ratio(off["convert_s"], t["full_transfer_s"])
             t["ratio_vs_offline_convert"] = ratio(off["convert_s"], f["full"])
             t["ratio_vs_offline_guarantees"] = ratio(off["guarantees_s"], f["full"])
@@ -533,7 +535,7 @@ class Suite:
             stop(vm.dom)
             runs["offline"].append(self.offline(images, "two"))
             start(vm.dom)
-            for transport in self.transports:
+            for transport in (self.transports if i % 2 == 0 else self.transports[::-1]):
                 delete_checkpoints(vm.dom)
                 repo = self.work / f"repo2-{transport}-{i}"
                 full, wall, rss = self.cli("export", self.export_args(vm, repo, transport, mode="full"))
@@ -810,11 +812,12 @@ class Suite:
             source.close()
         image = str(vm.disks["vda"])
         alloc = allocated_bytes(image)
-        transport = self.transports[-1]
+        # compress of a running VM needs the pull transport (push + zstd is INVALID_ARGUMENT), whatever --transport says
+        transport = "pull" if self.has_transport else "default"
         runs = []
         for i in range(a.repeat):
             row = {}
-            for comp in ("none", "zstd"):
+            for comp in (("none", "zstd") if i % 2 == 0 else ("zstd", "none")):
                 delete_checkpoints(vm.dom)
                 repo = self.work / f"repo-compress-{comp}-{i}"
                 r, wall, rss = self.cli("export", self.export_args(vm, repo, transport, mode="full", compress=comp))
@@ -921,7 +924,7 @@ def fleet_estimate(fig: dict, args) -> dict | None:
 
 
 def summary(r: dict, wall: float, rss: float | None) -> dict:
-    keys = ("duration_s", "throughput_mib_s", "bytes_written", "data_bytes", "timings", "transport", "compress", "type",
+    keys = ("duration_s", "throughput_mib_s", "read_mib_s", "bytes_written", "data_bytes", "timings", "transport", "compress", "type",
             "bytes_read", "set_id")
     return {**{k: r[k] for k in keys if k in r}, "wall_s": wall, "rss_mib": rss}
 
@@ -1130,14 +1133,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         text = table(suite.fig, targets)
         print()
-        print(text)
         fleet = suite.fig["fleet_estimate"]
         if fleet:
             a = fleet["assumptions"]
-            print(f"\nfleet estimate ({a['hosts']} hosts x {a['vms_per_host']} VMs of {a['vm_allocated_gib']:g} GiB, "
-                  f"{a['nightly_change']:.0%} changed, {a['forks']} forks, {a['repo_servers']} repository servers x "
-                  f"{a['repo_gib_s_each']:g} GiB/s): " + "; ".join(
-                      f"{k.replace('_', ' ')} {fleet[k]['night_h']:.1f} h ({fleet[k]['limited_by']})" for k in ("incremental_night", "full_night")))
+            text += (f"\n\nfleet estimate ({a['hosts']} hosts x {a['vms_per_host']} VMs of {a['vm_allocated_gib']:g} GiB, "
+                     f"{a['nightly_change']:.0%} changed, {a['forks']} forks, {a['repo_servers']} repository servers x "
+                     f"{a['repo_gib_s_each']:g} GiB/s, {a['controller_cores']} controller cores): " + "; ".join(
+                         f"{k.replace('_', ' ')} {fleet[k]['night_h']:.1f} h ({fleet[k]['limited_by']})"
+                         for k in ("incremental_night", "full_night")))
+        print(text)
         print(f"\n{doc['elapsed_s']:.0f} s in all; load average {info['loadavg_before'][0]:.2f} before, "
               f"{info['loadavg_after'][0]:.2f} after")
         payload = json.dumps(doc, indent=2, default=str)

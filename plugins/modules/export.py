@@ -207,7 +207,7 @@ options:
       - QEMU sees only the file systems that were mounted when it started (libvirt runs it in its own mount namespace), so
         this must be on such a file system; the default lies in libvirt's own directory. C(<scratch_dir>) and
         C(<scratch_dir>/<vm-uuid>) are created root-owned, mode 0711.
-      - At most 32 bytes long or so: the socket's path must fit a unix socket's 107 bytes (C(INVALID_ARGUMENT) otherwise).
+      - At most about 32 bytes long, because the socket's path must fit a unix socket's 107 bytes (C(INVALID_ARGUMENT) otherwise).
     type: path
     default: /var/lib/libvirt/qemu/vmbackup
     version_added: 0.2.0
@@ -459,8 +459,8 @@ throughput_mib_s:
 read_mib_s:
   description:
     - Guest data read per second of copying, in MiB/s (the allocated bytes of full disks and the dirty bytes of
-      incremental ones). Absent when no set was taken.
-  returned: success and a set was taken
+      incremental ones). None when no set was taken (check mode, C(changed=false)).
+  returned: success
   type: float
   version_added: 0.2.0
 transport:

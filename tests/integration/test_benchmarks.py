@@ -96,6 +96,14 @@ def test_suite_at_tiny_sizes(conn, tmp_path):
     else:
         assert "compress" in z["skipped"]
 
+    # The fleet estimate, from this run's figures: the night is the largest of its three limits.
+    fe = fig["fleet_estimate"]
+    assert fe["measured"]["per_vm_overhead_s"] == o["per_vm_overhead_s"]
+    for night in (fe["incremental_night"], fe["full_night"]):
+        limits = (night["hosts_limit_h"], night["repository_limit_h"], night["controller_limit_h"])
+        assert number(night["night_h"]) and night["night_h"] == max(limits), night
+    assert fe["full_night"]["night_h"] > fe["incremental_night"]["night_h"]
+
     # Every target of the issue is there with its figure and verdict.
     targets = {t["key"]: t for t in doc["targets"]}
     assert set(targets) == TARGET_KEYS

@@ -201,10 +201,10 @@ def test_killed_pull_run_is_cleaned_by_the_next_and_guest_writes_during_the_tran
     args = {"name": vm.name, "repository": str(repo), "scratch_dir": str(scratch_dir)}
     staging = repo / "vms" / vm.uuid / ".incomplete"
 
-    proc = ansible.popen("export", args)
     def sockets() -> list[str]:
         return [d for d in run_dirs(scratch_dir, vm) if (scratch_dir / vm.uuid / d / "nbd.sock").exists()]
 
+    proc = ansible.popen("export", args)
     wait_for(lambda: sockets() and job_running(vm.dom), timeout=120, interval=0.005, what="the pull job to serve")
     (name,) = run_dirs(scratch_dir, vm)
     run_dir = scratch_dir / vm.uuid / name

@@ -1177,7 +1177,7 @@ def test_run_directory_is_never_reached_through_a_link(scratch_parent, tmp_path)
 
 
 @pytest.mark.parametrize("path", [
-    None, "relative/x", f"/s/{VM}/20261201T090000Z-001", f"/s/{VM}/20261201T090000Z-001.0", f"/s/other/20261201T090000Z-001.5",
+    None, "relative/x", f"/s/{VM}/20261201T090000Z-001", f"/s/{VM}/20261201T090000Z-001.0", "/s/other/20261201T090000Z-001.5",
     f"/s/{VM}/../{VM}/20261201T090000Z-001.5", f"/{VM}/20261201T090000Z-001.5", f"/s/{VM}/20261201T090000Z-001.5/x",
 ])
 def test_split_run_dir_refuses_anything_but_a_run_directory(path):
