@@ -44,7 +44,7 @@ LABEL_PREFIX = "ansible_collections.vmbackup.libvirt.docsite."
 SECTIONS = [
     ("Scenario guides", ["guide", "policy-check", "awx"]),
     ("Topics", ["consistency", "snapshots", "snapshots-and-backups", "retention", "drills"]),
-    ("Reference", ["guarantees", "repository-format", "error-codes"]),
+    ("Reference", ["guarantees", "repository-format", "error-codes", "performance"]),
     ("Development", ["testing"]),
 ]
 OTHER_SECTION = "More guides"
