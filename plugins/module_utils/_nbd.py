@@ -167,7 +167,17 @@ def _connect(socket_path: str, export: str, meta_contexts: t.Sequence[str] = ())
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             path = f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
-        handle.connect_unix(path)
+        # The handshake waits for the server: asynchronously, so a server that accepts but
+        # never answers (stopped, stuck) fails the run after STALL_TIMEOUT instead of hanging it.
+        handle.aio_connect_unix(path)
+        deadline = time.monotonic() + STALL_TIMEOUT
+        while handle.aio_is_connecting():
+            if handle.poll(500) == 0 and time.monotonic() > deadline:
+                _close(handle)
+                raise VmBackupError("BACKUP_FAILED", f"the NBD server at {socket_path} did not answer for {STALL_TIMEOUT:.0f} s: "
+                                    "it is stuck", phase="transfer")
+        if not handle.aio_is_ready():
+            raise nbd.Error("the NBD handshake failed", errno.EPROTO)
     except (nbd.Error, OSError) as exc:
         _close(handle)
         raise _nbd_error(f"cannot connect to the NBD export {export!r} at {socket_path}", exc) from None
@@ -244,6 +254,44 @@ def dirty_extents(socket_path: str, export: str, bitmap: str, size: int) -> list
     ``size`` bytes long (the disk the plan saw is not the disk being exported).
     """
     require()
+    return _in_thread(lambda: _dirty_extents(socket_path, export, bitmap, size))
+
+
+def _wait_for(handle: t.Any, cookie: int) -> None:
+    """Wait for one command; BACKUP_FAILED if the server does not answer for STALL_TIMEOUT."""
+    deadline = time.monotonic() + STALL_TIMEOUT
+    while not handle.aio_command_completed(cookie):
+        if handle.poll(500) == 0 and time.monotonic() > deadline:
+            raise VmBackupError("BACKUP_FAILED", f"no NBD reply for {STALL_TIMEOUT:.0f} s: the block status is stuck",
+                                phase="transfer")
+
+
+def _in_thread(fn: t.Callable[[], t.Any]) -> t.Any:
+    """Run ``fn`` in a thread and wait for it (see _Copier.run: no libnbd callback may run in
+    the thread that receives Cancelled). A signal during the wait lets ``fn`` finish first."""
+    outcome: dict[str, t.Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # pylint: disable=broad-exception-caught
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="nbd-status", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        # Block status requests are short: let fn finish and close its handle. A server that
+        # does not answer is left to the daemon thread, which ends with the process.
+        thread.join(timeout=STOP_TIMEOUT)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _dirty_extents(socket_path: str, export: str, bitmap: str, size: int) -> list[Extent]:
     context = f"qemu:dirty-bitmap:{bitmap}"
     handle = _connect(socket_path, export, [BASE_ALLOCATION, context])
     try:
@@ -264,7 +312,7 @@ def dirty_extents(socket_path: str, export: str, bitmap: str, size: int) -> list
                 replies[metacontext] = list(entries)
                 return 0
 
-            handle.block_status(min(size - offset, BLOCK_STATUS_SPAN), offset, on_extent)
+            _wait_for(handle, handle.aio_block_status(min(size - offset, BLOCK_STATUS_SPAN), offset, on_extent))
             if context not in replies:
                 raise VmBackupError("BACKUP_FAILED", f"the NBD export {export!r} sent no status of the dirty bitmap {bitmap!r}",
                                     phase="transfer", bitmap=bitmap)
@@ -516,11 +564,14 @@ class _Copier:
         return self._stop.is_set()
 
     def run(self) -> None:
-        threads = [threading.Thread(target=lane.run, name=f"nbd-copy-{i}", daemon=True) for i, lane in enumerate(self.lanes[1:])]
+        # Every lane in a thread of its own, never in the calling thread: libnbd runs our
+        # completion callbacks inside its calls and swallows what they raise, so a signal
+        # handler's Cancelled raised there (Python runs handlers in the main thread) would be
+        # lost. The calling thread only waits, and a signal interrupts that wait.
+        threads = [threading.Thread(target=lane.run, name=f"nbd-copy-{i}", daemon=True) for i, lane in enumerate(self.lanes)]
         try:
             for thread in threads:
                 thread.start()
-            self.lanes[0].run()  # the calling thread is a lane too
             for thread in threads:
                 thread.join()
         except BaseException:

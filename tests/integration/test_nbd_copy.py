@@ -269,6 +269,8 @@ def test_refusals_and_failures_leave_nothing(images, tmp_path):
                                         chunk=CL, workers=1, progress=Slow(lambda: os.kill(stuck.pid, signal.SIGSTOP))),
               "stuck")
         assert time.monotonic() - started < 30
+        # the server is still stopped: the block status does not hang either
+        fails(lambda: _nbd.dirty_extents(str(d / "stuck.sock"), "", "b0", SIZE), "stuck")
     finally:
         _nbd.STALL_TIMEOUT = saved
         stop(stuck)
