@@ -1159,14 +1159,22 @@ class Exporter(Backend):
             # Undo this run (failure contract): its job, checkpoint, sentinels, run directory,
             # staging data; never another tool's job (one may have started after ours ended) or a
             # checkpoint that existed before. Then re-raise.
-            if plan.set_type != "copy" and lv.is_active(dom):
-                lv.abort_backup_into(dom, run_dir if run_dir is not None else staging)
-            if checkpoint_is_ours and lv.lookup_checkpoint(dom, plan.checkpoint) is not None:
-                error = self._delete_checkpoint(dom, plan.checkpoint)
-                if error:
-                    self.warnings.append(f"could not delete checkpoint {plan.checkpoint} of the failed run: {error}")
-            if armed:
-                self._remove_armed(dom, plan, armed)
+            # Each step on its own: libvirt failing (the domain undefined meanwhile) must not keep
+            # the run directory and staging data below from being removed.
+            try:
+                if plan.set_type != "copy" and lv.is_active(dom):
+                    lv.abort_backup_into(dom, run_dir if run_dir is not None else staging)
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                self.warnings.append(f"could not abort the backup job of the failed run: {exc}")
+            try:
+                if checkpoint_is_ours and lv.lookup_checkpoint(dom, plan.checkpoint) is not None:
+                    error = self._delete_checkpoint(dom, plan.checkpoint)
+                    if error:
+                        self.warnings.append(f"could not delete checkpoint {plan.checkpoint} of the failed run: {error}")
+                if armed:
+                    self._remove_armed(dom, plan, armed)
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                self.warnings.append(f"could not undo the checkpoint {plan.checkpoint} of the failed run: {exc}")
             if run_dir_made:
                 try:
                     repo_mod.remove_run_dir(self.p.scratch_dir, vm["uuid"], run_name)
@@ -1251,9 +1259,12 @@ class Exporter(Backend):
                 future.result()
         except BaseException as exc:
             cancel.set()
-            lv.abort_backup_into(dom, run_dir)  # ends the readers' NBD connections
+            try:
+                lv.abort_backup_into(dom, run_dir)  # ends the readers' NBD connections
+            except Exception:  # pylint: disable=broad-exception-caught
+                pass  # the domain is gone: so is its job (the rollback says what it could not undo)
             pool.shutdown(wait=True)
-            if isinstance(exc, VmBackupError) and not lv.is_active(dom):
+            if isinstance(exc, VmBackupError) and not lv.active_or_false(dom):
                 raise VmBackupError("VM_STOPPED_DURING_BACKUP", f"the VM stopped while its backup was read: {exc.msg}",
                                     phase="transfer") from None
             raise

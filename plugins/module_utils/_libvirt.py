@@ -118,6 +118,11 @@ def is_active(dom) -> bool:
     return bool(dom.isActive())
 
 
+def active_or_false(dom) -> bool:
+    """is_active, False when libvirt cannot answer (the domain was undefined meanwhile)."""
+    return _alive(dom)
+
+
 def domain_xml(dom, inactive: bool) -> str:
     flags = libvirt.VIR_DOMAIN_XML_SECURE
     if inactive:
