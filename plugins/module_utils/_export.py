@@ -1403,17 +1403,27 @@ class Exporter(Backend):
         return digests
 
     def _hash_all(self, staging: str, rels: list[str]) -> dict[str, tuple[str, int]]:
-        """fsync and sha256 every file of the set, disks in parallel (hashlib drops the GIL)."""
+        """fsync and sha256 every file of the set, disks in parallel (hashlib drops the GIL).
+
+        The fsyncs run beside the checksums (the disk writes back what the hash reads from the
+        page cache: measured on 2 GiB here, fsync 1.0 s then sha256 2.0 s one after the other);
+        both are complete before this returns, so nothing is committed before it is durable.
+        """
         workers = self.p.workers or os.cpu_count() or 1
+        paths = {rel: os.path.join(staging, rel) for rel in rels}
+        for path in paths.values():
+            os.chmod(path, repo_mod.FILE_MODE)
 
         def one(rel: str) -> tuple[str, tuple[str, int]]:
-            path = os.path.join(staging, rel)
-            os.chmod(path, repo_mod.FILE_MODE)
-            repo_mod.fsync_file(path)
-            return rel, repo_mod.sha256_file(path)
+            return rel, repo_mod.sha256_file(paths[rel])
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            return dict(pool.map(one, rels))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, \
+                concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(rels), 4))) as syncer:
+            synced = [syncer.submit(repo_mod.fsync_file, paths[rel]) for rel in rels]
+            hashes = dict(pool.map(one, rels))
+            for future in synced:
+                future.result()
+        return hashes
 
     # ------------------------------------------------------------------ results without a new set
     def _unchanged_result(self, repo, repo_state, vm, manifest: dict[str, t.Any], started_mono: float, vm_state: str,
